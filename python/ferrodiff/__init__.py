@@ -1,0 +1,40 @@
+"""ferrodiff: diffusion models with a Rust core.
+
+Noise schedules, the forward process, fused DDPM/DDIM samplers and analytic oracles, on numpy
+arrays (float32, batch first) and, through :mod:`ferrodiff.torch`, on PyTorch tensors.
+
+    >>> import ferrodiff as fd
+    >>> s = fd.Schedule.linear(1000)
+    >>> sampler = fd.DDIM(s, steps=50)
+    >>> x = sampler.sample(denoiser, shape=(16, 1, 8, 8), seed=0)   # doctest: +SKIP
+"""
+
+from ferrodiff._core import (
+    DDIM,
+    DDPM,
+    DynamicThreshold,
+    Schedule,
+    StepOutput,
+    __version__,
+    cosine_log_snr,
+    karras_sigmas,
+    randn,
+    space_timesteps,
+    timesteps,
+)
+from ferrodiff import oracles
+
+__all__ = [
+    "DDIM",
+    "DDPM",
+    "DynamicThreshold",
+    "Schedule",
+    "StepOutput",
+    "__version__",
+    "cosine_log_snr",
+    "karras_sigmas",
+    "oracles",
+    "randn",
+    "space_timesteps",
+    "timesteps",
+]

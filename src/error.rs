@@ -1,0 +1,41 @@
+//! The one error type of the crate. The Python bindings map each kind to an exception class:
+//! `Value` and `Shape` -> `ValueError`, `Type` -> `TypeError`, `NonFinite` -> `FloatingPointError`,
+//! `Callback` -> the callback's own exception, unchanged; `Interrupted` -> `KeyboardInterrupt`.
+
+/// Errors raised by ferrodiff. Messages name the argument, what was expected and what was given.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A bad value: out of range, unknown name, inconsistent parameters.
+    #[error("{0}")]
+    Value(String),
+    /// Arrays whose shapes do not fit together.
+    #[error("{0}")]
+    Shape(String),
+    /// An argument of the wrong kind (integer data where floats are needed, ...).
+    #[error("{0}")]
+    Type(String),
+    /// A non-finite value appeared in a sampler step (usually a NaN/Inf model output).
+    #[error("non-finite value (NaN or Inf) in the result of the step at timestep {timestep}: the model output or x contains NaN/Inf, or the schedule divides by zero there")]
+    NonFinite { timestep: i64 },
+    /// An error raised by a user callback (a Python denoiser, a progress callback, ...),
+    /// carried through unchanged.
+    #[error("{0}")]
+    Callback(Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// The user interrupted a long loop.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Shorthand for `Err(Error::Value(format!(...)))`.
+#[macro_export]
+macro_rules! value_error {
+    ($($arg:tt)*) => { return Err($crate::error::Error::Value(format!($($arg)*))) };
+}
+
+/// Shorthand for `Err(Error::Shape(format!(...)))`.
+#[macro_export]
+macro_rules! shape_error {
+    ($($arg:tt)*) => { return Err($crate::error::Error::Shape(format!($($arg)*))) };
+}

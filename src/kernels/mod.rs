@@ -1,0 +1,59 @@
+//! Fused single-pass kernels over f32 slices, split over the rayon pool, and the
+//! counter-based generator that makes their noise independent of how the work is split.
+
+pub mod rng;
+mod step;
+
+pub use step::{fused_step, threshold_scales, Noise, RowStep};
+
+use rayon::prelude::*;
+
+/// Below this many elements a pass runs on the calling thread: waking the pool costs more
+/// than the work (a (256, 2) sampler step must take microseconds).
+pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
+/// Elements per parallel task: large enough to amortise scheduling, small enough to balance.
+pub const CHUNK_ELEMENTS: usize = 1 << 14;
+
+/// Runs `f(start, out_chunk)` over `out` in chunks (in parallel when large); `start` is the
+/// global index of the chunk's first element. Returns the results of every chunk, in order.
+pub fn for_each_chunk<R: Send>(out: &mut [f32], f: impl Fn(usize, &mut [f32]) -> R + Sync) -> Vec<R> {
+    if out.len() < PARALLEL_MIN_ELEMENTS {
+        return vec![f(0, out)];
+    }
+    out.par_chunks_mut(CHUNK_ELEMENTS)
+        .enumerate()
+        .map(|(i, chunk)| f(i * CHUNK_ELEMENTS, chunk))
+        .collect()
+}
+
+/// Splits the global range `[start, start + len)` of a batch whose rows hold `row_len`
+/// elements into per-row pieces: calls `f(row, start, end)` for each.
+#[inline]
+pub fn for_each_row_piece(start: usize, len: usize, row_len: usize, mut f: impl FnMut(usize, usize, usize)) {
+    if row_len == 0 {
+        return;
+    }
+    let end = start + len;
+    let mut i = start;
+    while i < end {
+        let row = i / row_len;
+        let row_end = ((row + 1) * row_len).min(end);
+        f(row, i, row_end);
+        i = row_end;
+    }
+}
+
+/// `out = a_r · u + b_r · w` where (a_r, b_r) = `rows[r]` and row r holds `row_len` elements.
+pub fn affine_rows(rows: &[(f32, f32)], row_len: usize, u: &[f32], w: &[f32], out: &mut [f32]) {
+    debug_assert_eq!(u.len(), out.len());
+    debug_assert_eq!(w.len(), out.len());
+    for_each_chunk(out, |start, chunk| {
+        for_each_row_piece(start, chunk.len(), row_len, |row, s, e| {
+            let (a, b) = rows[row];
+            let o = &mut chunk[s - start..e - start];
+            for ((o, &u), &w) in o.iter_mut().zip(&u[s..e]).zip(&w[s..e]) {
+                *o = a * u + b * w;
+            }
+        });
+    });
+}

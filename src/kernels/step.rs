@@ -1,0 +1,256 @@
+//! The fused sampler step: one pass that reads x, the model output and (optionally) the noise,
+//! and writes x_{prev} and the predicted x0. Every DDPM/DDIM update is of the form
+//!
+//! ```text
+//! x0      = a · x + b · m                      (m: model output; a, b from the prediction type)
+//! x0c     = clamp(x0, lo, hi) · scale          (static clip, dynamic threshold, or identity)
+//! x_prev  = p0 · x0c + px · x + pm · m + σ z   (σ fixed per row, or per element for learned_range)
+//! ```
+//!
+//! with per-row scalars computed in f64 by the sampler. Noise z is generated inside the pass from
+//! (seed, stream = the row's timestep, global element index), so the result does not depend on
+//! how the pass is split over threads.
+
+use rayon::prelude::*;
+
+use super::rng::fill_normal;
+use super::{for_each_row_piece, CHUNK_ELEMENTS, PARALLEL_MIN_ELEMENTS};
+
+/// Per-row scalars of one fused step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowStep {
+    /// The row's timestep: the noise stream, and the timestep named in errors.
+    pub timestep: i64,
+    pub x0_from_x: f32,
+    pub x0_from_model: f32,
+    pub clip_min: f32,
+    pub clip_max: f32,
+    pub clip_scale: f32,
+    pub prev_from_x0: f32,
+    pub prev_from_x: f32,
+    pub prev_from_model: f32,
+    /// Standard deviation of the added noise (0: none).
+    pub noise_std: f32,
+    /// learned_range (Nichol & Dhariwal 2021, eq. 15): `(min_log, max_log)`; the per-element
+    /// log variance is `frac · max_log + (1 - frac) · min_log` with `frac = (v + 1)/2` read from
+    /// the second half of the model output's channels. Overrides `noise_std`.
+    pub learned_log_variance: Option<(f32, f32)>,
+}
+
+impl RowStep {
+    fn adds_noise(&self) -> bool {
+        self.noise_std != 0.0 || self.learned_log_variance.is_some()
+    }
+}
+
+/// Where the noise of a stochastic step comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum Noise<'a> {
+    /// Generated from this seed (stream = row timestep, counter = global element index).
+    Seeded(u64),
+    /// Given by the caller, same shape as x; used exactly.
+    Given(&'a [f32]),
+}
+
+/// Elements of noise generated at a time into an L1-resident buffer.
+const NOISE_BLOCK: usize = 512;
+
+/// One fused step over a batch. `x = None` means x is read from `out` (in-place update).
+/// `model_output` rows are `model_row_stride` long (`row_len`, or `2 · row_len` when it
+/// carries a variance half). Returns the global index of the first non-finite result, if any.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_step(
+    rows: &[RowStep],
+    row_len: usize,
+    x: Option<&[f32]>,
+    model_output: &[f32],
+    model_row_stride: usize,
+    noise: Noise<'_>,
+    out: &mut [f32],
+    pred_x0: Option<&mut [f32]>,
+) -> Option<usize> {
+    let run = |start: usize, o: &mut [f32], px0: Option<&mut [f32]>| -> Option<usize> {
+        let mut first_bad: Option<usize> = None;
+        let mut px0 = px0;
+        for_each_row_piece(start, o.len(), row_len, |row, s, e| {
+            let c = &rows[row];
+            let col = s - row * row_len;
+            let m_off = row * model_row_stride + col;
+            let m = &model_output[m_off..m_off + (e - s)];
+            let v = c
+                .learned_log_variance
+                .map(|_| &model_output[m_off + row_len..m_off + row_len + (e - s)]);
+            let o = &mut o[s - start..e - start];
+            let px = px0.as_deref_mut().map(|p| &mut p[s - start..e - start]);
+            let xs = x.map(|x| &x[s..e]);
+            if let Some(bad) = piece(c, xs, m, v, noise, s, o, px) {
+                if first_bad.is_none() {
+                    first_bad = Some(s + bad);
+                }
+            }
+        });
+        first_bad
+    };
+    let n = out.len();
+    if n < PARALLEL_MIN_ELEMENTS {
+        return run(0, out, pred_x0);
+    }
+    match pred_x0 {
+        Some(p) => out
+            .par_chunks_mut(CHUNK_ELEMENTS)
+            .zip(p.par_chunks_mut(CHUNK_ELEMENTS))
+            .enumerate()
+            .filter_map(|(i, (o, p))| run(i * CHUNK_ELEMENTS, o, Some(p)))
+            .min(),
+        None => out
+            .par_chunks_mut(CHUNK_ELEMENTS)
+            .enumerate()
+            .filter_map(|(i, o)| run(i * CHUNK_ELEMENTS, o, None))
+            .min(),
+    }
+}
+
+/// One row piece starting at global element `start`; returns the offset of a non-finite result.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn piece(
+    c: &RowStep,
+    x: Option<&[f32]>,
+    m: &[f32],
+    v: Option<&[f32]>,
+    noise: Noise<'_>,
+    start: usize,
+    o: &mut [f32],
+    px: Option<&mut [f32]>,
+) -> Option<usize> {
+    let len = o.len();
+    let mut px = px;
+    let mut sz = [0f32; NOISE_BLOCK];
+    let mut bad = false;
+    let mut b = 0;
+    while b < len {
+        let e = (b + NOISE_BLOCK).min(len);
+        let n = e - b;
+        let noisy = c.adds_noise();
+        if noisy {
+            let sz = &mut sz[..n];
+            match noise {
+                Noise::Seeded(seed) => fill_normal(seed, c.timestep as u64, (start + b) as u64, sz),
+                Noise::Given(z) => sz.copy_from_slice(&z[start + b..start + e]),
+            }
+            match (c.learned_log_variance, v) {
+                (Some((min_log, max_log)), Some(v)) => {
+                    // Nichol & Dhariwal 2021, eq. 15, as a standard deviation exp(log σ² / 2).
+                    for (z, &vv) in sz.iter_mut().zip(&v[b..e]) {
+                        let frac = 0.5 * (vv + 1.0);
+                        *z *= (0.5 * (frac * max_log + (1.0 - frac) * min_log)).exp();
+                    }
+                }
+                _ => {
+                    for z in sz.iter_mut() {
+                        *z *= c.noise_std;
+                    }
+                }
+            }
+        }
+        let (ob, mb) = (&mut o[b..e], &m[b..e]);
+        let pxb = px.as_deref_mut().map(|p| &mut p[b..e]);
+        let sz = &sz[..n];
+        bad |= match (x, pxb, noisy) {
+            (Some(x), Some(p), true) => body::<false, true, true>(c, &x[b..e], mb, sz, ob, p),
+            (Some(x), Some(p), false) => body::<false, true, false>(c, &x[b..e], mb, sz, ob, p),
+            (Some(x), None, true) => body::<false, false, true>(c, &x[b..e], mb, sz, ob, &mut []),
+            (Some(x), None, false) => body::<false, false, false>(c, &x[b..e], mb, sz, ob, &mut []),
+            (None, Some(p), true) => body::<true, true, true>(c, &[], mb, sz, ob, p),
+            (None, Some(p), false) => body::<true, true, false>(c, &[], mb, sz, ob, p),
+            (None, None, true) => body::<true, false, true>(c, &[], mb, sz, ob, &mut []),
+            (None, None, false) => body::<true, false, false>(c, &[], mb, sz, ob, &mut []),
+        };
+        b = e;
+    }
+    if bad {
+        o.iter().position(|v| !v.is_finite())
+    } else {
+        None
+    }
+}
+
+/// The arithmetic of the step over one block; returns true if any result is non-finite.
+#[inline(always)]
+fn body<const IN_PLACE: bool, const WRITE_X0: bool, const NOISY: bool>(
+    c: &RowStep,
+    x: &[f32],
+    m: &[f32],
+    sz: &[f32],
+    o: &mut [f32],
+    px: &mut [f32],
+) -> bool {
+    let n = o.len();
+    let m = &m[..n];
+    let x = if IN_PLACE { x } else { &x[..n] };
+    let sz = if NOISY { &sz[..n] } else { sz };
+    let px = if WRITE_X0 { &mut px[..n] } else { px };
+    let mut non_finite = 0u32;
+    for i in 0..n {
+        let xv = if IN_PLACE { o[i] } else { x[i] };
+        let mv = m[i];
+        // f32::clamp propagates NaN (unlike min/max), so a NaN model output is never hidden.
+        let x0 = (c.x0_from_x * xv + c.x0_from_model * mv).clamp(c.clip_min, c.clip_max) * c.clip_scale;
+        let mut prev = c.prev_from_x0 * x0 + c.prev_from_x * xv + c.prev_from_model * mv;
+        if NOISY {
+            prev += sz[i];
+        }
+        if WRITE_X0 {
+            px[i] = x0;
+        }
+        o[i] = prev;
+        non_finite |= u32::from(prev.to_bits() & 0x7f80_0000 == 0x7f80_0000);
+    }
+    non_finite != 0
+}
+
+/// Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): per row, the `ratio`-quantile
+/// (linear interpolation, as torch.quantile) of |x0|, floored at 1 and, when `max_value` is
+/// given, capped at it (diffusers' `sample_max_value`). x0 = a·x + b·m with the row's
+/// coefficients. Non-finite x0 gives a NaN scale, which the step then reports.
+pub fn threshold_scales(
+    rows: &[RowStep],
+    row_len: usize,
+    x: &[f32],
+    model_output: &[f32],
+    model_row_stride: usize,
+    ratio: f64,
+    max_value: Option<f64>,
+) -> Vec<f32> {
+    let one_row = |r: usize| -> f32 {
+        if row_len == 0 {
+            return 1.0;
+        }
+        let c = &rows[r];
+        let xr = &x[r * row_len..(r + 1) * row_len];
+        let mr = &model_output[r * model_row_stride..r * model_row_stride + row_len];
+        let mut a: Vec<f32> =
+            xr.iter().zip(mr).map(|(&xv, &mv)| (c.x0_from_x * xv + c.x0_from_model * mv).abs()).collect();
+        if a.iter().any(|v| v.is_nan()) {
+            return f32::NAN;
+        }
+        let pos = ratio * (row_len - 1) as f64;
+        let lo = pos.floor() as usize;
+        let hi = (lo + 1).min(row_len - 1);
+        let (_, lo_v, upper) = a.select_nth_unstable_by(lo, f32::total_cmp);
+        let lo_v = *lo_v as f64;
+        let hi_v = if hi > lo { upper.iter().copied().fold(f32::INFINITY, f32::min) as f64 } else { lo_v };
+        let mut s = lo_v + (hi_v - lo_v) * (pos - lo as f64);
+        s = s.max(1.0);
+        if let Some(mx) = max_value {
+            s = s.min(mx);
+        }
+        s as f32
+    };
+    let batch = rows.len();
+    if batch * row_len < PARALLEL_MIN_ELEMENTS {
+        (0..batch).map(one_row).collect()
+    } else {
+        (0..batch).into_par_iter().map(one_row).collect()
+    }
+}

@@ -1,0 +1,703 @@
+//! `ferrodiff.DDPM`, `ferrodiff.DDIM`, `DynamicThreshold`, `StepOutput`, `randn`, and the
+//! Python-callable denoiser that the Rust sampling loops call.
+
+use std::hash::{BuildHasher, Hasher};
+
+use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods, IntoPyArray};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+use super::arrays::{batch_of, f32_array, new_f32, timesteps_arg, type_name, vec_to_array};
+use super::callback_error;
+use super::schedule::{config_json, spacing_arg, PySchedule};
+use crate::diffusion::Prediction;
+use crate::error::{Error, Result};
+use crate::kernels::Noise;
+use crate::sample::{
+    self, invert_loop, sample_loop, Ddim, DdimConfig, Ddpm, DdpmConfig, Denoiser, DynamicThreshold, LoopHooks,
+    ModelOutput, Sampler, StepArgs, VarianceType, X0Processing,
+};
+use crate::schedule::{DiffusersConfig, Spacing};
+
+/// Imagen's dynamic thresholding (Saharia et al. 2022): per sample, s = the `ratio` quantile
+/// of |x0|, s = max(s, 1), x0 = clamp(x0, -s, s) / s. `max_value` additionally caps s
+/// (diffusers' `sample_max_value`; with its default 1.0 this equals static clipping).
+#[pyclass(name = "DynamicThreshold", module = "ferrodiff", frozen, eq)]
+#[derive(Clone, PartialEq)]
+pub struct PyDynamicThreshold {
+    inner: DynamicThreshold,
+}
+
+#[pymethods]
+impl PyDynamicThreshold {
+    #[new]
+    #[pyo3(signature = (ratio=sample::DYNAMIC_THRESHOLD_RATIO, max_value=None))]
+    fn new(ratio: f64, max_value: Option<f64>) -> PyResult<Self> {
+        Ok(PyDynamicThreshold { inner: DynamicThreshold::new(ratio, max_value)? })
+    }
+    #[getter]
+    fn ratio(&self) -> f64 {
+        self.inner.ratio
+    }
+    #[getter]
+    fn max_value(&self) -> Option<f64> {
+        self.inner.max_value
+    }
+    fn __repr__(&self) -> String {
+        match self.inner.max_value {
+            Some(m) => format!("DynamicThreshold(ratio={}, max_value={m})", self.inner.ratio),
+            None => format!("DynamicThreshold(ratio={})", self.inner.ratio),
+        }
+    }
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (f64, Option<f64>))> {
+        Ok((slf.get_type().into_any(), (slf.get().inner.ratio, slf.get().inner.max_value)))
+    }
+}
+
+/// The result of one sampler step: `prev_sample` (x at the next timestep) and `pred_x0` (the
+/// predicted, clipped/thresholded x0; alias `pred_original_sample`). Unpacks as a tuple.
+#[pyclass(name = "StepOutput", module = "ferrodiff", frozen)]
+pub struct StepOutput {
+    #[pyo3(get)]
+    prev_sample: Py<PyAny>,
+    #[pyo3(get)]
+    pred_x0: Py<PyAny>,
+}
+
+#[pymethods]
+impl StepOutput {
+    #[new]
+    fn new(prev_sample: Py<PyAny>, pred_x0: Py<PyAny>) -> Self {
+        StepOutput { prev_sample, pred_x0 }
+    }
+    #[getter]
+    fn pred_original_sample(&self, py: Python<'_>) -> Py<PyAny> {
+        self.pred_x0.clone_ref(py)
+    }
+    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        PyTuple::new(py, [self.prev_sample.clone_ref(py), self.pred_x0.clone_ref(py)])?.try_iter().map(|i| i.into_any())
+    }
+    fn __len__(&self) -> usize {
+        2
+    }
+    fn __getitem__(&self, py: Python<'_>, i: isize) -> PyResult<Py<PyAny>> {
+        match i {
+            0 | -2 => Ok(self.prev_sample.clone_ref(py)),
+            1 | -1 => Ok(self.pred_x0.clone_ref(py)),
+            _ => Err(pyo3::exceptions::PyIndexError::new_err("StepOutput has two items (prev_sample, pred_x0)")),
+        }
+    }
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let shape = self
+            .prev_sample
+            .bind(py)
+            .getattr("shape")
+            .and_then(|s| s.repr().map(|r| r.to_string()))
+            .unwrap_or_default();
+        format!("StepOutput(prev_sample=<array {shape}>, pred_x0=<array {shape}>)")
+    }
+}
+
+fn fresh_seed() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
+}
+
+/// Standard normal float32 noise of `shape`: the stream of the initial x_T, a pure function of
+/// the seed (identical for any thread count). `seed=None` draws a fresh OS-seeded array.
+#[pyfunction]
+#[pyo3(signature = (shape, seed=None))]
+fn randn<'py>(py: Python<'py>, shape: Vec<usize>, seed: Option<u64>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let n: usize = shape.iter().product();
+    let seed = seed.unwrap_or_else(fresh_seed);
+    let v = py.detach(|| sample::randn(n, seed, sample::INITIAL_NOISE_STREAM));
+    vec_to_array(py, v, &shape)
+}
+
+/// A Python callable `denoiser(x, t)` (or `denoiser(x, t, y)` later) as a Rust denoiser.
+struct PyDenoiser<'py> {
+    f: Bound<'py, PyAny>,
+}
+
+impl Denoiser for PyDenoiser<'_> {
+    fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
+        let py = self.f.py();
+        let run = || -> PyResult<ModelOutput> {
+            let xa = vec_to_array(py, x.to_vec(), shape)?;
+            let ta = t.to_vec().into_pyarray(py);
+            let r = self.f.call1((xa, ta))?;
+            let arr = f32_array(&r, "the denoiser's output").map_err(|e| {
+                PyTypeError::new_err(format!(
+                    "the denoiser must return a float array of x's shape, got {} ({})",
+                    type_name(&r),
+                    e.value(py)
+                ))
+            })?;
+            let shape = arr.shape().to_vec();
+            let data = arr.readonly().as_slice()?.to_vec();
+            Ok(ModelOutput { data, shape })
+        };
+        run().map_err(callback_error)
+    }
+}
+
+/// Progress bar, user callback and Ctrl-C around a Rust loop; the GIL is released during passes.
+struct PyHooks<'py> {
+    py: Python<'py>,
+    progress: Option<Bound<'py, PyAny>>,
+    callback: Option<Bound<'py, PyAny>>,
+    shape: Vec<usize>,
+}
+
+impl<'py> PyHooks<'py> {
+    fn new(py: Python<'py>, total: usize, progress: bool, callback: Option<Bound<'py, PyAny>>, shape: &[usize], desc: &str) -> PyResult<Self> {
+        let progress = if progress {
+            Some(py.import("ferrodiff._progress")?.call_method1("progress_bar", (total, desc))?)
+        } else {
+            None
+        };
+        Ok(PyHooks { py, progress, callback, shape: shape.to_vec() })
+    }
+
+    fn close(&self) {
+        if let Some(p) = &self.progress {
+            let _ = p.call_method0("close");
+        }
+    }
+}
+
+impl LoopHooks for PyHooks<'_> {
+    fn run_pass(&mut self, pass: &mut (dyn FnMut() -> Result<()> + Send)) -> Result<()> {
+        self.py.detach(pass)
+    }
+    fn wants_pred_x0(&self) -> bool {
+        self.callback.is_some()
+    }
+    fn after_step(&mut self, i: usize, t: i64, x: &[f32], pred_x0: &[f32]) -> Result<()> {
+        let py = self.py;
+        py.check_signals().map_err(callback_error)?;
+        if let Some(p) = &self.progress {
+            p.call_method1("update", (1,)).map_err(callback_error)?;
+        }
+        if let Some(cb) = &self.callback {
+            let xa = vec_to_array(py, x.to_vec(), &self.shape).map_err(callback_error)?;
+            let pa: Py<PyAny> = if pred_x0.is_empty() {
+                py.None()
+            } else {
+                vec_to_array(py, pred_x0.to_vec(), &self.shape).map_err(callback_error)?.into_any().unbind()
+            };
+            cb.call1((i, t, xa, pa)).map_err(callback_error)?;
+        }
+        Ok(())
+    }
+}
+
+/// `step` shared by DDPM and DDIM.
+#[allow(clippy::too_many_arguments)]
+fn step_impl<'py, S: Sampler>(
+    sampler: &S,
+    py: Python<'py>,
+    model_output: &Bound<'py, PyAny>,
+    t: &Bound<'py, PyAny>,
+    x: &Bound<'py, PyAny>,
+    noise: Option<&Bound<'py, PyAny>>,
+    seed: Option<u64>,
+    out: Option<&Bound<'py, PyAny>>,
+    check_finite: bool,
+) -> PyResult<StepOutput> {
+    let m = f32_array(model_output, "model_output")?;
+    let xa = f32_array(x, "x")?;
+    let shape = xa.shape().to_vec();
+    let batch = batch_of(&shape, "x")?;
+    let ts = timesteps_arg(t, batch)?;
+    let z = match noise {
+        Some(n) => {
+            if seed.is_some() {
+                return Err(PyValueError::new_err("pass either noise= or seed=, not both"));
+            }
+            let z = f32_array(n, "noise")?;
+            if z.shape() != shape.as_slice() {
+                return Err(PyValueError::new_err(format!("noise has shape {:?} but x has shape {:?}", z.shape(), shape)));
+            }
+            Some(z)
+        }
+        None => None,
+    };
+    let seed = seed.unwrap_or_else(fresh_seed);
+    // `out` must be a C-contiguous float32 array of x's shape; it may be x itself (in place).
+    let out_arr = match out {
+        Some(o) => {
+            let a = o.cast::<PyArrayDyn<f32>>().map_err(|_| {
+                PyTypeError::new_err(format!("out must be a float32 numpy array, got {}", type_name(o)))
+            })?;
+            if !a.is_c_contiguous() {
+                return Err(PyValueError::new_err("out must be C-contiguous"));
+            }
+            if a.shape() != shape.as_slice() {
+                return Err(PyValueError::new_err(format!("out has shape {:?} but x has shape {:?}", a.shape(), shape)));
+            }
+            if a.data() as usize == m.data() as usize {
+                return Err(PyValueError::new_err("out must not be model_output"));
+            }
+            a.clone()
+        }
+        None => new_f32(py, &shape),
+    };
+    let in_place = out_arr.data() as usize == xa.data() as usize && !shape.iter().any(|&d| d == 0);
+    let pred = new_f32(py, &shape);
+    {
+        let mr = m.readonly();
+        let zr = z.as_ref().map(|z| z.readonly());
+        let xr = if in_place { None } else { Some(xa.readonly()) };
+        let mut ow = out_arr.try_readwrite().map_err(|e| PyValueError::new_err(format!("out cannot be written: {e}")))?;
+        let mut pw = pred.readwrite();
+        let mv = mr.as_slice()?;
+        let zv = match &zr {
+            Some(z) => Some(z.as_slice()?),
+            None => None,
+        };
+        let xv = match &xr {
+            Some(x) => Some(x.as_slice()?),
+            None => None,
+        };
+        let (ov, pv) = (ow.as_slice_mut()?, pw.as_slice_mut()?);
+        let mshape = m.shape().to_vec();
+        let args = StepArgs {
+            model_output: mv,
+            model_shape: &mshape,
+            t: &ts,
+            x: xv,
+            x_shape: &shape,
+            noise: match zv {
+                Some(z) => Noise::Given(z),
+                None => Noise::Seeded(seed),
+            },
+            check_finite,
+        };
+        py.detach(|| sample::step_into(sampler, &args, ov, Some(pv)))?;
+    }
+    Ok(StepOutput { prev_sample: out_arr.into_any().unbind(), pred_x0: pred.into_any().unbind() })
+}
+
+/// The starting x_T and its shape from `shape` / `x_T`.
+fn initial_noise(py: Python<'_>, shape: Option<Vec<usize>>, x_t: Option<&Bound<'_, PyAny>>, seed: u64) -> PyResult<(Vec<f32>, Vec<usize>)> {
+    match (shape, x_t) {
+        (_, Some(x)) => {
+            let a = f32_array(x, "x_T")?;
+            let sh = a.shape().to_vec();
+            batch_of(&sh, "x_T")?;
+            let v = a.readonly().as_slice()?.to_vec();
+            Ok((v, sh))
+        }
+        (Some(sh), None) => {
+            batch_of(&sh, "shape")?;
+            let n = sh.iter().product();
+            Ok((py.detach(|| sample::randn(n, seed, sample::INITIAL_NOISE_STREAM)), sh))
+        }
+        (None, None) => Err(PyValueError::new_err("sample() needs shape= or x_T=")),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sample_impl<'py, S: Sampler>(
+    sampler: &S,
+    py: Python<'py>,
+    denoiser: &Bound<'py, PyAny>,
+    shape: Option<Vec<usize>>,
+    x_t: Option<&Bound<'py, PyAny>>,
+    seed: Option<u64>,
+    progress: bool,
+    callback: Option<Bound<'py, PyAny>>,
+    check_finite: bool,
+    desc: &str,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    if !denoiser.is_callable() {
+        return Err(PyTypeError::new_err(format!("denoiser must be callable as denoiser(x, t), got {}", type_name(denoiser))));
+    }
+    if let Some(cb) = &callback {
+        if !cb.is_callable() {
+            return Err(PyTypeError::new_err("callback must be callable as callback(i, t, x, pred_x0)"));
+        }
+    }
+    let seed = seed.unwrap_or_else(fresh_seed);
+    let (x, sh) = initial_noise(py, shape, x_t, seed)?;
+    let mut hooks = PyHooks::new(py, sampler.timesteps().len(), progress, callback, &sh, desc)?;
+    let mut d = PyDenoiser { f: denoiser.clone() };
+    let r = sample_loop(sampler, &mut d, x, &sh, seed, check_finite, &mut hooks);
+    hooks.close();
+    vec_to_array(py, r?, &sh)
+}
+
+fn x0_processing_arg(clip_sample: Option<f64>, threshold: Option<&Bound<'_, PyAny>>) -> PyResult<X0Processing> {
+    let th = match threshold {
+        None => None,
+        Some(t) => Some(
+            t.cast::<PyDynamicThreshold>()
+                .map_err(|_| PyTypeError::new_err(format!("threshold must be a ferrodiff.DynamicThreshold, got {}", type_name(t))))?
+                .get()
+                .inner,
+        ),
+    };
+    Ok(X0Processing::from_options(clip_sample, th)?)
+}
+
+fn spacing_to_py<'py>(py: Python<'py>, s: &Spacing) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match s {
+        Spacing::Explicit(v) => PyList::new(py, v)?.into_any(),
+        other => other.name().into_pyobject(py)?.into_any(),
+    })
+}
+
+fn x0_processing_to_dict(d: &Bound<'_, PyDict>, p: X0Processing) -> PyResult<()> {
+    let py = d.py();
+    match p {
+        X0Processing::None => {
+            d.set_item("clip_sample", py.None())?;
+            d.set_item("threshold", py.None())?;
+        }
+        X0Processing::Clip(r) => {
+            d.set_item("clip_sample", r)?;
+            d.set_item("threshold", py.None())?;
+        }
+        X0Processing::Threshold(t) => {
+            d.set_item("clip_sample", py.None())?;
+            d.set_item("threshold", Bound::new(py, PyDynamicThreshold { inner: t })?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Turns a stored dict back into constructor kwargs (threshold dicts -> DynamicThreshold).
+fn from_dict_impl<'py>(cls: &Bound<'py, pyo3::types::PyType>, d: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyAny>> {
+    let py = cls.py();
+    let kw = d.copy()?;
+    let _ = kw.del_item("type");
+    let sched = kw
+        .get_item("schedule")?
+        .ok_or_else(|| PyValueError::new_err("sampler dict has no 'schedule' key"))?;
+    if let Ok(sd) = sched.cast::<PyDict>() {
+        kw.set_item("schedule", PySchedule::from_dict(sd)?)?;
+    }
+    if let Some(th) = kw.get_item("threshold")? {
+        if let Ok(td) = th.cast::<PyDict>() {
+            let ratio: f64 = td.get_item("ratio")?.map(|v| v.extract()).transpose()?.unwrap_or(sample::DYNAMIC_THRESHOLD_RATIO);
+            let mv: Option<f64> = td.get_item("max_value")?.map(|v| v.extract()).transpose()?.flatten();
+            kw.set_item("threshold", PyDynamicThreshold::new(ratio, mv)?)?;
+        }
+    }
+    let _ = py;
+    cls.call((), Some(&kw))
+}
+
+fn threshold_dict<'py>(d: &Bound<'py, PyDict>) -> PyResult<()> {
+    if let Some(th) = d.get_item("threshold")? {
+        if let Ok(t) = th.cast::<PyDynamicThreshold>() {
+            let td = PyDict::new(d.py());
+            td.set_item("ratio", t.get().inner.ratio)?;
+            td.set_item("max_value", t.get().inner.max_value)?;
+            d.set_item("threshold", td)?;
+        }
+    }
+    Ok(())
+}
+
+/// Constructor kwargs shared by both samplers, read from a diffusers config.
+fn diffusers_kwargs<'py>(py: Python<'py>, c: &DiffusersConfig) -> PyResult<Bound<'py, PyDict>> {
+    let kw = PyDict::new(py);
+    kw.set_item("schedule", PySchedule { inner: c.schedule()? })?;
+    kw.set_item("spacing", &c.timestep_spacing)?;
+    kw.set_item("steps_offset", c.steps_offset)?;
+    kw.set_item("prediction", Prediction::parse(&c.prediction_type)?.name())?;
+    // diffusers applies thresholding instead of clipping when both are set.
+    if c.thresholding {
+        kw.set_item("threshold", PyDynamicThreshold::new(c.dynamic_thresholding_ratio, Some(c.sample_max_value))?)?;
+    } else if c.clip_sample {
+        kw.set_item("clip_sample", c.clip_sample_range)?;
+    }
+    Ok(kw)
+}
+
+/// DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), over all T timesteps (`steps=None`)
+/// or a strided subset, which uses the respaced betas 1 - ᾱ[τ_i]/ᾱ[τ_{i-1}] (Nichol & Dhariwal).
+///
+/// `variance`: "fixed_small" (β̃_t), "fixed_large" (β_t), "learned_range" (2C-channel model
+/// output, Nichol & Dhariwal eq. 15). No noise is added at the last step.
+#[pyclass(name = "DDPM", module = "ferrodiff", frozen)]
+pub struct PyDdpm {
+    inner: Ddpm,
+}
+
+#[pymethods]
+impl PyDdpm {
+    #[new]
+    #[pyo3(signature = (schedule, steps=None, spacing=None, prediction="epsilon", variance="fixed_small", clip_sample=None, threshold=None, *, steps_offset=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        schedule: &PySchedule,
+        steps: Option<usize>,
+        spacing: Option<&Bound<'_, PyAny>>,
+        prediction: &str,
+        variance: &str,
+        clip_sample: Option<f64>,
+        threshold: Option<&Bound<'_, PyAny>>,
+        steps_offset: i64,
+    ) -> PyResult<Self> {
+        let config = DdpmConfig {
+            steps,
+            spacing: spacing.map(spacing_arg).transpose()?.unwrap_or(Spacing::Leading),
+            steps_offset,
+            prediction: Prediction::parse(prediction)?,
+            variance: VarianceType::parse(variance)?,
+            x0_processing: x0_processing_arg(clip_sample, threshold)?,
+        };
+        Ok(PyDdpm { inner: Ddpm::new(schedule.inner.clone(), config)? })
+    }
+
+    /// A DDPM with every setting of a diffusers `DDPMScheduler` config (dict, path or
+    /// scheduler); keyword arguments override.
+    #[classmethod]
+    #[pyo3(signature = (config, steps=None, **overrides))]
+    fn from_diffusers_config<'py>(cls: &Bound<'py, pyo3::types::PyType>, config: &Bound<'py, PyAny>, steps: Option<usize>, overrides: Option<&Bound<'py, PyDict>>) -> PyResult<Bound<'py, PyAny>> {
+        let c = DiffusersConfig::from_json(&config_json(config)?)?;
+        let kw = diffusers_kwargs(cls.py(), &c)?;
+        kw.set_item("steps", steps)?;
+        kw.set_item("variance", VarianceType::parse(&c.variance_type)?.name())?;
+        if let Some(o) = overrides {
+            kw.update(o.as_mapping())?;
+        }
+        cls.call((), Some(&kw))
+    }
+
+    #[getter]
+    fn timesteps<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        self.inner.timesteps().to_vec().into_pyarray(py)
+    }
+    #[getter]
+    fn schedule(&self) -> PySchedule {
+        PySchedule { inner: self.inner.schedule.clone() }
+    }
+    #[getter]
+    fn steps(&self) -> usize {
+        self.inner.timesteps().len()
+    }
+    #[getter]
+    fn prediction(&self) -> &'static str {
+        self.inner.config.prediction.name()
+    }
+    #[getter]
+    fn variance(&self) -> &'static str {
+        self.inner.config.variance.name()
+    }
+
+    /// One reverse step from x at timestep t: returns `StepOutput(prev_sample, pred_x0)`.
+    /// Noise (when this step adds any) comes from `noise` (used exactly) or from `seed` with the
+    /// row's timestep as stream, so a hand-written loop reproduces `sample(seed=...)`.
+    #[pyo3(signature = (model_output, t, x, *, noise=None, seed=None, out=None, check_finite=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn step<'py>(&self, py: Python<'py>, model_output: &Bound<'py, PyAny>, t: &Bound<'py, PyAny>, x: &Bound<'py, PyAny>, noise: Option<&Bound<'py, PyAny>>, seed: Option<u64>, out: Option<&Bound<'py, PyAny>>, check_finite: bool) -> PyResult<StepOutput> {
+        step_impl(&self.inner, py, model_output, t, x, noise, seed, out, check_finite)
+    }
+
+    /// Runs the whole reverse process with `denoiser(x, t)` (any callable taking a float32
+    /// array and an int64 array [B]); starts from `x_T` or `fd.randn(shape, seed)`.
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true))]
+    #[allow(clippy::too_many_arguments, non_snake_case)]
+    fn sample<'py>(&self, py: Python<'py>, denoiser: &Bound<'py, PyAny>, shape: Option<Vec<usize>>, x_T: Option<&Bound<'py, PyAny>>, seed: Option<u64>, progress: bool, callback: Option<Bound<'py, PyAny>>, check_finite: bool) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        sample_impl(&self.inner, py, denoiser, shape, x_T, seed, progress, callback, check_finite, "DDPM")
+    }
+
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let c = &self.inner.config;
+        d.set_item("type", "DDPM")?;
+        d.set_item("schedule", PySchedule { inner: self.inner.schedule.clone() }.to_dict(py)?)?;
+        d.set_item("steps", c.steps)?;
+        d.set_item("spacing", spacing_to_py(py, &c.spacing)?)?;
+        d.set_item("steps_offset", c.steps_offset)?;
+        d.set_item("prediction", c.prediction.name())?;
+        d.set_item("variance", c.variance.name())?;
+        x0_processing_to_dict(&d, c.x0_processing)?;
+        threshold_dict(&d)?;
+        Ok(d)
+    }
+
+    #[classmethod]
+    fn from_dict<'py>(cls: &Bound<'py, pyo3::types::PyType>, d: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyAny>> {
+        from_dict_impl(cls, d)
+    }
+
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyDict>,))> {
+        Ok((slf.get_type().getattr("from_dict")?, (slf.get().to_dict(slf.py())?,)))
+    }
+
+    fn __repr__(&self) -> String {
+        let c = &self.inner.config;
+        format!(
+            "DDPM(steps={}, spacing={:?}, prediction={:?}, variance={:?}, x0={:?}, schedule={})",
+            self.inner.timesteps().len(),
+            c.spacing.name(),
+            c.prediction.name(),
+            c.variance.name(),
+            c.x0_processing,
+            self.inner.schedule.name
+        )
+    }
+}
+
+/// DDIM (Song et al. 2020): `eta=0` is the deterministic implicit sampler, `eta=1` has DDPM's
+/// posterior variance. The previous timestep is always the next entry of `.timesteps`.
+#[pyclass(name = "DDIM", module = "ferrodiff", frozen)]
+pub struct PyDdim {
+    inner: Ddim,
+}
+
+#[pymethods]
+impl PyDdim {
+    #[new]
+    #[pyo3(signature = (schedule, steps=50, spacing=None, eta=0.0, prediction="epsilon", clip_sample=None, threshold=None, set_alpha_to_one=true, use_clipped_model_output=false, *, steps_offset=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        schedule: &PySchedule,
+        steps: usize,
+        spacing: Option<&Bound<'_, PyAny>>,
+        eta: f64,
+        prediction: &str,
+        clip_sample: Option<f64>,
+        threshold: Option<&Bound<'_, PyAny>>,
+        set_alpha_to_one: bool,
+        use_clipped_model_output: bool,
+        steps_offset: i64,
+    ) -> PyResult<Self> {
+        let config = DdimConfig {
+            steps,
+            spacing: spacing.map(spacing_arg).transpose()?.unwrap_or(Spacing::Leading),
+            steps_offset,
+            eta,
+            prediction: Prediction::parse(prediction)?,
+            x0_processing: x0_processing_arg(clip_sample, threshold)?,
+            set_alpha_to_one,
+            use_clipped_model_output,
+        };
+        Ok(PyDdim { inner: Ddim::new(schedule.inner.clone(), config)? })
+    }
+
+    /// A DDIM with every setting of a diffusers `DDIMScheduler` config (dict, path or
+    /// scheduler); keyword arguments override.
+    #[classmethod]
+    #[pyo3(signature = (config, steps=50, **overrides))]
+    fn from_diffusers_config<'py>(cls: &Bound<'py, pyo3::types::PyType>, config: &Bound<'py, PyAny>, steps: usize, overrides: Option<&Bound<'py, PyDict>>) -> PyResult<Bound<'py, PyAny>> {
+        let c = DiffusersConfig::from_json(&config_json(config)?)?;
+        let kw = diffusers_kwargs(cls.py(), &c)?;
+        kw.set_item("steps", steps)?;
+        kw.set_item("set_alpha_to_one", c.set_alpha_to_one)?;
+        if let Some(o) = overrides {
+            kw.update(o.as_mapping())?;
+        }
+        cls.call((), Some(&kw))
+    }
+
+    #[getter]
+    fn timesteps<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        self.inner.timesteps().to_vec().into_pyarray(py)
+    }
+    #[getter]
+    fn schedule(&self) -> PySchedule {
+        PySchedule { inner: self.inner.schedule.clone() }
+    }
+    #[getter]
+    fn steps(&self) -> usize {
+        self.inner.timesteps().len()
+    }
+    #[getter]
+    fn eta(&self) -> f64 {
+        self.inner.config.eta
+    }
+    #[getter]
+    fn prediction(&self) -> &'static str {
+        self.inner.config.prediction.name()
+    }
+
+    /// One DDIM step (eq. 12) from x at timestep t: returns `StepOutput(prev_sample, pred_x0)`.
+    #[pyo3(signature = (model_output, t, x, *, noise=None, seed=None, out=None, check_finite=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn step<'py>(&self, py: Python<'py>, model_output: &Bound<'py, PyAny>, t: &Bound<'py, PyAny>, x: &Bound<'py, PyAny>, noise: Option<&Bound<'py, PyAny>>, seed: Option<u64>, out: Option<&Bound<'py, PyAny>>, check_finite: bool) -> PyResult<StepOutput> {
+        step_impl(&self.inner, py, model_output, t, x, noise, seed, out, check_finite)
+    }
+
+    /// Runs the sampler with `denoiser(x, t)`; starts from `x_T` or `fd.randn(shape, seed)`.
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true))]
+    #[allow(clippy::too_many_arguments, non_snake_case)]
+    fn sample<'py>(&self, py: Python<'py>, denoiser: &Bound<'py, PyAny>, shape: Option<Vec<usize>>, x_T: Option<&Bound<'py, PyAny>>, seed: Option<u64>, progress: bool, callback: Option<Bound<'py, PyAny>>, check_finite: bool) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        sample_impl(&self.inner, py, denoiser, shape, x_T, seed, progress, callback, check_finite, "DDIM")
+    }
+
+    /// DDIM inversion (η = 0 run forwards): encodes clean `x0` into the x at the first of
+    /// `.timesteps`, from which `sample(denoiser, x_T=...)` returns approximately x0. Useful for
+    /// encoding and interpolating real data.
+    #[pyo3(signature = (denoiser, x0, *, progress=false, callback=None, check_finite=true))]
+    fn invert<'py>(&self, py: Python<'py>, denoiser: &Bound<'py, PyAny>, x0: &Bound<'py, PyAny>, progress: bool, callback: Option<Bound<'py, PyAny>>, check_finite: bool) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        if !denoiser.is_callable() {
+            return Err(PyTypeError::new_err(format!("denoiser must be callable as denoiser(x, t), got {}", type_name(denoiser))));
+        }
+        let a = f32_array(x0, "x0")?;
+        let sh = a.shape().to_vec();
+        batch_of(&sh, "x0")?;
+        let v = a.readonly().as_slice()?.to_vec();
+        let mut hooks = PyHooks::new(py, self.inner.timesteps().len(), progress, callback, &sh, "DDIM inversion")?;
+        let mut d = PyDenoiser { f: denoiser.clone() };
+        let r = invert_loop(&self.inner, &mut d, v, &sh, check_finite, &mut hooks);
+        hooks.close();
+        vec_to_array(py, r?, &sh)
+    }
+
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let c = &self.inner.config;
+        d.set_item("type", "DDIM")?;
+        d.set_item("schedule", PySchedule { inner: self.inner.schedule.clone() }.to_dict(py)?)?;
+        d.set_item("steps", c.steps)?;
+        d.set_item("spacing", spacing_to_py(py, &c.spacing)?)?;
+        d.set_item("steps_offset", c.steps_offset)?;
+        d.set_item("eta", c.eta)?;
+        d.set_item("prediction", c.prediction.name())?;
+        d.set_item("set_alpha_to_one", c.set_alpha_to_one)?;
+        d.set_item("use_clipped_model_output", c.use_clipped_model_output)?;
+        x0_processing_to_dict(&d, c.x0_processing)?;
+        threshold_dict(&d)?;
+        Ok(d)
+    }
+
+    #[classmethod]
+    fn from_dict<'py>(cls: &Bound<'py, pyo3::types::PyType>, d: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyAny>> {
+        from_dict_impl(cls, d)
+    }
+
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyDict>,))> {
+        Ok((slf.get_type().getattr("from_dict")?, (slf.get().to_dict(slf.py())?,)))
+    }
+
+    fn __repr__(&self) -> String {
+        let c = &self.inner.config;
+        format!(
+            "DDIM(steps={}, spacing={:?}, eta={}, prediction={:?}, x0={:?}, schedule={})",
+            self.inner.timesteps().len(),
+            c.spacing.name(),
+            c.eta,
+            c.prediction.name(),
+            c.x0_processing,
+            self.inner.schedule.name
+        )
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyDynamicThreshold>()?;
+    m.add_class::<StepOutput>()?;
+    m.add_class::<PyDdpm>()?;
+    m.add_class::<PyDdim>()?;
+    m.add_function(wrap_pyfunction!(randn, m)?)?;
+    let _ = Error::Interrupted;
+    Ok(())
+}
