@@ -6,10 +6,9 @@ wrong kinds (int / complex / object arrays), FloatingPointError for a non-finite
 non-contiguous arrays are accepted with one copy and give the same results.
 """
 
+import ferrodiff as fd
 import numpy as np
 import pytest
-
-import ferrodiff as fd
 
 SHAPE = (2, 3, 8, 8)
 T = 1000
@@ -307,7 +306,17 @@ def test_sample_without_shape_or_x_T_is_value_error(ddim):
         ("noise", np.zeros(SHAPE, np.int64)),
         ("noise", np.zeros(SHAPE, np.complex64)),
     ],
-    ids=["mo-int", "mo-complex", "mo-object", "x-int", "x-complex", "x-object", "x-bool", "noise-int", "noise-complex"],
+    ids=[
+        "mo-int",
+        "mo-complex",
+        "mo-object",
+        "x-int",
+        "x-complex",
+        "x-object",
+        "x-bool",
+        "noise-int",
+        "noise-complex",
+    ],
 )
 def test_non_float_arrays_are_type_errors_naming_the_argument(ddpm, arrays, arg, bad):
     x, eps, z = arrays

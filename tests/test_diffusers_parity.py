@@ -24,10 +24,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
-from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
-
-import ferrodiff as fd  # noqa: E402
+import ferrodiff as fd
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 SHAPE = (2, 3, 8, 8)
 RTOL = 1e-4
@@ -71,7 +70,7 @@ def np_betas(cfg):
     elif name == "scaled_linear":
         b = np.linspace(b0**0.5, b1**0.5, T, dtype=np.float64) ** 2
     elif name == "squaredcos_cap_v2":
-        f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+        f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
         i = np.arange(T, dtype=np.float64)
         b = np.minimum(1 - f((i + 1) / T) / f(i / T), 0.999)
     elif name == "sigmoid":
@@ -535,16 +534,15 @@ def test_dynamic_thresholding_matches_diffusers(sampler, prediction):
         clip_sample=False,
     )
     rng = np.random.default_rng(17)
+    t = 500
     out, x = _threshold_inputs(rng)
     if prediction == "epsilon":
-        # x_t built so that x0 = out exactly-ish at t, and x0 has the spread we want
-        t = 500
+        # x_t = q_sample(x0_target, eps), so the predicted x0 has the per-row spread we want
+        x0_target = out
         ac = linear_alphas_cumprod_np()
         eps = rng.standard_normal(out.shape)
-        x = (math.sqrt(ac[t]) * out + math.sqrt(1 - ac[t]) * eps).astype(np.float32)
+        x = (math.sqrt(ac[t]) * x0_target + math.sqrt(1 - ac[t]) * eps).astype(np.float32)
         out = eps.astype(np.float32)
-    else:
-        t = 500
     if sampler == "ddpm":
         d = diffusers_ddpm(cfg, 50)
         ref_prev, ref_x0, noise = ddpm_diffusers_step(d, out, t, x, 0)
@@ -636,7 +634,8 @@ def test_per_row_timesteps_match_diffusers_row_by_row(sampler):
         ours = fd.DDIM.from_diffusers_config(cfg, steps=50, eta=1.0)
         noise = rng.standard_normal(shape).astype(np.float32)
         refs = [
-            ddim_diffusers_step(d, out[i : i + 1], ts[i], x[i : i + 1], 1.0, noise[i : i + 1]) for i in range(3)
+            ddim_diffusers_step(d, out[i : i + 1], ts[i], x[i : i + 1], 1.0, noise[i : i + 1])
+            for i in range(3)
         ]
     res = ours.step(out, ts, x, noise=noise)
     assert_close(res.prev_sample, np.concatenate([r[0] for r in refs]))
@@ -748,7 +747,11 @@ DDPM_LOOP_CASES = (
 def test_ddpm_full_loop_matches_diffusers(schedule, prediction, variance):
     spacing = "trailing" if schedule == "zero_snr" else "leading"
     cfg = make_cfg(
-        schedule, prediction_type=prediction, variance_type=variance, clip_sample=True, timestep_spacing=spacing
+        schedule,
+        prediction_type=prediction,
+        variance_type=variance,
+        clip_sample=True,
+        timestep_spacing=spacing,
     )
     d = diffusers_ddpm(cfg, 50, f64=False)
     rng = np.random.default_rng(12)
@@ -760,13 +763,19 @@ def test_ddpm_full_loop_matches_diffusers(schedule, prediction, variance):
 
 
 @pytest.mark.parametrize(
-    "spacing,steps,offset", [("leading", 50, 1), ("trailing", 20, 0), ("linspace", 20, 0), ("linspace", 16, 0)]
+    "spacing,steps,offset",
+    [("leading", 50, 1), ("trailing", 20, 0), ("linspace", 20, 0), ("linspace", 16, 0)],
 )
 def test_ddpm_full_loop_spacings_match_diffusers(spacing, steps, offset):
     # diffusers 0.42.1's DDPM previous_timestep reads the list once set_timesteps(N) was called, so
     # every spacing agrees; fixed_small's variance at the final step (prev = -1) is 1e-20 in diffusers.
     cfg = make_cfg("linear", timestep_spacing=spacing, steps_offset=offset, clip_sample=True)
     d = diffusers_ddpm(cfg, steps, f64=False)
+    ts = [int(t) for t in d.timesteps]
+    for i in range(len(ts) - 1):
+        assert int(d.previous_timestep(ts[i])) == ts[i + 1]  # list-based in diffusers 0.42.1 too
+    if spacing == "linspace":
+        assert any(ts[i] - 1000 // steps != ts[i + 1] for i in range(len(ts) - 1))  # t - T//N would differ
     rng = np.random.default_rng(13)
     x = rng.standard_normal(SHAPE).astype(np.float32)
     ref, noises = diffusers_ddpm_loop(d, x, False)
@@ -774,7 +783,9 @@ def test_ddpm_full_loop_spacings_match_diffusers(spacing, steps, offset):
 
 
 def test_from_diffusers_config_accepts_saved_json_path(tmp_path):
-    cfg = make_cfg("scaled_linear", prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False)
+    cfg = make_cfg(
+        "scaled_linear", prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False
+    )
     d = diffusers_ddim(cfg, 25, f64=False)
     d.save_config(str(tmp_path))  # writes scheduler_config.json with _class_name/_diffusers_version
     path = tmp_path / "scheduler_config.json"
@@ -835,7 +846,9 @@ def test_ddim_fixture_full_loop_reference_values(kwargs, beta_start, exp_sum, ex
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spacing,steps", [("linspace", 10), ("linspace", 16), ("trailing", 16), ("trailing", 7)])
+@pytest.mark.parametrize(
+    "spacing,steps", [("linspace", 10), ("linspace", 16), ("trailing", 16), ("trailing", 7)]
+)
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_linspace_prev_timestep_follows_list(spacing, steps, eta):
     T = 1000
@@ -903,6 +916,7 @@ def test_ddpm_adds_no_noise_at_last_step_of_list(spacing, steps, offset):
     # previous "timestep" is -1 (alpha_prev = 1): the posterior mean is x0 itself
     r1 = ours.step(eps, t, x, noise=z)
     r2 = ours.step(eps, t, x, noise=-z)
+    assert_close(d_x0, x0_ref)
     assert_close(r1.pred_x0, x0_ref)
     assert_close(r1.prev_sample, x0_ref)
     np.testing.assert_array_equal(r1.prev_sample, r2.prev_sample)
@@ -930,7 +944,9 @@ def test_leading_steps_offset_reaching_T_is_value_error_diffusers_10003():
         fd.DDPM.from_diffusers_config(cfg, steps=1000)
     # the boundary: 500 steps with offset 1 ends at 999 and is fine (and equals diffusers)
     d.set_timesteps(500)
-    np.testing.assert_array_equal(np.asarray(fd.DDIM.from_diffusers_config(cfg, steps=500).timesteps), d.timesteps)
+    np.testing.assert_array_equal(
+        np.asarray(fd.DDIM.from_diffusers_config(cfg, steps=500).timesteps), d.timesteps
+    )
 
 
 def test_zero_terminal_snr_epsilon_is_finite_where_diffusers_is_not():

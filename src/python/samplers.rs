@@ -284,9 +284,14 @@ fn step_impl<'py, S: Sampler>(
 /// The starting x_T and its shape from `shape` / `x_T`.
 fn initial_noise(py: Python<'_>, shape: Option<Vec<usize>>, x_t: Option<&Bound<'_, PyAny>>, seed: u64) -> PyResult<(Vec<f32>, Vec<usize>)> {
     match (shape, x_t) {
-        (_, Some(x)) => {
+        (shape, Some(x)) => {
             let a = f32_array(x, "x_T")?;
             let sh = a.shape().to_vec();
+            if let Some(s) = shape {
+                if s != sh {
+                    return Err(PyValueError::new_err(format!("shape {s:?} disagrees with x_T's shape {sh:?} (pass one of them)")));
+                }
+            }
             batch_of(&sh, "x_T")?;
             let v = a.readonly().as_slice()?.to_vec();
             Ok((v, sh))

@@ -246,3 +246,6 @@ pub fn step_into<S: Sampler + ?Sized>(sampler: &S, args: &StepArgs<'_>, out: &mu
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

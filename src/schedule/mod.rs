@@ -166,12 +166,17 @@ impl Schedule {
 
     /// A schedule from explicit betas, each in (0, 1].
     pub fn from_betas(betas: Vec<f64>) -> Result<Self> {
+        if betas.is_empty() {
+            value_error!("betas is empty: a schedule needs at least one beta");
+        }
         Self::build("custom", betas)
     }
 
     /// A schedule from ᾱ_t: non-increasing, in [0, 1), with at most the last value 0.
     pub fn from_alphas_cumprod(alphas_cumprod: Vec<f64>) -> Result<Self> {
-        check_steps(alphas_cumprod.len())?;
+        if alphas_cumprod.is_empty() {
+            value_error!("alphas_cumprod is empty: a schedule needs at least one timestep");
+        }
         let mut prev = 1.0;
         let n = alphas_cumprod.len();
         for (i, &a) in alphas_cumprod.iter().enumerate() {

@@ -1,0 +1,5 @@
+import sys
+
+from ferrodiff.cli import main
+
+sys.exit(main())
