@@ -33,9 +33,10 @@ def runtime_params(obj):
         sig = inspect.signature(obj)
     except (TypeError, ValueError):
         return None
-    if list(sig.parameters) == ["args", "kwargs"]:
+    names = [p for p in sig.parameters if p not in ("self", "cls", "$self", "$cls")]
+    if names == ["args", "kwargs"]:
         return None  # slot wrappers (e.g. __call__) carry no text signature
-    return [p for p in sig.parameters if p not in ("self", "cls", "$self", "$cls")]
+    return names
 
 
 def test_py_typed_marker_is_shipped():
