@@ -38,12 +38,21 @@ impl GaussianMixture {
             value_error!("a mixture needs dimension >= 1");
         }
         if means.len() != k * dim {
-            shape_error!("means has {} values but {k} components of dimension {dim} need {}", means.len(), k * dim);
+            shape_error!(
+                "means has {} values but {k} components of dimension {dim} need {}",
+                means.len(),
+                k * dim
+            );
         }
         if stds.len() != k {
-            shape_error!("stds has {} values but there are {k} components", stds.len());
+            shape_error!(
+                "stds has {} values but there are {k} components",
+                stds.len()
+            );
         }
-        if weights.iter().any(|w| !(w.is_finite() && *w >= 0.0)) || weights.iter().sum::<f64>() <= 0.0 {
+        if weights.iter().any(|w| !(w.is_finite() && *w >= 0.0))
+            || weights.iter().sum::<f64>() <= 0.0
+        {
             value_error!("mixture weights must be non-negative and finite with a positive sum, got {weights:?}");
         }
         if stds.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
@@ -54,7 +63,12 @@ impl GaussianMixture {
         }
         let total: f64 = weights.iter().sum();
         let weights = weights.iter().map(|w| w / total).collect();
-        Ok(GaussianMixture { weights, means, stds, dim })
+        Ok(GaussianMixture {
+            weights,
+            means,
+            stds,
+            dim,
+        })
     }
 
     pub fn components(&self) -> usize {
@@ -69,7 +83,11 @@ impl GaussianMixture {
         for (k, r) in resp.iter_mut().enumerate() {
             let var = alpha_bar * self.stds[k].powi(2) + 1.0 - alpha_bar;
             let mu = &self.means[k * self.dim..(k + 1) * self.dim];
-            let sq: f64 = x.iter().zip(mu).map(|(&xi, &m)| (xi as f64 - sa * m).powi(2)).sum();
+            let sq: f64 = x
+                .iter()
+                .zip(mu)
+                .map(|(&xi, &m)| (xi as f64 - sa * m).powi(2))
+                .sum();
             *r = self.weights[k].ln() - 0.5 * d * var.ln() - 0.5 * sq / var;
             best = best.max(*r);
         }
@@ -88,7 +106,11 @@ impl GaussianMixture {
         let k = self.components();
         let mut out = vec![0.0; alpha_bars.len() * k];
         for (b, &ab) in alpha_bars.iter().enumerate() {
-            self.responsibilities(&x[b * self.dim..(b + 1) * self.dim], ab, &mut out[b * k..(b + 1) * k]);
+            self.responsibilities(
+                &x[b * self.dim..(b + 1) * self.dim],
+                ab,
+                &mut out[b * k..(b + 1) * k],
+            );
         }
         out
     }
@@ -124,9 +146,20 @@ impl GaussianMixture {
             cdf.push(acc);
         }
         for i in 0..n {
-            let r = philox4x32_10([i as u32, (i as u64 >> 32) as u32, COMPONENT_STREAM as u32, (COMPONENT_STREAM >> 32) as u32], key);
+            let r = philox4x32_10(
+                [
+                    i as u32,
+                    (i as u64 >> 32) as u32,
+                    COMPONENT_STREAM as u32,
+                    (COMPONENT_STREAM >> 32) as u32,
+                ],
+                key,
+            );
             let u = ((r[0] as u64) << 21 ^ (r[1] as u64 >> 11)) as f64 / (1u64 << 53) as f64;
-            let k = cdf.iter().position(|&c| u < c).unwrap_or(self.components() - 1);
+            let k = cdf
+                .iter()
+                .position(|&c| u < c)
+                .unwrap_or(self.components() - 1);
             for j in 0..self.dim {
                 let v = &mut z[i * self.dim + j];
                 *v = (self.means[k * self.dim + j] + self.stds[k] * *v as f64) as f32;
@@ -148,9 +181,14 @@ impl Denoiser for MixtureDenoiser<'_> {
         let dim = self.mixture.dim;
         let row: usize = shape[1..].iter().product();
         if row != dim {
-            shape_error!("the mixture has dimension {dim} but x rows have {row} elements (shape {shape:?})");
+            shape_error!(
+                "the mixture has dimension {dim} but x rows have {row} elements (shape {shape:?})"
+            );
         }
-        let ab: Vec<f64> = t.iter().map(|&ti| Ok(self.schedule.alphas_cumprod[self.schedule.check_timestep(ti)?])).collect::<Result<_>>()?;
+        let ab: Vec<f64> = t
+            .iter()
+            .map(|&ti| Ok(self.schedule.alphas_cumprod[self.schedule.check_timestep(ti)?]))
+            .collect::<Result<_>>()?;
         let mut eps = vec![0f32; x.len()];
         self.mixture.eps(x, &ab, &mut eps);
         if self.prediction != Prediction::Epsilon {
@@ -160,13 +198,18 @@ impl Denoiser for MixtureDenoiser<'_> {
                     let (xv, e) = (x[j] as f64, eps[j] as f64);
                     eps[j] = match self.prediction {
                         Prediction::X0 => ((xv - so * e) / a.max(ALPHA_BAR_FLOOR).sqrt()) as f32,
-                        Prediction::V => (sa * e - so * (xv - so * e) / a.max(ALPHA_BAR_FLOOR).sqrt()) as f32,
+                        Prediction::V => {
+                            (sa * e - so * (xv - so * e) / a.max(ALPHA_BAR_FLOOR).sqrt()) as f32
+                        }
                         Prediction::Epsilon => unreachable!(),
                     };
                 }
             }
         }
-        Ok(ModelOutput { data: eps, shape: shape.to_vec() })
+        Ok(ModelOutput {
+            data: eps,
+            shape: shape.to_vec(),
+        })
     }
 }
 
@@ -182,14 +225,21 @@ pub fn energy_distance(a: &[f32], n: usize, b: &[f32], m: usize, dim: usize) -> 
         shape_error!("energy_distance: sample sizes do not match their shapes");
     }
     let dist = |p: &[f32], q: &[f32]| -> f64 {
-        p.iter().zip(q).map(|(&x, &y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt()
+        p.iter()
+            .zip(q)
+            .map(|(&x, &y)| ((x - y) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
     };
     let mean_cross = |p: &[f32], np: usize, q: &[f32], nq: usize, same: bool| -> f64 {
         let total: f64 = (0..np)
             .into_par_iter()
             .map(|i| {
                 let pi = &p[i * dim..(i + 1) * dim];
-                (0..nq).filter(|&j| !(same && j == i)).map(|j| dist(pi, &q[j * dim..(j + 1) * dim])).sum::<f64>()
+                (0..nq)
+                    .filter(|&j| !(same && j == i))
+                    .map(|j| dist(pi, &q[j * dim..(j + 1) * dim]))
+                    .sum::<f64>()
             })
             .sum();
         let pairs = if same { np * (np - 1) } else { np * nq };

@@ -230,3 +230,21 @@ def test_from_diffusers_config_reads_a_folder_and_overrides(tmp_path, linear):
     assert d.prediction == "v" and d.eta == 0.5 and d.steps == 20
     assert d.timesteps[0] == 999
     assert fd.Schedule.from_diffusers_config(cfg) == linear
+
+
+def test_keyboard_interrupt_stops_a_long_loop_between_steps(linear):
+    import os
+    import signal
+
+    calls = []
+    den = fd.oracles.eight_gaussians().denoiser(linear)
+
+    def interrupting(x, t):
+        calls.append(int(t[0]))
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return den(x, t)
+
+    with pytest.raises(KeyboardInterrupt):
+        fd.DDPM(linear).sample(interrupting, (4, 2))
+    assert len(calls) < 10

@@ -80,9 +80,14 @@ pub fn row_alpha_bars(schedule: &Schedule, shape: &[usize], t: &[i64]) -> Result
         shape_error!("arrays must have a batch dimension, got a 0-d array");
     }
     if t.len() != batch {
-        shape_error!("t has {} entries but the batch has {batch} rows (shape {shape:?})", t.len());
+        shape_error!(
+            "t has {} entries but the batch has {batch} rows (shape {shape:?})",
+            t.len()
+        );
     }
-    t.iter().map(|&ti| Ok(schedule.alphas_cumprod[schedule.check_timestep(ti)?])).collect()
+    t.iter()
+        .map(|&ti| Ok(schedule.alphas_cumprod[schedule.check_timestep(ti)?]))
+        .collect()
 }
 
 fn check_same(name_a: &str, a: &[usize], name_b: &str, b: &[usize]) -> Result<()> {
@@ -107,12 +112,19 @@ fn apply(
             (a as f32, b as f32)
         })
         .collect();
-    let row_len = if shape[0] == 0 { 0 } else { u.len() / shape[0] };
+    let row_len = u.len().checked_div(shape[0]).unwrap_or(0);
     affine_rows(&rows, row_len, u, w, out);
 }
 
 /// Forward process, DDPM eq. 4: x_t = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε.
-pub fn q_sample(s: &Schedule, shape: &[usize], x0: &[f32], t: &[i64], noise: &[f32], out: &mut [f32]) -> Result<()> {
+pub fn q_sample(
+    s: &Schedule,
+    shape: &[usize],
+    x0: &[f32],
+    t: &[i64],
+    noise: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
     let ab = row_alpha_bars(s, shape, t)?;
     apply(shape, |a| (a.sqrt(), (1.0 - a).sqrt()), &ab, x0, noise, out);
     Ok(())
@@ -132,39 +144,98 @@ pub fn q_posterior_mean(
     let idx: Vec<usize> = t.iter().map(|&ti| ti as usize).collect();
     let rows: Vec<(f32, f32)> = idx
         .iter()
-        .map(|&i| (s.posterior_mean_coef1[i] as f32, s.posterior_mean_coef2[i] as f32))
+        .map(|&i| {
+            (
+                s.posterior_mean_coef1[i] as f32,
+                s.posterior_mean_coef2[i] as f32,
+            )
+        })
         .collect();
-    let row_len = if shape[0] == 0 { 0 } else { x0.len() / shape[0] };
+    let row_len = x0.len().checked_div(shape[0]).unwrap_or(0);
     affine_rows(&rows, row_len, x0, x_t, out);
     Ok((
         idx.iter().map(|&i| s.posterior_variance[i]).collect(),
-        idx.iter().map(|&i| s.posterior_log_variance_clipped[i]).collect(),
+        idx.iter()
+            .map(|&i| s.posterior_log_variance_clipped[i])
+            .collect(),
     ))
 }
 
 /// x0 from a model output of any prediction type.
-pub fn predict_x0(s: &Schedule, shape: &[usize], x_t: &[f32], t: &[i64], model_output: &[f32], prediction: Prediction, out: &mut [f32]) -> Result<()> {
+pub fn predict_x0(
+    s: &Schedule,
+    shape: &[usize],
+    x_t: &[f32],
+    t: &[i64],
+    model_output: &[f32],
+    prediction: Prediction,
+    out: &mut [f32],
+) -> Result<()> {
     let ab = row_alpha_bars(s, shape, t)?;
-    apply(shape, |a| x0_coefficients(prediction, a), &ab, x_t, model_output, out);
+    apply(
+        shape,
+        |a| x0_coefficients(prediction, a),
+        &ab,
+        x_t,
+        model_output,
+        out,
+    );
     Ok(())
 }
 
 /// ε from a model output of any prediction type.
-pub fn predict_eps(s: &Schedule, shape: &[usize], x_t: &[f32], t: &[i64], model_output: &[f32], prediction: Prediction, out: &mut [f32]) -> Result<()> {
+pub fn predict_eps(
+    s: &Schedule,
+    shape: &[usize],
+    x_t: &[f32],
+    t: &[i64],
+    model_output: &[f32],
+    prediction: Prediction,
+    out: &mut [f32],
+) -> Result<()> {
     let ab = row_alpha_bars(s, shape, t)?;
-    apply(shape, |a| eps_coefficients(prediction, a), &ab, x_t, model_output, out);
+    apply(
+        shape,
+        |a| eps_coefficients(prediction, a),
+        &ab,
+        x_t,
+        model_output,
+        out,
+    );
     Ok(())
 }
 
 /// The v target, v = sqrt(ᾱ_t) ε - sqrt(1-ᾱ_t) x0 (Salimans & Ho 2022, sec. 4).
-pub fn velocity(s: &Schedule, shape: &[usize], x0: &[f32], t: &[i64], noise: &[f32], out: &mut [f32]) -> Result<()> {
+pub fn velocity(
+    s: &Schedule,
+    shape: &[usize],
+    x0: &[f32],
+    t: &[i64],
+    noise: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
     let ab = row_alpha_bars(s, shape, t)?;
-    apply(shape, |a| (-(1.0 - a).sqrt(), a.sqrt()), &ab, x0, noise, out);
+    apply(
+        shape,
+        |a| (-(1.0 - a).sqrt(), a.sqrt()),
+        &ab,
+        x0,
+        noise,
+        out,
+    );
     Ok(())
 }
 
 /// The score ∇ log q(x_t) = -ε / sqrt(1-ᾱ_t) from a model output of any prediction type.
-pub fn score(s: &Schedule, shape: &[usize], x_t: &[f32], t: &[i64], model_output: &[f32], prediction: Prediction, out: &mut [f32]) -> Result<()> {
+pub fn score(
+    s: &Schedule,
+    shape: &[usize],
+    x_t: &[f32],
+    t: &[i64],
+    model_output: &[f32],
+    prediction: Prediction,
+    out: &mut [f32],
+) -> Result<()> {
     let ab = row_alpha_bars(s, shape, t)?;
     for (&ti, &a) in t.iter().zip(&ab) {
         if a >= 1.0 {

@@ -16,7 +16,10 @@ pub const CHUNK_ELEMENTS: usize = 1 << 14;
 
 /// Runs `f(start, out_chunk)` over `out` in chunks (in parallel when large); `start` is the
 /// global index of the chunk's first element. Returns the results of every chunk, in order.
-pub fn for_each_chunk<R: Send>(out: &mut [f32], f: impl Fn(usize, &mut [f32]) -> R + Sync) -> Vec<R> {
+pub fn for_each_chunk<R: Send>(
+    out: &mut [f32],
+    f: impl Fn(usize, &mut [f32]) -> R + Sync,
+) -> Vec<R> {
     if out.len() < PARALLEL_MIN_ELEMENTS {
         return vec![f(0, out)];
     }
@@ -29,7 +32,12 @@ pub fn for_each_chunk<R: Send>(out: &mut [f32], f: impl Fn(usize, &mut [f32]) ->
 /// Splits the global range `[start, start + len)` of a batch whose rows hold `row_len`
 /// elements into per-row pieces: calls `f(row, start, end)` for each.
 #[inline]
-pub fn for_each_row_piece(start: usize, len: usize, row_len: usize, mut f: impl FnMut(usize, usize, usize)) {
+pub fn for_each_row_piece(
+    start: usize,
+    len: usize,
+    row_len: usize,
+    mut f: impl FnMut(usize, usize, usize),
+) {
     if row_len == 0 {
         return;
     }

@@ -195,7 +195,8 @@ fn body<const IN_PLACE: bool, const WRITE_X0: bool, const NOISY: bool>(
         let xv = if IN_PLACE { o[i] } else { x[i] };
         let mv = m[i];
         // f32::clamp propagates NaN (unlike min/max), so a NaN model output is never hidden.
-        let x0 = (c.x0_from_x * xv + c.x0_from_model * mv).clamp(c.clip_min, c.clip_max) * c.clip_scale;
+        let x0 =
+            (c.x0_from_x * xv + c.x0_from_model * mv).clamp(c.clip_min, c.clip_max) * c.clip_scale;
         let mut prev = c.prev_from_x0 * x0 + c.prev_from_x * xv + c.prev_from_model * mv;
         if NOISY {
             prev += sz[i];
@@ -229,8 +230,11 @@ pub fn threshold_scales(
         let c = &rows[r];
         let xr = &x[r * row_len..(r + 1) * row_len];
         let mr = &model_output[r * model_row_stride..r * model_row_stride + row_len];
-        let mut a: Vec<f32> =
-            xr.iter().zip(mr).map(|(&xv, &mv)| (c.x0_from_x * xv + c.x0_from_model * mv).abs()).collect();
+        let mut a: Vec<f32> = xr
+            .iter()
+            .zip(mr)
+            .map(|(&xv, &mv)| (c.x0_from_x * xv + c.x0_from_model * mv).abs())
+            .collect();
         if a.iter().any(|v| v.is_nan()) {
             return f32::NAN;
         }
@@ -239,7 +243,11 @@ pub fn threshold_scales(
         let hi = (lo + 1).min(row_len - 1);
         let (_, lo_v, upper) = a.select_nth_unstable_by(lo, f32::total_cmp);
         let lo_v = *lo_v as f64;
-        let hi_v = if hi > lo { upper.iter().copied().fold(f32::INFINITY, f32::min) as f64 } else { lo_v };
+        let hi_v = if hi > lo {
+            upper.iter().copied().fold(f32::INFINITY, f32::min) as f64
+        } else {
+            lo_v
+        };
         let mut s = lo_v + (hi_v - lo_v) * (pos - lo as f64);
         s = s.max(1.0);
         if let Some(mx) = max_value {

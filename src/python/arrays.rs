@@ -8,7 +8,10 @@ use pyo3::types::PyInt;
 
 /// A C-contiguous float32 array for `obj`: the object itself when it already is one, else a
 /// converted copy (float16/float64, strided or Fortran-ordered input, array-likes).
-pub fn f32_array<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+pub fn f32_array<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     if let Ok(a) = obj.cast::<PyArrayDyn<f32>>() {
         if a.is_c_contiguous() {
             return Ok(a.clone());
@@ -17,10 +20,16 @@ pub fn f32_array<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py
     let py = obj.py();
     let np = py.import("numpy")?;
     let arr = np.call_method1("asarray", (obj,)).map_err(|e| {
-        PyTypeError::new_err(format!("{name} must be a float array, got {} ({e})", type_name(obj)))
+        PyTypeError::new_err(format!(
+            "{name} must be a float array, got {} ({e})",
+            type_name(obj)
+        ))
     })?;
     let arr = arr.cast::<numpy::PyUntypedArray>().map_err(|_| {
-        PyTypeError::new_err(format!("{name} must be a float array, got {}", type_name(obj)))
+        PyTypeError::new_err(format!(
+            "{name} must be a float array, got {}",
+            type_name(obj)
+        ))
     })?;
     let kind = arr.dtype().kind();
     if kind != b'f' {
@@ -34,7 +43,10 @@ pub fn f32_array<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py
 }
 
 pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "object".into())
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "object".into())
 }
 
 /// A float64 1-D array argument (schedule tables) as a Vec.
@@ -45,10 +57,16 @@ pub fn f64_vec(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<f64>> {
     let arr = arr.cast::<numpy::PyUntypedArray>()?;
     let kind = arr.dtype().kind();
     if kind != b'f' && kind != b'i' && kind != b'u' {
-        return Err(PyTypeError::new_err(format!("{name} must be a real numeric array, got dtype {}", arr.dtype())));
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be a real numeric array, got dtype {}",
+            arr.dtype()
+        )));
     }
     if arr.ndim() != 1 {
-        return Err(PyValueError::new_err(format!("{name} must be 1-D, got shape {:?}", arr.shape())));
+        return Err(PyValueError::new_err(format!(
+            "{name} must be 1-D, got shape {:?}",
+            arr.shape()
+        )));
     }
     let c = np.call_method1("ascontiguousarray", (arr, "float64"))?;
     let c = c.cast::<numpy::PyArray1<f64>>()?;
@@ -64,7 +82,10 @@ pub fn timesteps_arg(obj: &Bound<'_, PyAny>, batch: usize) -> PyResult<Vec<i64>>
     let py = obj.py();
     let np = py.import("numpy")?;
     let arr = np.call_method1("asarray", (obj,)).map_err(|_| {
-        PyTypeError::new_err(format!("t must be an int or an integer array, got {}", type_name(obj)))
+        PyTypeError::new_err(format!(
+            "t must be an int or an integer array, got {}",
+            type_name(obj)
+        ))
     })?;
     let arr = arr.cast::<numpy::PyUntypedArray>()?;
     let kind = arr.dtype().kind();
@@ -88,7 +109,10 @@ pub fn timesteps_arg(obj: &Bound<'_, PyAny>, batch: usize) -> PyResult<Vec<i64>>
             }
             Ok(v)
         }
-        _ => Err(PyValueError::new_err(format!("t must be an int or a 1-D array of shape [B], got shape {:?}", c.shape()))),
+        _ => Err(PyValueError::new_err(format!(
+            "t must be an int or a 1-D array of shape [B], got shape {:?}",
+            c.shape()
+        ))),
     }
 }
 
@@ -99,14 +123,25 @@ pub fn new_f32<'py>(py: Python<'py>, shape: &[usize]) -> Bound<'py, PyArrayDyn<f
 }
 
 /// A float32 numpy array holding `data` with `shape`, without copying.
-pub fn vec_to_array<'py>(py: Python<'py>, data: Vec<f32>, shape: &[usize]) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+pub fn vec_to_array<'py>(
+    py: Python<'py>,
+    data: Vec<f32>,
+    shape: &[usize],
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     use numpy::IntoPyArray;
-    Ok(data.into_pyarray(py).reshape(shape.to_vec())?.into_any().cast::<PyArrayDyn<f32>>()?.clone())
+    Ok(data
+        .into_pyarray(py)
+        .reshape(shape.to_vec())?
+        .into_any()
+        .cast::<PyArrayDyn<f32>>()?
+        .clone())
 }
 
 /// The batch size of a shape (rows of the first axis); 0-d arrays are an error.
 pub fn batch_of(shape: &[usize], name: &str) -> PyResult<usize> {
     shape.first().copied().ok_or_else(|| {
-        PyValueError::new_err(format!("{name} must have a batch dimension (shape [B, ...]), got a 0-d array"))
+        PyValueError::new_err(format!(
+            "{name} must have a batch dimension (shape [B, ...]), got a 0-d array"
+        ))
     })
 }

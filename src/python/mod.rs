@@ -6,7 +6,9 @@ mod oracles;
 mod samplers;
 mod schedule;
 
-use pyo3::exceptions::{PyFloatingPointError, PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{
+    PyFloatingPointError, PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError,
+};
 use pyo3::prelude::*;
 
 use crate::error::Error;

@@ -24,7 +24,9 @@ fn rows_2d(x: &Bound<'_, PyAny>, name: &str, dim: usize) -> PyResult<(Vec<f32>, 
     let b = batch_of(&sh, name)?;
     let row: usize = sh[1..].iter().product();
     if row != dim {
-        return Err(PyValueError::new_err(format!("{name} rows have {row} elements (shape {sh:?}) but the mixture has dimension {dim}")));
+        return Err(PyValueError::new_err(format!(
+            "{name} rows have {row} elements (shape {sh:?}) but the mixture has dimension {dim}"
+        )));
     }
     let _ = b;
     Ok((a.readonly().as_slice()?.to_vec(), sh))
@@ -34,17 +36,25 @@ fn rows_2d(x: &Bound<'_, PyAny>, name: &str, dim: usize) -> PyResult<(Vec<f32>, 
 impl PyGaussianMixture {
     #[new]
     #[pyo3(signature = (weights, means, stds))]
-    fn new(weights: &Bound<'_, PyAny>, means: &Bound<'_, PyAny>, stds: &Bound<'_, PyAny>) -> PyResult<Self> {
+    fn new(
+        weights: &Bound<'_, PyAny>,
+        means: &Bound<'_, PyAny>,
+        stds: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
         let w = f64_vec(weights, "weights")?;
         let np = means.py().import("numpy")?;
         let m = np.call_method1("asarray", (means, "float64"))?;
         let shape: Vec<usize> = m.getattr("shape")?.extract()?;
         if shape.len() != 2 {
-            return Err(PyValueError::new_err(format!("means must be [K, D], got shape {shape:?}")));
+            return Err(PyValueError::new_err(format!(
+                "means must be [K, D], got shape {shape:?}"
+            )));
         }
         let flat = f64_vec(&m.call_method1("reshape", (-1,))?, "means")?;
         let s = f64_vec(stds, "stds")?;
-        Ok(PyGaussianMixture { inner: GaussianMixture::new(w, flat, s, shape[1])? })
+        Ok(PyGaussianMixture {
+            inner: GaussianMixture::new(w, flat, s, shape[1])?,
+        })
     }
 
     #[getter]
@@ -57,7 +67,13 @@ impl PyGaussianMixture {
     }
     #[getter]
     fn means<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        Ok(self.inner.means.clone().into_pyarray(py).reshape([self.inner.components(), self.inner.dim])?.into_any())
+        Ok(self
+            .inner
+            .means
+            .clone()
+            .into_pyarray(py)
+            .reshape([self.inner.components(), self.inner.dim])?
+            .into_any())
     }
     #[getter]
     fn stds<'py>(&self, py: Python<'py>) -> Bound<'py, numpy::PyArray1<f64>> {
@@ -65,42 +81,87 @@ impl PyGaussianMixture {
     }
 
     /// The exact E[ε | x_t] for x ([B, D] or [B, ...] with D elements per row) at timesteps t.
-    fn eps<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>, t: &Bound<'py, PyAny>, schedule: &PySchedule) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    fn eps<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        t: &Bound<'py, PyAny>,
+        schedule: &PySchedule,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         self.predict(py, x, t, schedule, Prediction::Epsilon)
     }
 
     /// The component posterior p(k | x_t), [B, K] float64.
-    fn class_posterior<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>, t: &Bound<'py, PyAny>, schedule: &PySchedule) -> PyResult<Bound<'py, PyArray2<f64>>> {
+    fn class_posterior<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        t: &Bound<'py, PyAny>,
+        schedule: &PySchedule,
+    ) -> PyResult<Bound<'py, PyArray2<f64>>> {
         let (v, sh) = rows_2d(x, "x", self.inner.dim)?;
         let ts = timesteps_arg(t, sh[0])?;
-        let ab: Vec<f64> = ts.iter().map(|&ti| Ok(schedule.inner.alphas_cumprod[schedule.inner.check_timestep(ti)?])).collect::<crate::Result<_>>()?;
+        let ab: Vec<f64> = ts
+            .iter()
+            .map(|&ti| Ok(schedule.inner.alphas_cumprod[schedule.inner.check_timestep(ti)?]))
+            .collect::<crate::Result<_>>()?;
         let r = self.inner.class_posterior(&v, &ab);
-        Ok(r.into_pyarray(py).reshape([sh[0], self.inner.components()])?)
+        r.into_pyarray(py).reshape([sh[0], self.inner.components()])
     }
 
     /// A callable `denoiser(x, t)` returning the exact prediction of type `prediction`.
     #[pyo3(signature = (schedule, prediction="epsilon"))]
-    fn denoiser(slf: Py<Self>, schedule: PyRef<'_, PySchedule>, prediction: &str) -> PyResult<MixtureCallable> {
-        Ok(MixtureCallable { mixture: slf, schedule: PySchedule { inner: schedule.inner.clone() }, prediction: Prediction::parse(prediction)? })
+    fn denoiser(
+        slf: Py<Self>,
+        schedule: PyRef<'_, PySchedule>,
+        prediction: &str,
+    ) -> PyResult<MixtureCallable> {
+        Ok(MixtureCallable {
+            mixture: slf,
+            schedule: PySchedule {
+                inner: schedule.inner.clone(),
+            },
+            prediction: Prediction::parse(prediction)?,
+        })
     }
 
     /// `n` exact samples [n, D] (float32), a pure function of the seed.
     #[pyo3(signature = (n, seed=0))]
-    fn sample<'py>(&self, py: Python<'py>, n: usize, seed: u64) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    fn sample<'py>(
+        &self,
+        py: Python<'py>,
+        n: usize,
+        seed: u64,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let v = py.detach(|| self.inner.sample(n, seed));
         vec_to_array(py, v, &[n, self.inner.dim])
     }
 
     fn __repr__(&self) -> String {
-        format!("GaussianMixture(K={}, D={})", self.inner.components(), self.inner.dim)
+        format!(
+            "GaussianMixture(K={}, D={})",
+            self.inner.components(),
+            self.inner.dim
+        )
     }
 }
 
 impl PyGaussianMixture {
-    fn predict<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>, t: &Bound<'py, PyAny>, schedule: &PySchedule, prediction: Prediction) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    fn predict<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        t: &Bound<'py, PyAny>,
+        schedule: &PySchedule,
+        prediction: Prediction,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let (v, sh) = rows_2d(x, "x", self.inner.dim)?;
         let ts = timesteps_arg(t, sh[0])?;
-        let mut d = MixtureDenoiser { mixture: &self.inner, schedule: &schedule.inner, prediction };
+        let mut d = MixtureDenoiser {
+            mixture: &self.inner,
+            schedule: &schedule.inner,
+            prediction,
+        };
         let out = py.detach(|| d.predict(&v, &sh, &ts))?;
         vec_to_array(py, out.data, &sh)
     }
@@ -116,8 +177,15 @@ pub struct MixtureCallable {
 
 #[pymethods]
 impl MixtureCallable {
-    fn __call__<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>, t: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        self.mixture.get().predict(py, x, t, &self.schedule, self.prediction)
+    fn __call__<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        t: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        self.mixture
+            .get()
+            .predict(py, x, t, &self.schedule, self.prediction)
     }
 }
 
@@ -132,7 +200,9 @@ fn energy_distance(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -
     let da: usize = sa[1..].iter().product();
     let db: usize = sb[1..].iter().product();
     if da != db {
-        return Err(PyValueError::new_err(format!("a has shape {sa:?} but b has shape {sb:?}: rows must have the same size")));
+        return Err(PyValueError::new_err(format!(
+            "a has shape {sa:?} but b has shape {sb:?}: rows must have the same size"
+        )));
     }
     let (ar, br) = (aa.readonly(), ba.readonly());
     let (av, bv) = (ar.as_slice()?, br.as_slice()?);

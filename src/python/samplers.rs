@@ -3,7 +3,7 @@
 
 use std::hash::{BuildHasher, Hasher};
 
-use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods, IntoPyArray};
+use numpy::{IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
@@ -15,8 +15,8 @@ use crate::diffusion::Prediction;
 use crate::error::{Error, Result};
 use crate::kernels::Noise;
 use crate::sample::{
-    self, invert_loop, sample_loop, Ddim, DdimConfig, Ddpm, DdpmConfig, Denoiser, DynamicThreshold, LoopHooks,
-    ModelOutput, Sampler, StepArgs, VarianceType, X0Processing,
+    self, invert_loop, sample_loop, Ddim, DdimConfig, Ddpm, DdpmConfig, Denoiser, DynamicThreshold,
+    LoopHooks, ModelOutput, Sampler, StepArgs, VarianceType, X0Processing,
 };
 use crate::schedule::{DiffusersConfig, Spacing};
 
@@ -34,7 +34,9 @@ impl PyDynamicThreshold {
     #[new]
     #[pyo3(signature = (ratio=sample::DYNAMIC_THRESHOLD_RATIO, max_value=None))]
     fn new(ratio: f64, max_value: Option<f64>) -> PyResult<Self> {
-        Ok(PyDynamicThreshold { inner: DynamicThreshold::new(ratio, max_value)? })
+        Ok(PyDynamicThreshold {
+            inner: DynamicThreshold::new(ratio, max_value)?,
+        })
     }
     #[getter]
     fn ratio(&self) -> f64 {
@@ -46,14 +48,22 @@ impl PyDynamicThreshold {
     }
     fn __repr__(&self) -> String {
         match self.inner.max_value {
-            Some(m) => format!("DynamicThreshold(ratio={}, max_value={m})", self.inner.ratio),
+            Some(m) => format!(
+                "DynamicThreshold(ratio={}, max_value={m})",
+                self.inner.ratio
+            ),
             None => format!("DynamicThreshold(ratio={})", self.inner.ratio),
         }
     }
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (f64, Option<f64>))> {
-        Ok((slf.get_type().into_any(), (slf.get().inner.ratio, slf.get().inner.max_value)))
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Reduced<'py>> {
+        Ok((
+            slf.get_type().into_any(),
+            (slf.get().inner.ratio, slf.get().inner.max_value),
+        ))
     }
 }
+
+type Reduced<'py> = (Bound<'py, PyAny>, (f64, Option<f64>));
 
 /// The result of one sampler step: `prev_sample` (x at the next timestep) and `pred_x0` (the
 /// predicted, clipped/thresholded x0; alias `pred_original_sample`). Unpacks as a tuple.
@@ -69,14 +79,22 @@ pub struct StepOutput {
 impl StepOutput {
     #[new]
     fn new(prev_sample: Py<PyAny>, pred_x0: Py<PyAny>) -> Self {
-        StepOutput { prev_sample, pred_x0 }
+        StepOutput {
+            prev_sample,
+            pred_x0,
+        }
     }
     #[getter]
     fn pred_original_sample(&self, py: Python<'_>) -> Py<PyAny> {
         self.pred_x0.clone_ref(py)
     }
     fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        PyTuple::new(py, [self.prev_sample.clone_ref(py), self.pred_x0.clone_ref(py)])?.try_iter().map(|i| i.into_any())
+        PyTuple::new(
+            py,
+            [self.prev_sample.clone_ref(py), self.pred_x0.clone_ref(py)],
+        )?
+        .try_iter()
+        .map(|i| i.into_any())
     }
     fn __len__(&self) -> usize {
         2
@@ -85,7 +103,9 @@ impl StepOutput {
         match i {
             0 | -2 => Ok(self.prev_sample.clone_ref(py)),
             1 | -1 => Ok(self.pred_x0.clone_ref(py)),
-            _ => Err(pyo3::exceptions::PyIndexError::new_err("StepOutput has two items (prev_sample, pred_x0)")),
+            _ => Err(pyo3::exceptions::PyIndexError::new_err(
+                "StepOutput has two items (prev_sample, pred_x0)",
+            )),
         }
     }
     fn __repr__(&self, py: Python<'_>) -> String {
@@ -101,7 +121,12 @@ impl StepOutput {
 
 fn fresh_seed() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish()
 }
 
@@ -109,7 +134,11 @@ fn fresh_seed() -> u64 {
 /// the seed (identical for any thread count). `seed=None` draws a fresh OS-seeded array.
 #[pyfunction]
 #[pyo3(signature = (shape, seed=None))]
-fn randn<'py>(py: Python<'py>, shape: Vec<usize>, seed: Option<u64>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+fn randn<'py>(
+    py: Python<'py>,
+    shape: Vec<usize>,
+    seed: Option<u64>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let n: usize = shape.iter().product();
     let seed = seed.unwrap_or_else(fresh_seed);
     let v = py.detach(|| sample::randn(n, seed, sample::INITIAL_NOISE_STREAM));
@@ -152,13 +181,28 @@ struct PyHooks<'py> {
 }
 
 impl<'py> PyHooks<'py> {
-    fn new(py: Python<'py>, total: usize, progress: bool, callback: Option<Bound<'py, PyAny>>, shape: &[usize], desc: &str) -> PyResult<Self> {
+    fn new(
+        py: Python<'py>,
+        total: usize,
+        progress: bool,
+        callback: Option<Bound<'py, PyAny>>,
+        shape: &[usize],
+        desc: &str,
+    ) -> PyResult<Self> {
         let progress = if progress {
-            Some(py.import("ferrodiff._progress")?.call_method1("progress_bar", (total, desc))?)
+            Some(
+                py.import("ferrodiff._progress")?
+                    .call_method1("progress_bar", (total, desc))?,
+            )
         } else {
             None
         };
-        Ok(PyHooks { py, progress, callback, shape: shape.to_vec() })
+        Ok(PyHooks {
+            py,
+            progress,
+            callback,
+            shape: shape.to_vec(),
+        })
     }
 
     fn close(&self) {
@@ -186,7 +230,10 @@ impl LoopHooks for PyHooks<'_> {
             let pa: Py<PyAny> = if pred_x0.is_empty() {
                 py.None()
             } else {
-                vec_to_array(py, pred_x0.to_vec(), &self.shape).map_err(callback_error)?.into_any().unbind()
+                vec_to_array(py, pred_x0.to_vec(), &self.shape)
+                    .map_err(callback_error)?
+                    .into_any()
+                    .unbind()
             };
             cb.call1((i, t, xa, pa)).map_err(callback_error)?;
         }
@@ -215,11 +262,17 @@ fn step_impl<'py, S: Sampler>(
     let z = match noise {
         Some(n) => {
             if seed.is_some() {
-                return Err(PyValueError::new_err("pass either noise= or seed=, not both"));
+                return Err(PyValueError::new_err(
+                    "pass either noise= or seed=, not both",
+                ));
             }
             let z = f32_array(n, "noise")?;
             if z.shape() != shape.as_slice() {
-                return Err(PyValueError::new_err(format!("noise has shape {:?} but x has shape {:?}", z.shape(), shape)));
+                return Err(PyValueError::new_err(format!(
+                    "noise has shape {:?} but x has shape {:?}",
+                    z.shape(),
+                    shape
+                )));
             }
             Some(z)
         }
@@ -230,28 +283,49 @@ fn step_impl<'py, S: Sampler>(
     let out_arr = match out {
         Some(o) => {
             let a = o.cast::<PyArrayDyn<f32>>().map_err(|_| {
-                PyTypeError::new_err(format!("out must be a float32 numpy array, got {}", type_name(o)))
+                PyTypeError::new_err(format!(
+                    "out must be a float32 numpy array, got {}",
+                    type_name(o)
+                ))
             })?;
             if !a.is_c_contiguous() {
                 return Err(PyValueError::new_err("out must be C-contiguous"));
             }
             if a.shape() != shape.as_slice() {
-                return Err(PyValueError::new_err(format!("out has shape {:?} but x has shape {:?}", a.shape(), shape)));
+                return Err(PyValueError::new_err(format!(
+                    "out has shape {:?} but x has shape {:?}",
+                    a.shape(),
+                    shape
+                )));
             }
-            if a.data() as usize == m.data() as usize {
+            if std::ptr::eq(a.data(), m.data()) {
                 return Err(PyValueError::new_err("out must not be model_output"));
             }
             a.clone()
         }
         None => new_f32(py, &shape),
     };
-    let in_place = out_arr.data() as usize == xa.data() as usize && !shape.iter().any(|&d| d == 0);
+    let in_place = std::ptr::eq(out_arr.data(), xa.data()) && !shape.contains(&0);
+    if !in_place && out.is_some() {
+        // A partial overlap of out with x or model_output would read values already overwritten.
+        let n_out = shape.iter().product::<usize>();
+        let span = |p: *mut f32, n: usize| (p as usize, p as usize + n * 4);
+        let (o0, o1) = span(out_arr.data(), n_out);
+        for (arr, n, name) in [(xa.data(), n_out, "x"), (m.data(), m.len(), "model_output")] {
+            let (a0, a1) = span(arr, n);
+            if n_out > 0 && n > 0 && o0 < a1 && a0 < o1 {
+                return Err(PyValueError::new_err(format!("out overlaps {name} without being the same array: pass x itself for an in-place step, or a separate buffer")));
+            }
+        }
+    }
     let pred = new_f32(py, &shape);
     {
         let mr = m.readonly();
         let zr = z.as_ref().map(|z| z.readonly());
         let xr = if in_place { None } else { Some(xa.readonly()) };
-        let mut ow = out_arr.try_readwrite().map_err(|e| PyValueError::new_err(format!("out cannot be written: {e}")))?;
+        let mut ow = out_arr
+            .try_readwrite()
+            .map_err(|e| PyValueError::new_err(format!("out cannot be written: {e}")))?;
         let mut pw = pred.readwrite();
         let mv = mr.as_slice()?;
         let zv = match &zr {
@@ -278,18 +352,28 @@ fn step_impl<'py, S: Sampler>(
         };
         py.detach(|| sample::step_into(sampler, &args, ov, Some(pv)))?;
     }
-    Ok(StepOutput { prev_sample: out_arr.into_any().unbind(), pred_x0: pred.into_any().unbind() })
+    Ok(StepOutput {
+        prev_sample: out_arr.into_any().unbind(),
+        pred_x0: pred.into_any().unbind(),
+    })
 }
 
 /// The starting x_T and its shape from `shape` / `x_T`.
-fn initial_noise(py: Python<'_>, shape: Option<Vec<usize>>, x_t: Option<&Bound<'_, PyAny>>, seed: u64) -> PyResult<(Vec<f32>, Vec<usize>)> {
+fn initial_noise(
+    py: Python<'_>,
+    shape: Option<Vec<usize>>,
+    x_t: Option<&Bound<'_, PyAny>>,
+    seed: u64,
+) -> PyResult<(Vec<f32>, Vec<usize>)> {
     match (shape, x_t) {
         (shape, Some(x)) => {
             let a = f32_array(x, "x_T")?;
             let sh = a.shape().to_vec();
             if let Some(s) = shape {
                 if s != sh {
-                    return Err(PyValueError::new_err(format!("shape {s:?} disagrees with x_T's shape {sh:?} (pass one of them)")));
+                    return Err(PyValueError::new_err(format!(
+                        "shape {s:?} disagrees with x_T's shape {sh:?} (pass one of them)"
+                    )));
                 }
             }
             batch_of(&sh, "x_T")?;
@@ -299,7 +383,10 @@ fn initial_noise(py: Python<'_>, shape: Option<Vec<usize>>, x_t: Option<&Bound<'
         (Some(sh), None) => {
             batch_of(&sh, "shape")?;
             let n = sh.iter().product();
-            Ok((py.detach(|| sample::randn(n, seed, sample::INITIAL_NOISE_STREAM)), sh))
+            Ok((
+                py.detach(|| sample::randn(n, seed, sample::INITIAL_NOISE_STREAM)),
+                sh,
+            ))
         }
         (None, None) => Err(PyValueError::new_err("sample() needs shape= or x_T=")),
     }
@@ -319,28 +406,43 @@ fn sample_impl<'py, S: Sampler>(
     desc: &str,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     if !denoiser.is_callable() {
-        return Err(PyTypeError::new_err(format!("denoiser must be callable as denoiser(x, t), got {}", type_name(denoiser))));
+        return Err(PyTypeError::new_err(format!(
+            "denoiser must be callable as denoiser(x, t), got {}",
+            type_name(denoiser)
+        )));
     }
     if let Some(cb) = &callback {
         if !cb.is_callable() {
-            return Err(PyTypeError::new_err("callback must be callable as callback(i, t, x, pred_x0)"));
+            return Err(PyTypeError::new_err(
+                "callback must be callable as callback(i, t, x, pred_x0)",
+            ));
         }
     }
     let seed = seed.unwrap_or_else(fresh_seed);
     let (x, sh) = initial_noise(py, shape, x_t, seed)?;
     let mut hooks = PyHooks::new(py, sampler.timesteps().len(), progress, callback, &sh, desc)?;
-    let mut d = PyDenoiser { f: denoiser.clone() };
+    let mut d = PyDenoiser {
+        f: denoiser.clone(),
+    };
     let r = sample_loop(sampler, &mut d, x, &sh, seed, check_finite, &mut hooks);
     hooks.close();
     vec_to_array(py, r?, &sh)
 }
 
-fn x0_processing_arg(clip_sample: Option<f64>, threshold: Option<&Bound<'_, PyAny>>) -> PyResult<X0Processing> {
+fn x0_processing_arg(
+    clip_sample: Option<f64>,
+    threshold: Option<&Bound<'_, PyAny>>,
+) -> PyResult<X0Processing> {
     let th = match threshold {
         None => None,
         Some(t) => Some(
             t.cast::<PyDynamicThreshold>()
-                .map_err(|_| PyTypeError::new_err(format!("threshold must be a ferrodiff.DynamicThreshold, got {}", type_name(t))))?
+                .map_err(|_| {
+                    PyTypeError::new_err(format!(
+                        "threshold must be a ferrodiff.DynamicThreshold, got {}",
+                        type_name(t)
+                    ))
+                })?
                 .get()
                 .inner,
         ),
@@ -368,14 +470,20 @@ fn x0_processing_to_dict(d: &Bound<'_, PyDict>, p: X0Processing) -> PyResult<()>
         }
         X0Processing::Threshold(t) => {
             d.set_item("clip_sample", py.None())?;
-            d.set_item("threshold", Bound::new(py, PyDynamicThreshold { inner: t })?)?;
+            d.set_item(
+                "threshold",
+                Bound::new(py, PyDynamicThreshold { inner: t })?,
+            )?;
         }
     }
     Ok(())
 }
 
 /// Turns a stored dict back into constructor kwargs (threshold dicts -> DynamicThreshold).
-fn from_dict_impl<'py>(cls: &Bound<'py, pyo3::types::PyType>, d: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyAny>> {
+fn from_dict_impl<'py>(
+    cls: &Bound<'py, pyo3::types::PyType>,
+    d: &Bound<'py, PyDict>,
+) -> PyResult<Bound<'py, PyAny>> {
     let py = cls.py();
     let kw = d.copy()?;
     let _ = kw.del_item("type");
@@ -387,8 +495,16 @@ fn from_dict_impl<'py>(cls: &Bound<'py, pyo3::types::PyType>, d: &Bound<'py, PyD
     }
     if let Some(th) = kw.get_item("threshold")? {
         if let Ok(td) = th.cast::<PyDict>() {
-            let ratio: f64 = td.get_item("ratio")?.map(|v| v.extract()).transpose()?.unwrap_or(sample::DYNAMIC_THRESHOLD_RATIO);
-            let mv: Option<f64> = td.get_item("max_value")?.map(|v| v.extract()).transpose()?.flatten();
+            let ratio: f64 = td
+                .get_item("ratio")?
+                .map(|v| v.extract())
+                .transpose()?
+                .unwrap_or(sample::DYNAMIC_THRESHOLD_RATIO);
+            let mv: Option<f64> = td
+                .get_item("max_value")?
+                .map(|v| v.extract())
+                .transpose()?
+                .flatten();
             kw.set_item("threshold", PyDynamicThreshold::new(ratio, mv)?)?;
         }
     }
@@ -411,13 +527,21 @@ fn threshold_dict<'py>(d: &Bound<'py, PyDict>) -> PyResult<()> {
 /// Constructor kwargs shared by both samplers, read from a diffusers config.
 fn diffusers_kwargs<'py>(py: Python<'py>, c: &DiffusersConfig) -> PyResult<Bound<'py, PyDict>> {
     let kw = PyDict::new(py);
-    kw.set_item("schedule", PySchedule { inner: c.schedule()? })?;
+    kw.set_item(
+        "schedule",
+        PySchedule {
+            inner: c.schedule()?,
+        },
+    )?;
     kw.set_item("spacing", &c.timestep_spacing)?;
     kw.set_item("steps_offset", c.steps_offset)?;
     kw.set_item("prediction", Prediction::parse(&c.prediction_type)?.name())?;
     // diffusers applies thresholding instead of clipping when both are set.
     if c.thresholding {
-        kw.set_item("threshold", PyDynamicThreshold::new(c.dynamic_thresholding_ratio, Some(c.sample_max_value))?)?;
+        kw.set_item(
+            "threshold",
+            PyDynamicThreshold::new(c.dynamic_thresholding_ratio, Some(c.sample_max_value))?,
+        )?;
     } else if c.clip_sample {
         kw.set_item("clip_sample", c.clip_sample_range)?;
     }
@@ -451,20 +575,30 @@ impl PyDdpm {
     ) -> PyResult<Self> {
         let config = DdpmConfig {
             steps,
-            spacing: spacing.map(spacing_arg).transpose()?.unwrap_or(Spacing::Leading),
+            spacing: spacing
+                .map(spacing_arg)
+                .transpose()?
+                .unwrap_or(Spacing::Leading),
             steps_offset,
             prediction: Prediction::parse(prediction)?,
             variance: VarianceType::parse(variance)?,
             x0_processing: x0_processing_arg(clip_sample, threshold)?,
         };
-        Ok(PyDdpm { inner: Ddpm::new(schedule.inner.clone(), config)? })
+        Ok(PyDdpm {
+            inner: Ddpm::new(schedule.inner.clone(), config)?,
+        })
     }
 
     /// A DDPM with every setting of a diffusers `DDPMScheduler` config (dict, path or
     /// scheduler); keyword arguments override.
     #[classmethod]
     #[pyo3(signature = (config, steps=None, **overrides))]
-    fn from_diffusers_config<'py>(cls: &Bound<'py, pyo3::types::PyType>, config: &Bound<'py, PyAny>, steps: Option<usize>, overrides: Option<&Bound<'py, PyDict>>) -> PyResult<Bound<'py, PyAny>> {
+    fn from_diffusers_config<'py>(
+        cls: &Bound<'py, pyo3::types::PyType>,
+        config: &Bound<'py, PyAny>,
+        steps: Option<usize>,
+        overrides: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let c = DiffusersConfig::from_json(&config_json(config)?)?;
         let kw = diffusers_kwargs(cls.py(), &c)?;
         kw.set_item("steps", steps)?;
@@ -481,7 +615,9 @@ impl PyDdpm {
     }
     #[getter]
     fn schedule(&self) -> PySchedule {
-        PySchedule { inner: self.inner.schedule.clone() }
+        PySchedule {
+            inner: self.inner.schedule.clone(),
+        }
     }
     #[getter]
     fn steps(&self) -> usize {
@@ -501,23 +637,70 @@ impl PyDdpm {
     /// row's timestep as stream, so a hand-written loop reproduces `sample(seed=...)`.
     #[pyo3(signature = (model_output, t, x, *, noise=None, seed=None, out=None, check_finite=true))]
     #[allow(clippy::too_many_arguments)]
-    fn step<'py>(&self, py: Python<'py>, model_output: &Bound<'py, PyAny>, t: &Bound<'py, PyAny>, x: &Bound<'py, PyAny>, noise: Option<&Bound<'py, PyAny>>, seed: Option<u64>, out: Option<&Bound<'py, PyAny>>, check_finite: bool) -> PyResult<StepOutput> {
-        step_impl(&self.inner, py, model_output, t, x, noise, seed, out, check_finite)
+    fn step<'py>(
+        &self,
+        py: Python<'py>,
+        model_output: &Bound<'py, PyAny>,
+        t: &Bound<'py, PyAny>,
+        x: &Bound<'py, PyAny>,
+        noise: Option<&Bound<'py, PyAny>>,
+        seed: Option<u64>,
+        out: Option<&Bound<'py, PyAny>>,
+        check_finite: bool,
+    ) -> PyResult<StepOutput> {
+        step_impl(
+            &self.inner,
+            py,
+            model_output,
+            t,
+            x,
+            noise,
+            seed,
+            out,
+            check_finite,
+        )
     }
 
     /// Runs the whole reverse process with `denoiser(x, t)` (any callable taking a float32
     /// array and an int64 array [B]); starts from `x_T` or `fd.randn(shape, seed)`.
     #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
-    fn sample<'py>(&self, py: Python<'py>, denoiser: &Bound<'py, PyAny>, shape: Option<Vec<usize>>, x_T: Option<&Bound<'py, PyAny>>, seed: Option<u64>, progress: bool, callback: Option<Bound<'py, PyAny>>, check_finite: bool) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        sample_impl(&self.inner, py, denoiser, shape, x_T, seed, progress, callback, check_finite, "DDPM")
+    fn sample<'py>(
+        &self,
+        py: Python<'py>,
+        denoiser: &Bound<'py, PyAny>,
+        shape: Option<Vec<usize>>,
+        x_T: Option<&Bound<'py, PyAny>>,
+        seed: Option<u64>,
+        progress: bool,
+        callback: Option<Bound<'py, PyAny>>,
+        check_finite: bool,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        sample_impl(
+            &self.inner,
+            py,
+            denoiser,
+            shape,
+            x_T,
+            seed,
+            progress,
+            callback,
+            check_finite,
+            "DDPM",
+        )
     }
 
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         let c = &self.inner.config;
         d.set_item("type", "DDPM")?;
-        d.set_item("schedule", PySchedule { inner: self.inner.schedule.clone() }.to_dict(py)?)?;
+        d.set_item(
+            "schedule",
+            PySchedule {
+                inner: self.inner.schedule.clone(),
+            }
+            .to_dict(py)?,
+        )?;
         d.set_item("steps", c.steps)?;
         d.set_item("spacing", spacing_to_py(py, &c.spacing)?)?;
         d.set_item("steps_offset", c.steps_offset)?;
@@ -529,12 +712,20 @@ impl PyDdpm {
     }
 
     #[classmethod]
-    fn from_dict<'py>(cls: &Bound<'py, pyo3::types::PyType>, d: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyAny>> {
+    fn from_dict<'py>(
+        cls: &Bound<'py, pyo3::types::PyType>,
+        d: &Bound<'py, PyDict>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         from_dict_impl(cls, d)
     }
 
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyDict>,))> {
-        Ok((slf.get_type().getattr("from_dict")?, (slf.get().to_dict(slf.py())?,)))
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyDict>,))> {
+        Ok((
+            slf.get_type().getattr("from_dict")?,
+            (slf.get().to_dict(slf.py())?,),
+        ))
     }
 
     fn __repr__(&self) -> String {
@@ -577,7 +768,10 @@ impl PyDdim {
     ) -> PyResult<Self> {
         let config = DdimConfig {
             steps,
-            spacing: spacing.map(spacing_arg).transpose()?.unwrap_or(Spacing::Leading),
+            spacing: spacing
+                .map(spacing_arg)
+                .transpose()?
+                .unwrap_or(Spacing::Leading),
             steps_offset,
             eta,
             prediction: Prediction::parse(prediction)?,
@@ -585,14 +779,21 @@ impl PyDdim {
             set_alpha_to_one,
             use_clipped_model_output,
         };
-        Ok(PyDdim { inner: Ddim::new(schedule.inner.clone(), config)? })
+        Ok(PyDdim {
+            inner: Ddim::new(schedule.inner.clone(), config)?,
+        })
     }
 
     /// A DDIM with every setting of a diffusers `DDIMScheduler` config (dict, path or
     /// scheduler); keyword arguments override.
     #[classmethod]
     #[pyo3(signature = (config, steps=50, **overrides))]
-    fn from_diffusers_config<'py>(cls: &Bound<'py, pyo3::types::PyType>, config: &Bound<'py, PyAny>, steps: usize, overrides: Option<&Bound<'py, PyDict>>) -> PyResult<Bound<'py, PyAny>> {
+    fn from_diffusers_config<'py>(
+        cls: &Bound<'py, pyo3::types::PyType>,
+        config: &Bound<'py, PyAny>,
+        steps: usize,
+        overrides: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let c = DiffusersConfig::from_json(&config_json(config)?)?;
         let kw = diffusers_kwargs(cls.py(), &c)?;
         kw.set_item("steps", steps)?;
@@ -609,7 +810,9 @@ impl PyDdim {
     }
     #[getter]
     fn schedule(&self) -> PySchedule {
-        PySchedule { inner: self.inner.schedule.clone() }
+        PySchedule {
+            inner: self.inner.schedule.clone(),
+        }
     }
     #[getter]
     fn steps(&self) -> usize {
@@ -627,31 +830,92 @@ impl PyDdim {
     /// One DDIM step (eq. 12) from x at timestep t: returns `StepOutput(prev_sample, pred_x0)`.
     #[pyo3(signature = (model_output, t, x, *, noise=None, seed=None, out=None, check_finite=true))]
     #[allow(clippy::too_many_arguments)]
-    fn step<'py>(&self, py: Python<'py>, model_output: &Bound<'py, PyAny>, t: &Bound<'py, PyAny>, x: &Bound<'py, PyAny>, noise: Option<&Bound<'py, PyAny>>, seed: Option<u64>, out: Option<&Bound<'py, PyAny>>, check_finite: bool) -> PyResult<StepOutput> {
-        step_impl(&self.inner, py, model_output, t, x, noise, seed, out, check_finite)
+    fn step<'py>(
+        &self,
+        py: Python<'py>,
+        model_output: &Bound<'py, PyAny>,
+        t: &Bound<'py, PyAny>,
+        x: &Bound<'py, PyAny>,
+        noise: Option<&Bound<'py, PyAny>>,
+        seed: Option<u64>,
+        out: Option<&Bound<'py, PyAny>>,
+        check_finite: bool,
+    ) -> PyResult<StepOutput> {
+        step_impl(
+            &self.inner,
+            py,
+            model_output,
+            t,
+            x,
+            noise,
+            seed,
+            out,
+            check_finite,
+        )
     }
 
     /// Runs the sampler with `denoiser(x, t)`; starts from `x_T` or `fd.randn(shape, seed)`.
     #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
-    fn sample<'py>(&self, py: Python<'py>, denoiser: &Bound<'py, PyAny>, shape: Option<Vec<usize>>, x_T: Option<&Bound<'py, PyAny>>, seed: Option<u64>, progress: bool, callback: Option<Bound<'py, PyAny>>, check_finite: bool) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        sample_impl(&self.inner, py, denoiser, shape, x_T, seed, progress, callback, check_finite, "DDIM")
+    fn sample<'py>(
+        &self,
+        py: Python<'py>,
+        denoiser: &Bound<'py, PyAny>,
+        shape: Option<Vec<usize>>,
+        x_T: Option<&Bound<'py, PyAny>>,
+        seed: Option<u64>,
+        progress: bool,
+        callback: Option<Bound<'py, PyAny>>,
+        check_finite: bool,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        sample_impl(
+            &self.inner,
+            py,
+            denoiser,
+            shape,
+            x_T,
+            seed,
+            progress,
+            callback,
+            check_finite,
+            "DDIM",
+        )
     }
 
     /// DDIM inversion (η = 0 run forwards): encodes clean `x0` into the x at the first of
     /// `.timesteps`, from which `sample(denoiser, x_T=...)` returns approximately x0. Useful for
     /// encoding and interpolating real data.
     #[pyo3(signature = (denoiser, x0, *, progress=false, callback=None, check_finite=true))]
-    fn invert<'py>(&self, py: Python<'py>, denoiser: &Bound<'py, PyAny>, x0: &Bound<'py, PyAny>, progress: bool, callback: Option<Bound<'py, PyAny>>, check_finite: bool) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    fn invert<'py>(
+        &self,
+        py: Python<'py>,
+        denoiser: &Bound<'py, PyAny>,
+        x0: &Bound<'py, PyAny>,
+        progress: bool,
+        callback: Option<Bound<'py, PyAny>>,
+        check_finite: bool,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         if !denoiser.is_callable() {
-            return Err(PyTypeError::new_err(format!("denoiser must be callable as denoiser(x, t), got {}", type_name(denoiser))));
+            return Err(PyTypeError::new_err(format!(
+                "denoiser must be callable as denoiser(x, t), got {}",
+                type_name(denoiser)
+            )));
         }
         let a = f32_array(x0, "x0")?;
         let sh = a.shape().to_vec();
         batch_of(&sh, "x0")?;
         let v = a.readonly().as_slice()?.to_vec();
-        let mut hooks = PyHooks::new(py, self.inner.timesteps().len(), progress, callback, &sh, "DDIM inversion")?;
-        let mut d = PyDenoiser { f: denoiser.clone() };
+        let mut hooks = PyHooks::new(
+            py,
+            self.inner.timesteps().len(),
+            progress,
+            callback,
+            &sh,
+            "DDIM inversion",
+        )?;
+        let mut d = PyDenoiser {
+            f: denoiser.clone(),
+        };
         let r = invert_loop(&self.inner, &mut d, v, &sh, check_finite, &mut hooks);
         hooks.close();
         vec_to_array(py, r?, &sh)
@@ -661,7 +925,13 @@ impl PyDdim {
         let d = PyDict::new(py);
         let c = &self.inner.config;
         d.set_item("type", "DDIM")?;
-        d.set_item("schedule", PySchedule { inner: self.inner.schedule.clone() }.to_dict(py)?)?;
+        d.set_item(
+            "schedule",
+            PySchedule {
+                inner: self.inner.schedule.clone(),
+            }
+            .to_dict(py)?,
+        )?;
         d.set_item("steps", c.steps)?;
         d.set_item("spacing", spacing_to_py(py, &c.spacing)?)?;
         d.set_item("steps_offset", c.steps_offset)?;
@@ -675,12 +945,20 @@ impl PyDdim {
     }
 
     #[classmethod]
-    fn from_dict<'py>(cls: &Bound<'py, pyo3::types::PyType>, d: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyAny>> {
+    fn from_dict<'py>(
+        cls: &Bound<'py, pyo3::types::PyType>,
+        d: &Bound<'py, PyDict>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         from_dict_impl(cls, d)
     }
 
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyDict>,))> {
-        Ok((slf.get_type().getattr("from_dict")?, (slf.get().to_dict(slf.py())?,)))
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyDict>,))> {
+        Ok((
+            slf.get_type().getattr("from_dict")?,
+            (slf.get().to_dict(slf.py())?,),
+        ))
     }
 
     fn __repr__(&self) -> String {

@@ -39,9 +39,16 @@ pub fn config_json(config: &Bound<'_, PyAny>) -> PyResult<String> {
     if config.is_instance_of::<PyString>() || config.is_instance(&os.getattr("PathLike")?)? {
         let path: String = os.call_method1("fspath", (config,))?.extract()?;
         let path = std::path::Path::new(&path);
-        let path = if path.is_dir() { path.join("scheduler_config.json") } else { path.to_path_buf() };
+        let path = if path.is_dir() {
+            path.join("scheduler_config.json")
+        } else {
+            path.to_path_buf()
+        };
         return std::fs::read_to_string(&path).map_err(|e| {
-            pyo3::exceptions::PyFileNotFoundError::new_err(format!("cannot read scheduler config {}: {e}", path.display()))
+            pyo3::exceptions::PyFileNotFoundError::new_err(format!(
+                "cannot read scheduler config {}: {e}",
+                path.display()
+            ))
         });
     }
     Err(PyTypeError::new_err(format!(
@@ -57,7 +64,8 @@ impl PySchedule {
         shape_src: (&Bound<'py, PyAny>, &str),
         other: (&Bound<'py, PyAny>, &str),
         t: &Bound<'py, PyAny>,
-        f: impl FnOnce(&Schedule, &[usize], &[f32], &[i64], &[f32], &mut [f32]) -> crate::Result<()> + Send,
+        f: impl FnOnce(&Schedule, &[usize], &[f32], &[i64], &[f32], &mut [f32]) -> crate::Result<()>
+            + Send,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let a = f32_array(shape_src.0, shape_src.1)?;
         let b = f32_array(other.0, other.1)?;
@@ -92,48 +100,72 @@ impl PySchedule {
     #[staticmethod]
     #[pyo3(signature = (num_train_timesteps=1000, beta_start=sch::LINEAR_BETA_START, beta_end=sch::LINEAR_BETA_END, *, scale_with_T=false))]
     #[allow(non_snake_case)]
-    fn linear(num_train_timesteps: usize, beta_start: f64, beta_end: f64, scale_with_T: bool) -> PyResult<Self> {
-        Ok(PySchedule { inner: Schedule::linear(num_train_timesteps, beta_start, beta_end, scale_with_T)? })
+    fn linear(
+        num_train_timesteps: usize,
+        beta_start: f64,
+        beta_end: f64,
+        scale_with_T: bool,
+    ) -> PyResult<Self> {
+        Ok(PySchedule {
+            inner: Schedule::linear(num_train_timesteps, beta_start, beta_end, scale_with_T)?,
+        })
     }
 
     /// Stable Diffusion's `linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2`.
     #[staticmethod]
     #[pyo3(signature = (num_train_timesteps=1000, beta_start=sch::SCALED_LINEAR_BETA_START, beta_end=sch::SCALED_LINEAR_BETA_END))]
     fn scaled_linear(num_train_timesteps: usize, beta_start: f64, beta_end: f64) -> PyResult<Self> {
-        Ok(PySchedule { inner: Schedule::scaled_linear(num_train_timesteps, beta_start, beta_end)? })
+        Ok(PySchedule {
+            inner: Schedule::scaled_linear(num_train_timesteps, beta_start, beta_end)?,
+        })
     }
 
     /// Nichol & Dhariwal's cosine schedule (diffusers' `squaredcos_cap_v2`).
     #[staticmethod]
     #[pyo3(signature = (num_train_timesteps=1000, s=sch::COSINE_OFFSET, max_beta=sch::COSINE_MAX_BETA))]
     fn cosine(num_train_timesteps: usize, s: f64, max_beta: f64) -> PyResult<Self> {
-        Ok(PySchedule { inner: Schedule::cosine(num_train_timesteps, s, max_beta)? })
+        Ok(PySchedule {
+            inner: Schedule::cosine(num_train_timesteps, s, max_beta)?,
+        })
     }
 
     /// diffusers' sigmoid schedule `sigmoid(linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start`.
     #[staticmethod]
     #[pyo3(signature = (num_train_timesteps=1000, beta_start=sch::LINEAR_BETA_START, beta_end=sch::LINEAR_BETA_END))]
     fn sigmoid(num_train_timesteps: usize, beta_start: f64, beta_end: f64) -> PyResult<Self> {
-        Ok(PySchedule { inner: Schedule::sigmoid(num_train_timesteps, beta_start, beta_end)? })
+        Ok(PySchedule {
+            inner: Schedule::sigmoid(num_train_timesteps, beta_start, beta_end)?,
+        })
     }
 
     /// The sigmoid ᾱ schedule of Jabri et al. 2022 (lucidrains' `sigmoid_beta_schedule`).
     #[staticmethod]
     #[pyo3(signature = (num_train_timesteps=1000, start=-3.0, end=3.0, tau=1.0))]
-    fn sigmoid_alpha_bar(num_train_timesteps: usize, start: f64, end: f64, tau: f64) -> PyResult<Self> {
-        Ok(PySchedule { inner: Schedule::sigmoid_alpha_bar(num_train_timesteps, start, end, tau)? })
+    fn sigmoid_alpha_bar(
+        num_train_timesteps: usize,
+        start: f64,
+        end: f64,
+        tau: f64,
+    ) -> PyResult<Self> {
+        Ok(PySchedule {
+            inner: Schedule::sigmoid_alpha_bar(num_train_timesteps, start, end, tau)?,
+        })
     }
 
     /// A schedule from explicit betas, each in (0, 1].
     #[staticmethod]
     fn from_betas(betas: &Bound<'_, PyAny>) -> PyResult<Self> {
-        Ok(PySchedule { inner: Schedule::from_betas(f64_vec(betas, "betas")?)? })
+        Ok(PySchedule {
+            inner: Schedule::from_betas(f64_vec(betas, "betas")?)?,
+        })
     }
 
     /// A schedule from ᾱ_t (non-increasing, in [0, 1), only the last may be 0).
     #[staticmethod]
     fn from_alphas_cumprod(alphas_cumprod: &Bound<'_, PyAny>) -> PyResult<Self> {
-        Ok(PySchedule { inner: Schedule::from_alphas_cumprod(f64_vec(alphas_cumprod, "alphas_cumprod")?)? })
+        Ok(PySchedule {
+            inner: Schedule::from_alphas_cumprod(f64_vec(alphas_cumprod, "alphas_cumprod")?)?,
+        })
     }
 
     /// The training schedule of a diffusers scheduler config (dict, path to
@@ -141,19 +173,25 @@ impl PySchedule {
     #[staticmethod]
     fn from_diffusers_config(config: &Bound<'_, PyAny>) -> PyResult<Self> {
         let c = sch::DiffusersConfig::from_json(&config_json(config)?)?;
-        Ok(PySchedule { inner: c.schedule()? })
+        Ok(PySchedule {
+            inner: c.schedule()?,
+        })
     }
 
     /// Lin et al. 2023, Algorithm 1: the same schedule rescaled to zero terminal SNR (a new object).
     fn rescale_zero_terminal_snr(&self) -> PyResult<Self> {
-        Ok(PySchedule { inner: self.inner.rescale_zero_terminal_snr()? })
+        Ok(PySchedule {
+            inner: self.inner.rescale_zero_terminal_snr()?,
+        })
     }
 
     /// The process restricted to an ascending subset of timesteps (strided sampling).
     fn respaced(&self, timesteps: &Bound<'_, PyAny>) -> PyResult<Self> {
         let ts = f64_vec(timesteps, "timesteps")?;
         let ts: Vec<i64> = ts.iter().map(|&t| t as i64).collect();
-        Ok(PySchedule { inner: self.inner.respaced(&ts)? })
+        Ok(PySchedule {
+            inner: self.inner.respaced(&ts)?,
+        })
     }
 
     #[getter]
@@ -209,57 +247,144 @@ impl PySchedule {
     }
     #[getter]
     fn sqrt_alphas_cumprod<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
-        table(py, &self.inner.alphas_cumprod.iter().map(|a| a.sqrt()).collect::<Vec<_>>())
+        table(
+            py,
+            &self
+                .inner
+                .alphas_cumprod
+                .iter()
+                .map(|a| a.sqrt())
+                .collect::<Vec<_>>(),
+        )
     }
     #[getter]
     fn sqrt_one_minus_alphas_cumprod<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
-        table(py, &self.inner.alphas_cumprod.iter().map(|a| (1.0 - a).sqrt()).collect::<Vec<_>>())
+        table(
+            py,
+            &self
+                .inner
+                .alphas_cumprod
+                .iter()
+                .map(|a| (1.0 - a).sqrt())
+                .collect::<Vec<_>>(),
+        )
     }
 
     /// Forward process: x_t = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) noise, with one t per row.
-    fn q_sample<'py>(&self, py: Python<'py>, x0: &Bound<'py, PyAny>, t: &Bound<'py, PyAny>, noise: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        self.unary(py, (x0, "x0"), (noise, "noise"), t, |s, sh, a, ts, b, o| diffusion::q_sample(s, sh, a, ts, b, o))
+    fn q_sample<'py>(
+        &self,
+        py: Python<'py>,
+        x0: &Bound<'py, PyAny>,
+        t: &Bound<'py, PyAny>,
+        noise: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        self.unary(py, (x0, "x0"), (noise, "noise"), t, |s, sh, a, ts, b, o| {
+            diffusion::q_sample(s, sh, a, ts, b, o)
+        })
     }
 
     /// The v target sqrt(ᾱ_t) noise - sqrt(1-ᾱ_t) x0.
-    fn velocity<'py>(&self, py: Python<'py>, x0: &Bound<'py, PyAny>, t: &Bound<'py, PyAny>, noise: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        self.unary(py, (x0, "x0"), (noise, "noise"), t, |s, sh, a, ts, b, o| diffusion::velocity(s, sh, a, ts, b, o))
+    fn velocity<'py>(
+        &self,
+        py: Python<'py>,
+        x0: &Bound<'py, PyAny>,
+        t: &Bound<'py, PyAny>,
+        noise: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        self.unary(py, (x0, "x0"), (noise, "noise"), t, |s, sh, a, ts, b, o| {
+            diffusion::velocity(s, sh, a, ts, b, o)
+        })
     }
 
     /// x0 from a model output of type `prediction` ("epsilon" | "x0" | "v").
     #[pyo3(signature = (x_t, t, model_output, prediction="epsilon"))]
-    fn predict_x0<'py>(&self, py: Python<'py>, x_t: &Bound<'py, PyAny>, t: &Bound<'py, PyAny>, model_output: &Bound<'py, PyAny>, prediction: &str) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    fn predict_x0<'py>(
+        &self,
+        py: Python<'py>,
+        x_t: &Bound<'py, PyAny>,
+        t: &Bound<'py, PyAny>,
+        model_output: &Bound<'py, PyAny>,
+        prediction: &str,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let p = Prediction::parse(prediction)?;
-        self.unary(py, (x_t, "x_t"), (model_output, "model_output"), t, move |s, sh, a, ts, b, o| diffusion::predict_x0(s, sh, a, ts, b, p, o))
+        self.unary(
+            py,
+            (x_t, "x_t"),
+            (model_output, "model_output"),
+            t,
+            move |s, sh, a, ts, b, o| diffusion::predict_x0(s, sh, a, ts, b, p, o),
+        )
     }
 
     /// ε from a model output of type `prediction`.
     #[pyo3(signature = (x_t, t, model_output, prediction="epsilon"))]
-    fn predict_eps<'py>(&self, py: Python<'py>, x_t: &Bound<'py, PyAny>, t: &Bound<'py, PyAny>, model_output: &Bound<'py, PyAny>, prediction: &str) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    fn predict_eps<'py>(
+        &self,
+        py: Python<'py>,
+        x_t: &Bound<'py, PyAny>,
+        t: &Bound<'py, PyAny>,
+        model_output: &Bound<'py, PyAny>,
+        prediction: &str,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let p = Prediction::parse(prediction)?;
-        self.unary(py, (x_t, "x_t"), (model_output, "model_output"), t, move |s, sh, a, ts, b, o| diffusion::predict_eps(s, sh, a, ts, b, p, o))
+        self.unary(
+            py,
+            (x_t, "x_t"),
+            (model_output, "model_output"),
+            t,
+            move |s, sh, a, ts, b, o| diffusion::predict_eps(s, sh, a, ts, b, p, o),
+        )
     }
 
     /// The score ∇ log q(x_t) = -ε / sqrt(1-ᾱ_t) from a model output of type `prediction`.
     #[pyo3(signature = (x_t, t, model_output, prediction="epsilon"))]
-    fn score<'py>(&self, py: Python<'py>, x_t: &Bound<'py, PyAny>, t: &Bound<'py, PyAny>, model_output: &Bound<'py, PyAny>, prediction: &str) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    fn score<'py>(
+        &self,
+        py: Python<'py>,
+        x_t: &Bound<'py, PyAny>,
+        t: &Bound<'py, PyAny>,
+        model_output: &Bound<'py, PyAny>,
+        prediction: &str,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let p = Prediction::parse(prediction)?;
-        self.unary(py, (x_t, "x_t"), (model_output, "model_output"), t, move |s, sh, a, ts, b, o| diffusion::score(s, sh, a, ts, b, p, o))
+        self.unary(
+            py,
+            (x_t, "x_t"),
+            (model_output, "model_output"),
+            t,
+            move |s, sh, a, ts, b, o| diffusion::score(s, sh, a, ts, b, p, o),
+        )
     }
 
     /// The posterior q(x_{t-1} | x_t, x0): `(mean, variance, log_variance)`, the last two of
     /// shape [B, 1, ...] (broadcastable), log variance clipped at t = 0 as OpenAI's code.
     #[allow(clippy::type_complexity)]
-    fn q_posterior<'py>(&self, py: Python<'py>, x0: &Bound<'py, PyAny>, x_t: &Bound<'py, PyAny>, t: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+    fn q_posterior<'py>(
+        &self,
+        py: Python<'py>,
+        x0: &Bound<'py, PyAny>,
+        x_t: &Bound<'py, PyAny>,
+        t: &Bound<'py, PyAny>,
+    ) -> PyResult<(
+        Bound<'py, PyArrayDyn<f32>>,
+        Bound<'py, PyArrayDyn<f32>>,
+        Bound<'py, PyArrayDyn<f32>>,
+    )> {
         let mut var = Vec::new();
         let mut logvar = Vec::new();
         let (vr, lr) = (&mut var, &mut logvar);
-        let mean = self.unary(py, (x0, "x0"), (x_t, "x_t"), t, move |s, sh, a, ts, b, o| {
-            let (v, l) = diffusion::q_posterior_mean(s, sh, a, b, ts, o)?;
-            *vr = v;
-            *lr = l;
-            Ok(())
-        })?;
+        let mean = self.unary(
+            py,
+            (x0, "x0"),
+            (x_t, "x_t"),
+            t,
+            move |s, sh, a, ts, b, o| {
+                let (v, l) = diffusion::q_posterior_mean(s, sh, a, b, ts, o)?;
+                *vr = v;
+                *lr = l;
+                Ok(())
+            },
+        )?;
         let mut shape = vec![1usize; mean.ndim()];
         shape[0] = mean.shape()[0];
         let to = |v: Vec<f64>| -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
@@ -273,22 +398,30 @@ impl PySchedule {
         let d = PyDict::new(py);
         d.set_item("name", &self.inner.name)?;
         d.set_item("betas", PyList::new(py, &self.inner.betas)?)?;
-        d.set_item("alphas_cumprod", PyList::new(py, &self.inner.alphas_cumprod)?)?;
+        d.set_item(
+            "alphas_cumprod",
+            PyList::new(py, &self.inner.alphas_cumprod)?,
+        )?;
         Ok(d)
     }
 
     #[staticmethod]
     pub fn from_dict(d: &Bound<'_, PyDict>) -> PyResult<Self> {
         let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
-            d.get_item(k)?.ok_or_else(|| PyValueError::new_err(format!("schedule dict has no {k:?} key")))
+            d.get_item(k)?
+                .ok_or_else(|| PyValueError::new_err(format!("schedule dict has no {k:?} key")))
         };
         let name: String = get("name")?.extract()?;
         let betas = f64_vec(&get("betas")?, "betas")?;
         let abar = f64_vec(&get("alphas_cumprod")?, "alphas_cumprod")?;
-        Ok(PySchedule { inner: Schedule::from_parts(&name, betas, abar)? })
+        Ok(PySchedule {
+            inner: Schedule::from_parts(&name, betas, abar)?,
+        })
     }
 
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyDict>,))> {
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyDict>,))> {
         let f = slf.get_type().getattr("from_dict")?;
         Ok((f, (slf.get().to_dict(slf.py())?,)))
     }
@@ -326,7 +459,13 @@ pub fn spacing_arg(spacing: &Bound<'_, PyAny>) -> PyResult<Spacing> {
 /// The descending timesteps a sampler with these settings visits.
 #[pyfunction]
 #[pyo3(signature = (num_train_timesteps, steps=None, spacing=None, steps_offset=0))]
-fn timesteps<'py>(py: Python<'py>, num_train_timesteps: usize, steps: Option<usize>, spacing: Option<&Bound<'py, PyAny>>, steps_offset: i64) -> PyResult<Bound<'py, PyArray1<i64>>> {
+fn timesteps<'py>(
+    py: Python<'py>,
+    num_train_timesteps: usize,
+    steps: Option<usize>,
+    spacing: Option<&Bound<'py, PyAny>>,
+    steps_offset: i64,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
     let sp = match spacing {
         Some(s) => spacing_arg(s)?,
         None => Spacing::Leading,
@@ -336,29 +475,51 @@ fn timesteps<'py>(py: Python<'py>, num_train_timesteps: usize, steps: Option<usi
 
 /// OpenAI's `space_timesteps`: the kept timesteps for `"ddimN"` or `"a,b,c"`, ascending.
 #[pyfunction]
-fn space_timesteps<'py>(py: Python<'py>, num_train_timesteps: usize, section_counts: &str) -> PyResult<Bound<'py, PyArray1<i64>>> {
+fn space_timesteps<'py>(
+    py: Python<'py>,
+    num_train_timesteps: usize,
+    section_counts: &str,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
     Ok(sch::space_timesteps(num_train_timesteps, section_counts)?.into_pyarray(py))
 }
 
 /// Karras et al. 2022 σ grid (eq. 5): n values from sigma_max to sigma_min, then 0.
 #[pyfunction]
 #[pyo3(signature = (n, sigma_min=0.002, sigma_max=80.0, rho=7.0))]
-fn karras_sigmas<'py>(py: Python<'py>, n: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> PyResult<Bound<'py, PyArray1<f64>>> {
+fn karras_sigmas<'py>(
+    py: Python<'py>,
+    n: usize,
+    sigma_min: f64,
+    sigma_max: f64,
+    rho: f64,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
     Ok(sch::karras_sigmas(n, sigma_min, sigma_max, rho)?.into_pyarray(py))
 }
 
 /// Continuous cosine log-SNR λ(u) = -2 ln tan(a u + b), u in [0, 1] (float or array).
 #[pyfunction]
 #[pyo3(signature = (u, log_snr_min=sch::LOG_SNR_MIN, log_snr_max=sch::LOG_SNR_MAX))]
-fn cosine_log_snr<'py>(py: Python<'py>, u: &Bound<'py, PyAny>, log_snr_min: f64, log_snr_max: f64) -> PyResult<Bound<'py, PyAny>> {
-    if !(log_snr_min < log_snr_max) {
-        return Err(PyValueError::new_err(format!("log_snr_min ({log_snr_min}) must be below log_snr_max ({log_snr_max})")));
+fn cosine_log_snr<'py>(
+    py: Python<'py>,
+    u: &Bound<'py, PyAny>,
+    log_snr_min: f64,
+    log_snr_max: f64,
+) -> PyResult<Bound<'py, PyAny>> {
+    if log_snr_min.partial_cmp(&log_snr_max) != Some(std::cmp::Ordering::Less) {
+        return Err(PyValueError::new_err(format!(
+            "log_snr_min ({log_snr_min}) must be below log_snr_max ({log_snr_max})"
+        )));
     }
     if let Ok(x) = u.extract::<f64>() {
-        return Ok(sch::cosine_log_snr(x, log_snr_min, log_snr_max).into_pyobject(py)?.into_any());
+        return Ok(sch::cosine_log_snr(x, log_snr_min, log_snr_max)
+            .into_pyobject(py)?
+            .into_any());
     }
     let v = f64_vec(u, "u")?;
-    let out: Vec<f64> = v.iter().map(|&x| sch::cosine_log_snr(x, log_snr_min, log_snr_max)).collect();
+    let out: Vec<f64> = v
+        .iter()
+        .map(|&x| sch::cosine_log_snr(x, log_snr_min, log_snr_max))
+        .collect();
     Ok(out.into_pyarray(py).into_any())
 }
 

@@ -54,9 +54,19 @@ impl Ddim {
         if !(config.eta.is_finite() && config.eta >= 0.0) {
             value_error!("eta must be finite and >= 0, got {}", config.eta);
         }
-        let timesteps = select_timesteps(schedule.len(), Some(config.steps), &config.spacing, config.steps_offset)?;
+        let timesteps = select_timesteps(
+            schedule.len(),
+            Some(config.steps),
+            &config.spacing,
+            config.steps_offset,
+        )?;
         let position = positions(schedule.len(), &timesteps);
-        Ok(Ddim { schedule, config, timesteps, position })
+        Ok(Ddim {
+            schedule,
+            config,
+            timesteps,
+            position,
+        })
     }
 
     /// ᾱ after the final step.
@@ -82,7 +92,13 @@ impl Ddim {
 
     /// Rows of one inversion step (η = 0 run backwards): from the level ᾱ_cur of x to the level
     /// of timestep `target`, using the model output evaluated at timestep `eval`.
-    pub fn inversion_rows(&self, batch: usize, alpha_bar_current: f64, eval: i64, target: i64) -> Vec<RowStep> {
+    pub fn inversion_rows(
+        &self,
+        batch: usize,
+        alpha_bar_current: f64,
+        eval: i64,
+        target: i64,
+    ) -> Vec<RowStep> {
         let abar_eval = self.schedule.alphas_cumprod[eval as usize];
         let abar_target = self.schedule.alphas_cumprod[target as usize];
         let (ex, em) = eps_coefficients(self.config.prediction, abar_eval);
@@ -122,7 +138,8 @@ impl Sampler for Ddim {
                 // DDIM eq. 12: x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev - σ²) ε + σ z.
                 let direction = (1.0 - abar_prev - sigma * sigma).max(0.0).sqrt();
                 let mut c = base_row(self.config.prediction, abar, ti);
-                let rederive = self.config.use_clipped_model_output && !self.config.x0_processing.is_none();
+                let rederive =
+                    self.config.use_clipped_model_output && !self.config.x0_processing.is_none();
                 if rederive {
                     // ε = (x - sqrt(ᾱ) x0c)/sqrt(1-ᾱ) from the clipped x0.
                     let s = (1.0 - abar).sqrt();

@@ -79,9 +79,19 @@ pub struct Ddpm {
 
 impl Ddpm {
     pub fn new(schedule: Schedule, config: DdpmConfig) -> Result<Self> {
-        let timesteps = select_timesteps(schedule.len(), config.steps, &config.spacing, config.steps_offset)?;
+        let timesteps = select_timesteps(
+            schedule.len(),
+            config.steps,
+            &config.spacing,
+            config.steps_offset,
+        )?;
         let position = positions(schedule.len(), &timesteps);
-        Ok(Ddpm { schedule, config, timesteps, position })
+        Ok(Ddpm {
+            schedule,
+            config,
+            timesteps,
+            position,
+        })
     }
 
     /// ᾱ of the level a step at list position `p` moves to (1 after the last step).

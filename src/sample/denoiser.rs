@@ -42,7 +42,11 @@ impl LoopHooks for NoHooks {}
 fn check_output(out: &ModelOutput, shape: &[usize]) -> Result<()> {
     model_output_layout(shape, &out.shape)?;
     if out.data.len() != out.shape.iter().product::<usize>() {
-        shape_error!("the denoiser returned {} values for shape {:?}", out.data.len(), out.shape);
+        shape_error!(
+            "the denoiser returned {} values for shape {:?}",
+            out.data.len(),
+            out.shape
+        );
     }
     Ok(())
 }
@@ -64,7 +68,11 @@ pub fn sample_loop<S: Sampler + ?Sized>(
     let batch = shape.first().copied().unwrap_or(0);
     let mut x = x_t;
     let mut next = vec![0f32; n];
-    let mut pred_x0 = if hooks.wants_pred_x0() { vec![0f32; n] } else { Vec::new() };
+    let mut pred_x0 = if hooks.wants_pred_x0() {
+        vec![0f32; n]
+    } else {
+        Vec::new()
+    };
     for (i, &t) in sampler.timesteps().iter().enumerate() {
         let tb = vec![t; batch];
         let out = denoiser.predict(&x, shape, &tb)?;
@@ -81,7 +89,11 @@ pub fn sample_loop<S: Sampler + ?Sized>(
             };
             let (next_ref, px) = (&mut next, &mut pred_x0);
             hooks.run_pass(&mut || {
-                let px = if px.is_empty() { None } else { Some(px.as_mut_slice()) };
+                let px = if px.is_empty() {
+                    None
+                } else {
+                    Some(px.as_mut_slice())
+                };
                 step_into(sampler, &args, next_ref, px)
             })?;
         }
@@ -107,7 +119,7 @@ pub fn invert_loop(
         shape_error!("x0 has {n} elements but the shape is {shape:?}");
     }
     let batch = shape.first().copied().unwrap_or(0);
-    let row_len = if batch == 0 { 0 } else { n / batch };
+    let row_len = n.checked_div(batch).unwrap_or(0);
     let ascending: Vec<i64> = sampler.timesteps().iter().rev().copied().collect();
     let mut x = x0;
     let mut next = vec![0f32; n];
@@ -123,7 +135,16 @@ pub fn invert_loop(
         {
             let (xr, nr, data, bad_ref) = (&x, &mut next, &out.data, &mut bad);
             hooks.run_pass(&mut || {
-                *bad_ref = fused_step(&rows, row_len, Some(xr), data, stride, Noise::Seeded(0), nr, None);
+                *bad_ref = fused_step(
+                    &rows,
+                    row_len,
+                    Some(xr),
+                    data,
+                    stride,
+                    Noise::Seeded(0),
+                    nr,
+                    None,
+                );
                 Ok(())
             })?;
         }

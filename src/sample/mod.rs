@@ -22,7 +22,9 @@ pub const INITIAL_NOISE_STREAM: u64 = u64::MAX;
 /// Standard normal noise of `len` elements, a pure function of (seed, stream, element index).
 pub fn randn(len: usize, seed: u64, stream: u64) -> Vec<f32> {
     let mut out = vec![0f32; len];
-    crate::kernels::for_each_chunk(&mut out, |start, chunk| rng::fill_normal(seed, stream, start as u64, chunk));
+    crate::kernels::for_each_chunk(&mut out, |start, chunk| {
+        rng::fill_normal(seed, stream, start as u64, chunk)
+    });
     out
 }
 
@@ -63,7 +65,10 @@ pub enum X0Processing {
 
 impl X0Processing {
     /// From the user's `clip_sample` and `threshold`; giving both is an error.
-    pub fn from_options(clip_sample: Option<f64>, threshold: Option<DynamicThreshold>) -> Result<Self> {
+    pub fn from_options(
+        clip_sample: Option<f64>,
+        threshold: Option<DynamicThreshold>,
+    ) -> Result<Self> {
         match (clip_sample, threshold) {
             (Some(_), Some(_)) => value_error!(
                 "clip_sample and threshold are exclusive: dynamic thresholding already clamps x0 (pass one of them)"
@@ -118,7 +123,11 @@ pub(crate) fn position_of(pos: &[Option<usize>], timesteps: &[i64], t: i64) -> R
     let shown: Vec<String> = if timesteps.len() > 12 {
         let mut v: Vec<String> = timesteps[..6].iter().map(|t| t.to_string()).collect();
         v.push("...".into());
-        v.extend(timesteps[timesteps.len() - 3..].iter().map(|t| t.to_string()));
+        v.extend(
+            timesteps[timesteps.len() - 3..]
+                .iter()
+                .map(|t| t.to_string()),
+        );
         v
     } else {
         timesteps.iter().map(|t| t.to_string()).collect()
@@ -185,11 +194,19 @@ pub struct StepArgs<'a> {
 }
 
 /// Resolves the row coefficients of a step, including dynamic thresholds (its own pass).
-pub fn prepare_rows<S: Sampler + ?Sized>(sampler: &S, args: &StepArgs<'_>, x_for_threshold: &[f32]) -> Result<(Vec<RowStep>, usize, usize)> {
+pub fn prepare_rows<S: Sampler + ?Sized>(
+    sampler: &S,
+    args: &StepArgs<'_>,
+    x_for_threshold: &[f32],
+) -> Result<(Vec<RowStep>, usize, usize)> {
     let (row_len, stride) = model_output_layout(args.x_shape, args.model_shape)?;
     let batch = args.x_shape[0];
     if args.t.len() != batch {
-        shape_error!("t has {} entries but x has {batch} rows (shape {:?})", args.t.len(), args.x_shape);
+        shape_error!(
+            "t has {} entries but x has {batch} rows (shape {:?})",
+            args.t.len(),
+            args.x_shape
+        );
     }
     if stride == row_len && sampler.uses_learned_variance() {
         shape_error!(
@@ -200,7 +217,11 @@ pub fn prepare_rows<S: Sampler + ?Sized>(sampler: &S, args: &StepArgs<'_>, x_for
     }
     if let Noise::Given(z) = args.noise {
         if z.len() != batch * row_len {
-            shape_error!("noise has {} elements but x has shape {:?}", z.len(), args.x_shape);
+            shape_error!(
+                "noise has {} elements but x has shape {:?}",
+                z.len(),
+                args.x_shape
+            );
         }
     }
     let mut rows = sampler.row_steps(args.t)?;
@@ -213,7 +234,15 @@ pub fn prepare_rows<S: Sampler + ?Sized>(sampler: &S, args: &StepArgs<'_>, x_for
             }
         }
         X0Processing::Threshold(th) => {
-            let s = threshold_scales(&rows, row_len, x_for_threshold, args.model_output, stride, th.ratio, th.max_value);
+            let s = threshold_scales(
+                &rows,
+                row_len,
+                x_for_threshold,
+                args.model_output,
+                stride,
+                th.ratio,
+                th.max_value,
+            );
             for (c, s) in rows.iter_mut().zip(s) {
                 c.clip_min = -s;
                 c.clip_max = s;
@@ -225,13 +254,25 @@ pub fn prepare_rows<S: Sampler + ?Sized>(sampler: &S, args: &StepArgs<'_>, x_for
 }
 
 /// One sampler step: writes x_prev into `out` and, if given, the (clipped) predicted x0.
-pub fn step_into<S: Sampler + ?Sized>(sampler: &S, args: &StepArgs<'_>, out: &mut [f32], pred_x0: Option<&mut [f32]>) -> Result<()> {
+pub fn step_into<S: Sampler + ?Sized>(
+    sampler: &S,
+    args: &StepArgs<'_>,
+    out: &mut [f32],
+    pred_x0: Option<&mut [f32]>,
+) -> Result<()> {
     let expected: usize = args.x_shape.iter().product();
     if out.len() != expected {
-        shape_error!("out has {} elements but x has shape {:?}", out.len(), args.x_shape);
+        shape_error!(
+            "out has {} elements but x has shape {:?}",
+            out.len(),
+            args.x_shape
+        );
     }
     if args.model_output.len() != args.model_shape.iter().product::<usize>() {
-        shape_error!("model_output data does not match its shape {:?}", args.model_shape);
+        shape_error!(
+            "model_output data does not match its shape {:?}",
+            args.model_shape
+        );
     }
     let (rows, row_len, stride) = {
         let xs: &[f32] = match args.x {
@@ -240,9 +281,20 @@ pub fn step_into<S: Sampler + ?Sized>(sampler: &S, args: &StepArgs<'_>, out: &mu
         };
         prepare_rows(sampler, args, xs)?
     };
-    let bad = fused_step(&rows, row_len, args.x, args.model_output, stride, args.noise, out, pred_x0);
+    let bad = fused_step(
+        &rows,
+        row_len,
+        args.x,
+        args.model_output,
+        stride,
+        args.noise,
+        out,
+        pred_x0,
+    );
     if let (true, Some(i)) = (args.check_finite, bad) {
-        return Err(Error::NonFinite { timestep: rows[i / row_len.max(1)].timestep });
+        return Err(Error::NonFinite {
+            timestep: rows[i / row_len.max(1)].timestep,
+        });
     }
     Ok(())
 }

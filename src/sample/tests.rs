@@ -29,13 +29,25 @@ struct DummyModel;
 impl Denoiser for DummyModel {
     fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
         let t = t[0] as f32;
-        Ok(ModelOutput { data: x.iter().map(|v| v * t / (t + 1.0)).collect(), shape: shape.to_vec() })
+        Ok(ModelOutput {
+            data: x.iter().map(|v| v * t / (t + 1.0)).collect(),
+            shape: shape.to_vec(),
+        })
     }
 }
 
 fn ddim_full_loop(schedule: Schedule, config: DdimConfig) -> (f64, f64) {
     let d = Ddim::new(schedule, config).unwrap();
-    let x = sample_loop(&d, &mut DummyModel, dummy_sample(), &[4, 3, 8, 8], 0, true, &mut NoHooks).unwrap();
+    let x = sample_loop(
+        &d,
+        &mut DummyModel,
+        dummy_sample(),
+        &[4, 3, 8, 8],
+        0,
+        true,
+        &mut NoHooks,
+    )
+    .unwrap();
     let sum: f64 = x.iter().map(|v| v.abs() as f64).sum();
     (sum, sum / x.len() as f64)
 }
@@ -79,7 +91,12 @@ fn ddim_full_loop_matches_diffusers_fixture_set_alpha_to_one() {
 fn ddim_variance_matches_diffusers_fixture() {
     let d = Ddim::new(linear(), DdimConfig::default()).unwrap();
     let a = &d.schedule.alphas_cumprod;
-    for ((t, p), v) in [((420, 400), 0.14771), ((980, 960), 0.32460), ((487, 486), 0.00979), ((999, 998), 0.02)] {
+    for ((t, p), v) in [
+        ((420, 400), 0.14771),
+        ((980, 960), 0.32460),
+        ((487, 486), 0.00979),
+        ((999, 998), 0.02),
+    ] {
         let got = d.variance(a[t], a[p]);
         assert!((got - v).abs() < 1e-5, "({t}, {p}): {got} vs {v}");
     }
@@ -88,7 +105,15 @@ fn ddim_variance_matches_diffusers_fixture() {
 #[test]
 fn ddim_eta_one_variance_equals_posterior_variance() {
     let s = linear();
-    let d = Ddim::new(s.clone(), DdimConfig { steps: 1000, eta: 1.0, ..DdimConfig::default() }).unwrap();
+    let d = Ddim::new(
+        s.clone(),
+        DdimConfig {
+            steps: 1000,
+            eta: 1.0,
+            ..DdimConfig::default()
+        },
+    )
+    .unwrap();
     let rows = d.row_steps(&[500]).unwrap();
     let sigma2 = (rows[0].noise_std as f64).powi(2);
     assert!((sigma2 - 1.0051335779e-2).abs() < 1e-8, "{sigma2}");
@@ -107,10 +132,16 @@ fn ddpm_full_schedule_variances_match_diffusers_fixture() {
 #[test]
 fn strided_ddpm_uses_respaced_betas() {
     let s = linear();
-    let cfg = DdpmConfig { steps: None, spacing: Spacing::OpenAi("ddim50".into()), ..DdpmConfig::default() };
+    let cfg = DdpmConfig {
+        steps: None,
+        spacing: Spacing::OpenAi("ddim50".into()),
+        ..DdpmConfig::default()
+    };
     let d = Ddpm::new(s.clone(), cfg).unwrap();
     assert_eq!(d.timesteps()[0], 980);
-    let r = s.respaced(&crate::schedule::space_timesteps(1000, "ddim50").unwrap()).unwrap();
+    let r = s
+        .respaced(&crate::schedule::space_timesteps(1000, "ddim50").unwrap())
+        .unwrap();
     // Position 0 is t = 980 = respaced index 49.
     let (beta, post) = d.step_variances(0);
     assert!((beta - r.betas[49]).abs() < 1e-12);
@@ -122,7 +153,11 @@ fn strided_ddpm_uses_respaced_betas() {
 
 #[test]
 fn ddim_previous_timestep_follows_its_list_for_linspace() {
-    let cfg = DdimConfig { steps: 10, spacing: Spacing::Linspace, ..DdimConfig::default() };
+    let cfg = DdimConfig {
+        steps: 10,
+        spacing: Spacing::Linspace,
+        ..DdimConfig::default()
+    };
     let d = Ddim::new(linear(), cfg).unwrap();
     assert_eq!(d.timesteps()[1], 888);
     let rows = d.row_steps(&[999]).unwrap();
@@ -133,7 +168,14 @@ fn ddim_previous_timestep_follows_its_list_for_linspace() {
 
 #[test]
 fn timestep_not_in_list_is_an_error_naming_the_list() {
-    let d = Ddim::new(linear(), DdimConfig { steps: 10, ..DdimConfig::default() }).unwrap();
+    let d = Ddim::new(
+        linear(),
+        DdimConfig {
+            steps: 10,
+            ..DdimConfig::default()
+        },
+    )
+    .unwrap();
     let e = d.row_steps(&[901]).unwrap_err().to_string();
     assert!(e.contains("901") && e.contains("900"), "{e}");
 }
@@ -147,9 +189,20 @@ fn seeded_step_noise_is_independent_of_chunking() {
     let x = vec![0f32; n];
     let m = vec![0f32; n];
     let mut out = vec![0f32; n];
-    let args = StepArgs { model_output: &m, model_shape: &[1, n], t: &[500], x: Some(&x), x_shape: &[1, n], noise: crate::kernels::Noise::Seeded(7), check_finite: true };
+    let args = StepArgs {
+        model_output: &m,
+        model_shape: &[1, n],
+        t: &[500],
+        x: Some(&x),
+        x_shape: &[1, n],
+        noise: crate::kernels::Noise::Seeded(7),
+        check_finite: true,
+    };
     step_into(&d, &args, &mut out, None).unwrap();
-    let sigma = d.step_variances(d.timesteps().iter().position(|&t| t == 500).unwrap()).1.sqrt() as f32;
+    let sigma = d
+        .step_variances(d.timesteps().iter().position(|&t| t == 500).unwrap())
+        .1
+        .sqrt() as f32;
     let mut z = vec![0f32; n];
     crate::kernels::rng::fill_normal(7, 500, 0, &mut z);
     for i in (0..n).step_by(997) {
@@ -159,12 +212,28 @@ fn seeded_step_noise_is_independent_of_chunking() {
 
 #[test]
 fn nan_model_output_is_reported_with_its_timestep() {
-    let d = Ddim::new(linear(), DdimConfig { steps: 10, x0_processing: X0Processing::Clip(1.0), ..DdimConfig::default() }).unwrap();
+    let d = Ddim::new(
+        linear(),
+        DdimConfig {
+            steps: 10,
+            x0_processing: X0Processing::Clip(1.0),
+            ..DdimConfig::default()
+        },
+    )
+    .unwrap();
     let x = vec![0.5f32; 8];
     let mut m = vec![0.1f32; 8];
     m[5] = f32::NAN;
     let mut out = vec![0f32; 8];
-    let args = StepArgs { model_output: &m, model_shape: &[2, 4], t: &[300, 300], x: Some(&x), x_shape: &[2, 4], noise: crate::kernels::Noise::Seeded(0), check_finite: true };
+    let args = StepArgs {
+        model_output: &m,
+        model_shape: &[2, 4],
+        t: &[300, 300],
+        x: Some(&x),
+        x_shape: &[2, 4],
+        noise: crate::kernels::Noise::Seeded(0),
+        check_finite: true,
+    };
     match step_into(&d, &args, &mut out, None) {
         Err(crate::Error::NonFinite { timestep }) => assert_eq!(timestep, 300),
         other => panic!("expected NonFinite, got {other:?}"),
@@ -176,12 +245,26 @@ fn ddim_eta_zero_with_exact_denoiser_of_a_point_mass_recovers_it() {
     // Data = a single point μ (a mixture with one tiny-variance component): DDIM η = 0 must land on μ.
     let mix = GaussianMixture::new(vec![1.0], vec![0.7, -1.2], vec![1e-3], 2).unwrap();
     let s = linear();
-    let d = Ddim::new(s.clone(), DdimConfig { steps: 50, ..DdimConfig::default() }).unwrap();
-    let mut den = MixtureDenoiser { mixture: &mix, schedule: &s, prediction: Prediction::Epsilon };
+    let d = Ddim::new(
+        s.clone(),
+        DdimConfig {
+            steps: 50,
+            ..DdimConfig::default()
+        },
+    )
+    .unwrap();
+    let mut den = MixtureDenoiser {
+        mixture: &mix,
+        schedule: &s,
+        prediction: Prediction::Epsilon,
+    };
     let x_t = randn(2 * 16, 3, INITIAL_NOISE_STREAM);
     let x = sample_loop(&d, &mut den, x_t, &[16, 2], 3, true, &mut NoHooks).unwrap();
     for row in x.chunks(2) {
-        assert!((row[0] - 0.7).abs() < 1e-2 && (row[1] + 1.2).abs() < 1e-2, "{row:?}");
+        assert!(
+            (row[0] - 0.7).abs() < 1e-2 && (row[1] + 1.2).abs() < 1e-2,
+            "{row:?}"
+        );
     }
 }
 

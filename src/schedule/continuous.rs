@@ -32,7 +32,8 @@ pub fn karras_sigmas(n: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Resu
     if n == 0 {
         value_error!("karras_sigmas needs n >= 1, got 0");
     }
-    if !(sigma_min > 0.0 && sigma_min.is_finite() && sigma_max.is_finite() && sigma_min < sigma_max) {
+    if !(sigma_min > 0.0 && sigma_min.is_finite() && sigma_max.is_finite() && sigma_min < sigma_max)
+    {
         value_error!("karras_sigmas needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}");
     }
     if !(rho.is_finite() && rho > 0.0) {
@@ -41,7 +42,11 @@ pub fn karras_sigmas(n: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Resu
     let (lo, hi) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
     let mut out: Vec<f64> = (0..n)
         .map(|i| {
-            let ramp = if n > 1 { i as f64 / (n - 1) as f64 } else { 0.0 };
+            let ramp = if n > 1 {
+                i as f64 / (n - 1) as f64
+            } else {
+                0.0
+            };
             (hi + ramp * (lo - hi)).powf(rho)
         })
         .collect();

@@ -52,7 +52,9 @@ impl Default for DiffusersConfig {
 }
 
 fn bad(key: &str, expected: &str, v: &Value) -> Error {
-    Error::Value(format!("scheduler config key {key:?} must be {expected}, got {v}"))
+    Error::Value(format!(
+        "scheduler config key {key:?} must be {expected}, got {v}"
+    ))
 }
 
 impl DiffusersConfig {
@@ -68,11 +70,17 @@ impl DiffusersConfig {
         for (key, val) in obj {
             let num = || val.as_f64().ok_or_else(|| bad(key, "a number", val));
             let boolean = || val.as_bool().ok_or_else(|| bad(key, "true or false", val));
-            let string = || val.as_str().map(str::to_string).ok_or_else(|| bad(key, "a string", val));
+            let string = || {
+                val.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| bad(key, "a string", val))
+            };
             match key.as_str() {
                 "num_train_timesteps" => {
-                    c.num_train_timesteps =
-                        val.as_u64().ok_or_else(|| bad(key, "a positive integer", val))? as usize
+                    c.num_train_timesteps = val
+                        .as_u64()
+                        .ok_or_else(|| bad(key, "a positive integer", val))?
+                        as usize
                 }
                 "beta_start" => c.beta_start = num()?,
                 "beta_end" => c.beta_end = num()?,
@@ -82,7 +90,9 @@ impl DiffusersConfig {
                         Value::Null => None,
                         Value::Array(a) => Some(
                             a.iter()
-                                .map(|x| x.as_f64().ok_or_else(|| bad(key, "a list of numbers", val)))
+                                .map(|x| {
+                                    x.as_f64().ok_or_else(|| bad(key, "a list of numbers", val))
+                                })
                                 .collect::<Result<_>>()?,
                         ),
                         _ => return Err(bad(key, "a list of numbers or null", val)),
@@ -91,7 +101,9 @@ impl DiffusersConfig {
                 "rescale_betas_zero_snr" => c.rescale_betas_zero_snr = boolean()?,
                 "prediction_type" => c.prediction_type = string()?,
                 "timestep_spacing" => c.timestep_spacing = string()?,
-                "steps_offset" => c.steps_offset = val.as_i64().ok_or_else(|| bad(key, "an integer", val))?,
+                "steps_offset" => {
+                    c.steps_offset = val.as_i64().ok_or_else(|| bad(key, "an integer", val))?
+                }
                 "clip_sample" => c.clip_sample = boolean()?,
                 "clip_sample_range" => c.clip_sample_range = num()?,
                 "thresholding" => c.thresholding = boolean()?,
@@ -115,7 +127,10 @@ impl DiffusersConfig {
         let t = self.num_train_timesteps;
         let s = if let Some(b) = &self.trained_betas {
             if b.len() != t {
-                value_error!("trained_betas has {} entries but num_train_timesteps is {t}", b.len());
+                value_error!(
+                    "trained_betas has {} entries but num_train_timesteps is {t}",
+                    b.len()
+                );
             }
             Schedule::from_betas(b.clone())?
         } else {

@@ -7,7 +7,9 @@ mod continuous;
 mod diffusers_config;
 mod spacing;
 
-pub use continuous::{cosine_log_snr, cosine_log_snr_inverse, karras_sigmas, LOG_SNR_MAX, LOG_SNR_MIN};
+pub use continuous::{
+    cosine_log_snr, cosine_log_snr_inverse, karras_sigmas, LOG_SNR_MAX, LOG_SNR_MIN,
+};
 pub use diffusers_config::DiffusersConfig;
 pub use spacing::{respaced_betas, select_timesteps, space_timesteps, Spacing};
 
@@ -84,10 +86,19 @@ fn check_beta_range(beta_start: f64, beta_end: f64) -> Result<()> {
 impl Schedule {
     /// diffusers' `linear`: `linspace(beta_start, beta_end, T)`. With `scale_with_t`, OpenAI's
     /// form: both endpoints are multiplied by 1000/T so any T matches the T = 1000 process.
-    pub fn linear(num_train_timesteps: usize, beta_start: f64, beta_end: f64, scale_with_t: bool) -> Result<Self> {
+    pub fn linear(
+        num_train_timesteps: usize,
+        beta_start: f64,
+        beta_end: f64,
+        scale_with_t: bool,
+    ) -> Result<Self> {
         check_steps(num_train_timesteps)?;
         check_beta_range(beta_start, beta_end)?;
-        let scale = if scale_with_t { 1000.0 / num_train_timesteps as f64 } else { 1.0 };
+        let scale = if scale_with_t {
+            1000.0 / num_train_timesteps as f64
+        } else {
+            1.0
+        };
         let (b0, b1) = (scale * beta_start, scale * beta_end);
         if b1 >= 1.0 {
             value_error!(
@@ -98,7 +109,11 @@ impl Schedule {
     }
 
     /// Stable Diffusion's `scaled_linear`: `linspace(sqrt(b0), sqrt(b1), T)²`.
-    pub fn scaled_linear(num_train_timesteps: usize, beta_start: f64, beta_end: f64) -> Result<Self> {
+    pub fn scaled_linear(
+        num_train_timesteps: usize,
+        beta_start: f64,
+        beta_end: f64,
+    ) -> Result<Self> {
         check_steps(num_train_timesteps)?;
         check_beta_range(beta_start, beta_end)?;
         let betas = linspace(beta_start.sqrt(), beta_end.sqrt(), num_train_timesteps)
@@ -119,7 +134,11 @@ impl Schedule {
         if !(max_beta > 0.0 && max_beta <= 1.0) {
             value_error!("max_beta must be in (0, 1], got {max_beta}");
         }
-        let f = |u: f64| ((u + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+        let f = |u: f64| {
+            ((u + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2)
+                .cos()
+                .powi(2)
+        };
         let n = num_train_timesteps as f64;
         let betas = (0..num_train_timesteps)
             .map(|i| (1.0 - f((i + 1) as f64 / n) / f(i as f64 / n)).min(max_beta))
@@ -141,10 +160,17 @@ impl Schedule {
     /// The sigmoid ᾱ schedule of Jabri et al. (2022) (lucidrains' `sigmoid_beta_schedule`):
     /// ᾱ(u) ∝ sigmoid(-(u (end - start) + start)/τ) shifted to reach 0 at u = 1 and normalised
     /// by ᾱ(0); betas clipped to [0, 0.999].
-    pub fn sigmoid_alpha_bar(num_train_timesteps: usize, start: f64, end: f64, tau: f64) -> Result<Self> {
+    pub fn sigmoid_alpha_bar(
+        num_train_timesteps: usize,
+        start: f64,
+        end: f64,
+        tau: f64,
+    ) -> Result<Self> {
         check_steps(num_train_timesteps)?;
         if !(start.is_finite() && end.is_finite() && start < end) {
-            value_error!("sigmoid_alpha_bar needs finite start < end, got start={start}, end={end}");
+            value_error!(
+                "sigmoid_alpha_bar needs finite start < end, got start={start}, end={end}"
+            );
         }
         if !(tau.is_finite() && tau > 0.0) {
             value_error!("tau must be finite and > 0, got {tau}");
@@ -159,7 +185,9 @@ impl Schedule {
             })
             .collect();
         let betas = (0..n)
-            .map(|i| (1.0 - (abar[i + 1] / abar[0]) / (abar[i] / abar[0])).clamp(0.0, COSINE_MAX_BETA))
+            .map(|i| {
+                (1.0 - (abar[i + 1] / abar[0]) / (abar[i] / abar[0])).clamp(0.0, COSINE_MAX_BETA)
+            })
             .collect();
         Self::build("sigmoid_alpha_bar", betas)
     }
@@ -216,8 +244,10 @@ impl Schedule {
         if first <= last {
             value_error!("rescale_zero_terminal_snr needs a decreasing schedule");
         }
-        let abar: Vec<f64> =
-            sqrt_abar.iter().map(|s| ((s - last) * first / (first - last)).powi(2)).collect();
+        let abar: Vec<f64> = sqrt_abar
+            .iter()
+            .map(|s| ((s - last) * first / (first - last)).powi(2))
+            .collect();
         let mut betas = Vec::with_capacity(n);
         let mut prev = 1.0;
         for &a in &abar {
@@ -325,7 +355,10 @@ impl Schedule {
 
     /// The equivalent variance-exploding noise levels σ_t = sqrt((1-ᾱ_t)/ᾱ_t) (inf where ᾱ = 0).
     pub fn sigmas(&self) -> Vec<f64> {
-        self.alphas_cumprod.iter().map(|a| ((1.0 - a) / a).sqrt()).collect()
+        self.alphas_cumprod
+            .iter()
+            .map(|a| ((1.0 - a) / a).sqrt())
+            .collect()
     }
 
     /// Checks a timestep index and returns it as usize.
@@ -341,7 +374,10 @@ impl Schedule {
     pub fn respaced(&self, use_timesteps: &[i64]) -> Result<Self> {
         let betas = respaced_betas(&self.alphas_cumprod, use_timesteps)?;
         let mut s = Self::build(&format!("{}[respaced]", self.name), betas)?;
-        let abar = use_timesteps.iter().map(|&t| self.alphas_cumprod[t as usize]).collect();
+        let abar = use_timesteps
+            .iter()
+            .map(|&t| self.alphas_cumprod[t as usize])
+            .collect();
         s.set_alphas_cumprod(abar);
         Ok(s)
     }

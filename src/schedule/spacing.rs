@@ -64,9 +64,11 @@ fn round_half_even(x: f64) -> i64 {
 pub fn space_timesteps(num_train_timesteps: usize, section_counts: &str) -> Result<Vec<i64>> {
     let t_total = num_train_timesteps;
     if let Some(rest) = section_counts.strip_prefix("ddim") {
-        let desired: usize = rest
-            .parse()
-            .map_err(|_| crate::error::Error::Value(format!("cannot parse {section_counts:?}: expected 'ddim' followed by a step count")))?;
+        let desired: usize = rest.parse().map_err(|_| {
+            crate::error::Error::Value(format!(
+                "cannot parse {section_counts:?}: expected 'ddim' followed by a step count"
+            ))
+        })?;
         for stride in 1..t_total.max(2) {
             if t_total.div_ceil(stride) == desired {
                 return Ok((0..t_total).step_by(stride).map(|t| t as i64).collect());
@@ -78,7 +80,11 @@ pub fn space_timesteps(num_train_timesteps: usize, section_counts: &str) -> Resu
         .split(',')
         .map(|p| p.trim().parse::<usize>())
         .collect::<std::result::Result<_, _>>()
-        .map_err(|_| crate::error::Error::Value(format!("cannot parse section counts {section_counts:?}: expected comma-separated integers")))?;
+        .map_err(|_| {
+            crate::error::Error::Value(format!(
+                "cannot parse section counts {section_counts:?}: expected comma-separated integers"
+            ))
+        })?;
     if counts.is_empty() || counts.len() > t_total {
         value_error!("{} sections cannot split {t_total} timesteps", counts.len());
     }
@@ -91,7 +97,11 @@ pub fn space_timesteps(num_train_timesteps: usize, section_counts: &str) -> Resu
         if size < count {
             value_error!("cannot take {count} steps from a section of {size} timesteps ({section_counts:?} over {t_total})");
         }
-        let stride = if count <= 1 { 1.0 } else { (size - 1) as f64 / (count - 1) as f64 };
+        let stride = if count <= 1 {
+            1.0
+        } else {
+            (size - 1) as f64 / (count - 1) as f64
+        };
         // Accumulated by repeated addition, as the reference does, so rounding agrees.
         let mut cur = 0.0f64;
         for _ in 0..count {
@@ -127,7 +137,11 @@ pub fn select_timesteps(
             }
             for w in v.windows(2) {
                 if w[0] <= w[1] {
-                    value_error!("explicit timesteps must be strictly descending, got {} then {}", w[0], w[1]);
+                    value_error!(
+                        "explicit timesteps must be strictly descending, got {} then {}",
+                        w[0],
+                        w[1]
+                    );
                 }
             }
             v.clone()
@@ -141,23 +155,36 @@ pub fn select_timesteps(
                 value_error!("steps must be at least 1, got 0");
             }
             if n > num_train_timesteps {
-                value_error!("steps ({n}) cannot exceed num_train_timesteps ({num_train_timesteps})");
+                value_error!(
+                    "steps ({n}) cannot exceed num_train_timesteps ({num_train_timesteps})"
+                );
             }
             match spacing {
                 Spacing::Leading => {
                     let ratio = t_total / n as i64;
-                    (0..n as i64).rev().map(|i| i * ratio + steps_offset).collect()
+                    (0..n as i64)
+                        .rev()
+                        .map(|i| i * ratio + steps_offset)
+                        .collect()
                 }
                 Spacing::Trailing => {
                     let ratio = t_total as f64 / n as f64;
-                    (0..n).map(|i| round_half_even(t_total as f64 - i as f64 * ratio) - 1).collect()
+                    (0..n)
+                        .map(|i| round_half_even(t_total as f64 - i as f64 * ratio) - 1)
+                        .collect()
                 }
                 Spacing::Linspace => {
                     let last = (t_total - 1) as f64;
                     let step = if n > 1 { last / (n - 1) as f64 } else { 0.0 };
                     (0..n)
                         .rev()
-                        .map(|i| if i == n - 1 { round_half_even(last) } else { round_half_even(i as f64 * step) })
+                        .map(|i| {
+                            if i == n - 1 {
+                                round_half_even(last)
+                            } else {
+                                round_half_even(i as f64 * step)
+                            }
+                        })
                         .collect()
                 }
                 _ => unreachable!("handled above"),
@@ -174,7 +201,12 @@ pub fn select_timesteps(
     }
     for w in ts.windows(2) {
         if w[0] <= w[1] {
-            value_error!("spacing {:?} gives repeated timestep {} for {} steps; use fewer steps", spacing.name(), w[1], ts.len());
+            value_error!(
+                "spacing {:?} gives repeated timestep {} for {} steps; use fewer steps",
+                spacing.name(),
+                w[1],
+                ts.len()
+            );
         }
     }
     Ok(ts)
@@ -191,7 +223,10 @@ pub fn respaced_betas(alphas_cumprod: &[f64], use_timesteps: &[i64]) -> Result<V
     let mut betas = Vec::with_capacity(use_timesteps.len());
     for &t in use_timesteps {
         if t <= prev_t || t < 0 || t as usize >= alphas_cumprod.len() {
-            value_error!("respacing needs strictly ascending timesteps in [0, {}), got {t} after {prev_t}", alphas_cumprod.len());
+            value_error!(
+                "respacing needs strictly ascending timesteps in [0, {}), got {t} after {prev_t}",
+                alphas_cumprod.len()
+            );
         }
         let abar = alphas_cumprod[t as usize];
         betas.push(1.0 - abar / last);

@@ -11,7 +11,11 @@ fn linear_schedule_matches_ddpm_endpoints_and_terminal_alpha_bar() {
     let s = Schedule::linear(1000, 1e-4, 0.02, false).unwrap();
     assert_eq!(s.betas[0], 1e-4);
     assert_eq!(s.betas[999], 0.02);
-    assert!(close(s.alphas_cumprod[999], 4.03583e-5, 1e-5), "{}", s.alphas_cumprod[999]);
+    assert!(
+        close(s.alphas_cumprod[999], 4.03583e-5, 1e-5),
+        "{}",
+        s.alphas_cumprod[999]
+    );
 }
 
 #[test]
@@ -36,7 +40,11 @@ fn cosine_schedule_golden_values() {
     assert!(close(s.betas[0], 4.128422e-5, 1e-6), "{}", s.betas[0]);
     assert!(close(s.betas[500], 3.155691e-3, 1e-6), "{}", s.betas[500]);
     assert_eq!(s.betas[999], 0.999);
-    assert!(close(s.alphas_cumprod[999], 2.428767e-9, 1e-5), "{}", s.alphas_cumprod[999]);
+    assert!(
+        close(s.alphas_cumprod[999], 2.428767e-9, 1e-5),
+        "{}",
+        s.alphas_cumprod[999]
+    );
 }
 
 #[test]
@@ -60,18 +68,37 @@ fn derived_tables_follow_ddpm_equation_7() {
     assert_eq!(s.alphas_cumprod_prev[10], s.alphas_cumprod[9]);
     assert_eq!(s.posterior_variance[0], 0.0);
     // OpenAI clips the log variance at t = 0 by the value at t = 1.
-    assert_eq!(s.posterior_log_variance_clipped[0], s.posterior_variance[1].ln());
+    assert_eq!(
+        s.posterior_log_variance_clipped[0],
+        s.posterior_variance[1].ln()
+    );
     for t in [1usize, 487, 999] {
         let (a, ap, b) = (s.alphas_cumprod[t], s.alphas_cumprod[t - 1], s.betas[t]);
-        assert!(close(s.posterior_variance[t], b * (1.0 - ap) / (1.0 - a), 1e-12));
-        assert!(close(s.posterior_mean_coef1[t], b * ap.sqrt() / (1.0 - a), 1e-12));
-        assert!(close(s.posterior_mean_coef2[t], (1.0 - ap) * (1.0 - b).sqrt() / (1.0 - a), 1e-12));
+        assert!(close(
+            s.posterior_variance[t],
+            b * (1.0 - ap) / (1.0 - a),
+            1e-12
+        ));
+        assert!(close(
+            s.posterior_mean_coef1[t],
+            b * ap.sqrt() / (1.0 - a),
+            1e-12
+        ));
+        assert!(close(
+            s.posterior_mean_coef2[t],
+            (1.0 - ap) * (1.0 - b).sqrt() / (1.0 - a),
+            1e-12
+        ));
     }
     // diffusers' DDPM fixed_small variance fixture: t = 487 -> 0.00979, t = 999 -> 0.02.
     assert!((s.posterior_variance[487] - 0.00979).abs() < 1e-5);
     assert!((s.posterior_variance[999] - 0.02).abs() < 1e-5);
     let snr = s.snr();
-    assert!(close(snr[10], s.alphas_cumprod[10] / (1.0 - s.alphas_cumprod[10]), 1e-12));
+    assert!(close(
+        snr[10],
+        s.alphas_cumprod[10] / (1.0 - s.alphas_cumprod[10]),
+        1e-12
+    ));
     assert!(close(s.sigmas()[10], (1.0 / snr[10]).sqrt(), 1e-12));
 }
 
@@ -136,7 +163,12 @@ fn trailing_spacing_rounds_half_to_even() {
 fn leading_with_offset_at_full_steps_is_an_error_not_t_equals_t() {
     // diffusers issue #10003.
     assert!(select_timesteps(1000, Some(1000), &Spacing::Leading, 1).is_err());
-    assert_eq!(select_timesteps(1000, None, &Spacing::Leading, 1).unwrap().len(), 1000);
+    assert_eq!(
+        select_timesteps(1000, None, &Spacing::Leading, 1)
+            .unwrap()
+            .len(),
+        1000
+    );
 }
 
 #[test]
@@ -146,11 +178,17 @@ fn openai_space_timesteps_golden_values() {
     assert_eq!((d[0], d[1], d[49]), (0, 20, 980));
     let ten = space_timesteps(1000, "10").unwrap();
     assert_eq!(ten, vec![0, 111, 222, 333, 444, 555, 666, 777, 888, 999]);
-    assert_eq!(space_timesteps(10, "1,2,3").unwrap(), vec![0, 4, 6, 7, 8, 9]);
+    assert_eq!(
+        space_timesteps(10, "1,2,3").unwrap(),
+        vec![0, 4, 6, 7, 8, 9]
+    );
     assert_eq!(space_timesteps(6, "3").unwrap(), vec![0, 2, 5]);
     assert!(space_timesteps(10, "20").is_err());
     // ddim7: the smallest stride with ceil(1000 / i) == 7 is 143.
-    assert_eq!(space_timesteps(1000, "ddim7").unwrap(), vec![0, 143, 286, 429, 572, 715, 858]);
+    assert_eq!(
+        space_timesteps(1000, "ddim7").unwrap(),
+        vec![0, 143, 286, 429, 572, 715, 858]
+    );
     assert!(space_timesteps(1000, "ddim999").is_err());
 }
 
@@ -161,7 +199,11 @@ fn respaced_betas_preserve_alphas_cumprod_on_the_subset() {
     let r = s.respaced(&sub).unwrap();
     assert_eq!(r.len(), 50);
     assert!(close(r.betas[0], 1.0 - s.alphas_cumprod[0], 1e-12));
-    assert!(close(r.betas[1], 1.0 - s.alphas_cumprod[20] / s.alphas_cumprod[0], 1e-12));
+    assert!(close(
+        r.betas[1],
+        1.0 - s.alphas_cumprod[20] / s.alphas_cumprod[0],
+        1e-12
+    ));
     let mut acc = 1.0;
     for (i, &t) in sub.iter().enumerate() {
         acc *= 1.0 - r.betas[i];
@@ -203,6 +245,11 @@ fn diffusers_config_is_read_with_defaults() {
     let s = c.schedule().unwrap();
     assert_eq!(s.alphas_cumprod[999], 0.0);
     assert_eq!(c.spacing().unwrap(), Spacing::Trailing);
-    assert!(DiffusersConfig::from_json(r#"{"beta_schedule": "quadratic"}"#).unwrap().schedule().is_err());
+    assert!(
+        DiffusersConfig::from_json(r#"{"beta_schedule": "quadratic"}"#)
+            .unwrap()
+            .schedule()
+            .is_err()
+    );
     assert!(DiffusersConfig::from_json("[1, 2]").is_err());
 }
