@@ -69,26 +69,55 @@ pub fn fused_step(
     out: &mut [f32],
     pred_x0: Option<&mut [f32]>,
 ) -> Option<usize> {
+    // When every row has the same timestep (the usual case) the noise stream is shared, so the
+    // noise of a whole block is generated at once, across row boundaries: tiny rows such as a
+    // (256, 2) batch then cost one generator call per block instead of one per row.
+    let shared_stream = rows.windows(2).all(|w| w[0].timestep == w[1].timestep);
+    let any_noise = rows.iter().any(RowStep::adds_noise);
     let run = |start: usize, o: &mut [f32], px0: Option<&mut [f32]>| -> Option<usize> {
         let mut first_bad: Option<usize> = None;
         let mut px0 = px0;
-        for_each_row_piece(start, o.len(), row_len, |row, s, e| {
-            let c = &rows[row];
-            let col = s - row * row_len;
-            let m_off = row * model_row_stride + col;
-            let m = &model_output[m_off..m_off + (e - s)];
-            let v = c
-                .learned_log_variance
-                .map(|_| &model_output[m_off + row_len..m_off + row_len + (e - s)]);
-            let o = &mut o[s - start..e - start];
-            let px = px0.as_deref_mut().map(|p| &mut p[s - start..e - start]);
-            let xs = x.map(|x| &x[s..e]);
-            if let Some(bad) = piece(c, xs, m, v, noise, s, o, px) {
-                if first_bad.is_none() {
-                    first_bad = Some(s + bad);
+        let mut block_noise = [0f32; NOISE_BLOCK];
+        let mut b = 0;
+        while b < o.len() {
+            let e = (b + NOISE_BLOCK).min(o.len());
+            let pre = match noise {
+                Noise::Seeded(seed) if shared_stream && any_noise && !rows.is_empty() => {
+                    fill_normal(
+                        seed,
+                        rows[0].timestep as u64,
+                        (start + b) as u64,
+                        &mut block_noise[..e - b],
+                    );
+                    true
                 }
-            }
-        });
+                _ => false,
+            };
+            for_each_row_piece(start + b, e - b, row_len, |row, s, se| {
+                let c = &rows[row];
+                let col = s - row * row_len;
+                let m_off = row * model_row_stride + col;
+                let len = se - s;
+                let m = &model_output[m_off..m_off + len];
+                let v = c
+                    .learned_log_variance
+                    .map(|_| &model_output[m_off + row_len..m_off + row_len + len]);
+                let (lo, hi) = (s - start, se - start);
+                let z = if pre {
+                    Some(&block_noise[s - start - b..se - start - b])
+                } else {
+                    None
+                };
+                let px = px0.as_deref_mut().map(|p| &mut p[lo..hi]);
+                let xs = x.map(|x| &x[s..se]);
+                if let Some(bad) = piece(c, xs, m, v, z, noise, s, &mut o[lo..hi], px) {
+                    if first_bad.is_none() {
+                        first_bad = Some(s + bad);
+                    }
+                }
+            });
+            b = e;
+        }
         first_bad
     };
     let n = out.len();
@@ -110,7 +139,8 @@ pub fn fused_step(
     }
 }
 
-/// One row piece starting at global element `start`; returns the offset of a non-finite result.
+/// One row piece (at most `NOISE_BLOCK` long) starting at global element `start`; `z` is its
+/// pre-generated standard noise when the caller had it. Returns the offset of a non-finite result.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn piece(
@@ -118,56 +148,49 @@ fn piece(
     x: Option<&[f32]>,
     m: &[f32],
     v: Option<&[f32]>,
+    z: Option<&[f32]>,
     noise: Noise<'_>,
     start: usize,
     o: &mut [f32],
     px: Option<&mut [f32]>,
 ) -> Option<usize> {
-    let len = o.len();
-    let mut px = px;
+    let n = o.len();
+    debug_assert!(n <= NOISE_BLOCK);
     let mut sz = [0f32; NOISE_BLOCK];
-    let mut bad = false;
-    let mut b = 0;
-    while b < len {
-        let e = (b + NOISE_BLOCK).min(len);
-        let n = e - b;
-        let noisy = c.adds_noise();
-        if noisy {
-            let sz = &mut sz[..n];
-            match noise {
-                Noise::Seeded(seed) => fill_normal(seed, c.timestep as u64, (start + b) as u64, sz),
-                Noise::Given(z) => sz.copy_from_slice(&z[start + b..start + e]),
-            }
-            match (c.learned_log_variance, v) {
-                (Some((min_log, max_log)), Some(v)) => {
-                    // Nichol & Dhariwal 2021, eq. 15, as a standard deviation exp(log σ² / 2).
-                    for (z, &vv) in sz.iter_mut().zip(&v[b..e]) {
-                        let frac = 0.5 * (vv + 1.0);
-                        *z *= (0.5 * (frac * max_log + (1.0 - frac) * min_log)).exp();
-                    }
+    let noisy = c.adds_noise();
+    if noisy {
+        let sz = &mut sz[..n];
+        match (z, noise) {
+            (Some(z), _) => sz.copy_from_slice(z),
+            (None, Noise::Seeded(seed)) => fill_normal(seed, c.timestep as u64, start as u64, sz),
+            (None, Noise::Given(g)) => sz.copy_from_slice(&g[start..start + n]),
+        }
+        match (c.learned_log_variance, v) {
+            (Some((min_log, max_log)), Some(v)) => {
+                // Nichol & Dhariwal 2021, eq. 15, as a standard deviation exp(log σ² / 2).
+                for (z, &vv) in sz.iter_mut().zip(v) {
+                    let frac = 0.5 * (vv + 1.0);
+                    *z *= (0.5 * (frac * max_log + (1.0 - frac) * min_log)).exp();
                 }
-                _ => {
-                    for z in sz.iter_mut() {
-                        *z *= c.noise_std;
-                    }
+            }
+            _ => {
+                for z in sz.iter_mut() {
+                    *z *= c.noise_std;
                 }
             }
         }
-        let (ob, mb) = (&mut o[b..e], &m[b..e]);
-        let pxb = px.as_deref_mut().map(|p| &mut p[b..e]);
-        let sz = &sz[..n];
-        bad |= match (x, pxb, noisy) {
-            (Some(x), Some(p), true) => body::<false, true, true>(c, &x[b..e], mb, sz, ob, p),
-            (Some(x), Some(p), false) => body::<false, true, false>(c, &x[b..e], mb, sz, ob, p),
-            (Some(x), None, true) => body::<false, false, true>(c, &x[b..e], mb, sz, ob, &mut []),
-            (Some(x), None, false) => body::<false, false, false>(c, &x[b..e], mb, sz, ob, &mut []),
-            (None, Some(p), true) => body::<true, true, true>(c, &[], mb, sz, ob, p),
-            (None, Some(p), false) => body::<true, true, false>(c, &[], mb, sz, ob, p),
-            (None, None, true) => body::<true, false, true>(c, &[], mb, sz, ob, &mut []),
-            (None, None, false) => body::<true, false, false>(c, &[], mb, sz, ob, &mut []),
-        };
-        b = e;
     }
+    let sz = &sz[..n];
+    let bad = match (x, px, noisy) {
+        (Some(x), Some(p), true) => body::<false, true, true>(c, x, m, sz, o, p),
+        (Some(x), Some(p), false) => body::<false, true, false>(c, x, m, sz, o, p),
+        (Some(x), None, true) => body::<false, false, true>(c, x, m, sz, o, &mut []),
+        (Some(x), None, false) => body::<false, false, false>(c, x, m, sz, o, &mut []),
+        (None, Some(p), true) => body::<true, true, true>(c, &[], m, sz, o, p),
+        (None, Some(p), false) => body::<true, true, false>(c, &[], m, sz, o, p),
+        (None, None, true) => body::<true, false, true>(c, &[], m, sz, o, &mut []),
+        (None, None, false) => body::<true, false, false>(c, &[], m, sz, o, &mut []),
+    };
     if bad {
         o.iter().position(|v| !v.is_finite())
     } else {

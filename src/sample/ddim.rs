@@ -129,31 +129,29 @@ impl Sampler for Ddim {
     }
 
     fn row_steps(&self, t: &[i64]) -> Result<Vec<RowStep>> {
-        t.iter()
-            .map(|&ti| {
-                let p = position_of(&self.position, &self.timesteps, ti)?;
-                let abar = self.schedule.alphas_cumprod[ti as usize];
-                let abar_prev = self.alpha_bar_prev(p);
-                let sigma = self.config.eta * self.variance(abar, abar_prev).max(0.0).sqrt();
-                // DDIM eq. 12: x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev - σ²) ε + σ z.
-                let direction = (1.0 - abar_prev - sigma * sigma).max(0.0).sqrt();
-                let mut c = base_row(self.config.prediction, abar, ti);
-                let rederive =
-                    self.config.use_clipped_model_output && !self.config.x0_processing.is_none();
-                if rederive {
-                    // ε = (x - sqrt(ᾱ) x0c)/sqrt(1-ᾱ) from the clipped x0.
-                    let s = (1.0 - abar).sqrt();
-                    c.prev_from_x0 = (abar_prev.sqrt() - direction * abar.sqrt() / s) as f32;
-                    c.prev_from_x = (direction / s) as f32;
-                } else {
-                    let (ex, em) = eps_coefficients(self.config.prediction, abar);
-                    c.prev_from_x0 = abar_prev.sqrt() as f32;
-                    c.prev_from_x = (direction * ex) as f32;
-                    c.prev_from_model = (direction * em) as f32;
-                }
-                c.noise_std = sigma as f32;
-                Ok(c)
-            })
-            .collect()
+        super::rows_with_repeats(t, |ti| {
+            let p = position_of(&self.position, &self.timesteps, ti)?;
+            let abar = self.schedule.alphas_cumprod[ti as usize];
+            let abar_prev = self.alpha_bar_prev(p);
+            let sigma = self.config.eta * self.variance(abar, abar_prev).max(0.0).sqrt();
+            // DDIM eq. 12: x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev - σ²) ε + σ z.
+            let direction = (1.0 - abar_prev - sigma * sigma).max(0.0).sqrt();
+            let mut c = base_row(self.config.prediction, abar, ti);
+            let rederive =
+                self.config.use_clipped_model_output && !self.config.x0_processing.is_none();
+            if rederive {
+                // ε = (x - sqrt(ᾱ) x0c)/sqrt(1-ᾱ) from the clipped x0.
+                let s = (1.0 - abar).sqrt();
+                c.prev_from_x0 = (abar_prev.sqrt() - direction * abar.sqrt() / s) as f32;
+                c.prev_from_x = (direction / s) as f32;
+            } else {
+                let (ex, em) = eps_coefficients(self.config.prediction, abar);
+                c.prev_from_x0 = abar_prev.sqrt() as f32;
+                c.prev_from_x = (direction * ex) as f32;
+                c.prev_from_model = (direction * em) as f32;
+            }
+            c.noise_std = sigma as f32;
+            Ok(c)
+        })
     }
 }

@@ -130,29 +130,27 @@ impl Sampler for Ddpm {
     }
 
     fn row_steps(&self, t: &[i64]) -> Result<Vec<RowStep>> {
-        t.iter()
-            .map(|&ti| {
-                let p = position_of(&self.position, &self.timesteps, ti)?;
-                let abar = self.schedule.alphas_cumprod[ti as usize];
-                let abar_prev = self.alpha_bar_prev(p);
-                let (beta, posterior) = self.step_variances(p);
-                let mut c = base_row(self.config.prediction, abar, ti);
-                // Posterior mean, DDPM eq. 7, on the respaced process.
-                c.prev_from_x0 = (abar_prev.sqrt() * beta / (1.0 - abar)) as f32;
-                c.prev_from_x = ((1.0 - beta).sqrt() * (1.0 - abar_prev) / (1.0 - abar)) as f32;
-                // No noise at the final step (OpenAI's `nonzero_mask`; diffusers' `t > 0`).
-                let last = p + 1 == self.timesteps.len();
-                if !last {
-                    match self.config.variance {
-                        VarianceType::FixedSmall => c.noise_std = posterior.sqrt() as f32,
-                        VarianceType::FixedLarge => c.noise_std = beta.sqrt() as f32,
-                        VarianceType::LearnedRange => {
-                            c.learned_log_variance = Some((posterior.ln() as f32, beta.ln() as f32))
-                        }
+        super::rows_with_repeats(t, |ti| {
+            let p = position_of(&self.position, &self.timesteps, ti)?;
+            let abar = self.schedule.alphas_cumprod[ti as usize];
+            let abar_prev = self.alpha_bar_prev(p);
+            let (beta, posterior) = self.step_variances(p);
+            let mut c = base_row(self.config.prediction, abar, ti);
+            // Posterior mean, DDPM eq. 7, on the respaced process.
+            c.prev_from_x0 = (abar_prev.sqrt() * beta / (1.0 - abar)) as f32;
+            c.prev_from_x = ((1.0 - beta).sqrt() * (1.0 - abar_prev) / (1.0 - abar)) as f32;
+            // No noise at the final step (OpenAI's `nonzero_mask`; diffusers' `t > 0`).
+            let last = p + 1 == self.timesteps.len();
+            if !last {
+                match self.config.variance {
+                    VarianceType::FixedSmall => c.noise_std = posterior.sqrt() as f32,
+                    VarianceType::FixedLarge => c.noise_std = beta.sqrt() as f32,
+                    VarianceType::LearnedRange => {
+                        c.learned_log_variance = Some((posterior.ln() as f32, beta.ln() as f32))
                     }
                 }
-                Ok(c)
-            })
-            .collect()
+            }
+            Ok(c)
+        })
     }
 }

@@ -104,6 +104,25 @@ pub trait Sampler: Sync {
     }
 }
 
+/// Per-row coefficients, computed once per distinct run of equal timesteps (batches usually
+/// share one t, and a (256, 2) step must not pay 256 times for the same scalars).
+pub(crate) fn rows_with_repeats(
+    t: &[i64],
+    mut f: impl FnMut(i64) -> Result<RowStep>,
+) -> Result<Vec<RowStep>> {
+    let mut rows: Vec<RowStep> = Vec::with_capacity(t.len());
+    for &ti in t {
+        match rows.last() {
+            Some(last) if last.timestep == ti => {
+                let copy = *last;
+                rows.push(copy);
+            }
+            _ => rows.push(f(ti)?),
+        }
+    }
+    Ok(rows)
+}
+
 /// Position of every training timestep in a descending list (None if absent).
 pub(crate) fn positions(num_train_timesteps: usize, timesteps: &[i64]) -> Vec<Option<usize>> {
     let mut pos = vec![None; num_train_timesteps];
