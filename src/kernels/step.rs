@@ -69,6 +69,12 @@ pub fn fused_step(
     out: &mut [f32],
     pred_x0: Option<&mut [f32]>,
 ) -> Option<usize> {
+    // A batch whose rows share every coefficient (one t for all, no variance half) is one long
+    // row: no per-row bookkeeping, which dominates tiny rows such as a (256, 2) batch.
+    if rows.len() > 1 && model_row_stride == row_len && rows.iter().all(|r| *r == rows[0]) {
+        let n = row_len * rows.len();
+        return fused_step(&rows[..1], n, x, model_output, n, noise, out, pred_x0);
+    }
     // When every row has the same timestep (the usual case) the noise stream is shared, so the
     // noise of a whole block is generated at once, across row boundaries: tiny rows such as a
     // (256, 2) batch then cost one generator call per block instead of one per row.
@@ -78,6 +84,8 @@ pub fn fused_step(
         let mut first_bad: Option<usize> = None;
         let mut px0 = px0;
         let mut block_noise = [0f32; NOISE_BLOCK];
+        // Scratch for the scaled noise of one row piece, reused by every piece of the chunk.
+        let mut scratch = [0f32; NOISE_BLOCK];
         let mut b = 0;
         while b < o.len() {
             let e = (b + NOISE_BLOCK).min(o.len());
@@ -110,7 +118,8 @@ pub fn fused_step(
                 };
                 let px = px0.as_deref_mut().map(|p| &mut p[lo..hi]);
                 let xs = x.map(|x| &x[s..se]);
-                if let Some(bad) = piece(c, xs, m, v, z, noise, s, &mut o[lo..hi], px) {
+                if let Some(bad) = piece(c, xs, m, v, z, noise, s, &mut o[lo..hi], px, &mut scratch)
+                {
                     if first_bad.is_none() {
                         first_bad = Some(s + bad);
                     }
@@ -153,10 +162,10 @@ fn piece(
     start: usize,
     o: &mut [f32],
     px: Option<&mut [f32]>,
+    sz: &mut [f32; NOISE_BLOCK],
 ) -> Option<usize> {
     let n = o.len();
     debug_assert!(n <= NOISE_BLOCK);
-    let mut sz = [0f32; NOISE_BLOCK];
     let noisy = c.adds_noise();
     if noisy {
         let sz = &mut sz[..n];
@@ -180,7 +189,7 @@ fn piece(
             }
         }
     }
-    let sz = &sz[..n];
+    let sz: &[f32] = if noisy { &sz[..n] } else { &[] };
     let bad = match (x, px, noisy) {
         (Some(x), Some(p), true) => body::<false, true, true>(c, x, m, sz, o, p),
         (Some(x), Some(p), false) => body::<false, true, false>(c, x, m, sz, o, p),

@@ -243,6 +243,19 @@ pub fn prepare_rows<S: Sampler + ?Sized>(
             );
         }
     }
+    // One timestep for the whole batch (the usual case) and no per-row state: the batch is one
+    // long row, so the coefficients are computed once and the pass has no row bookkeeping.
+    let per_row_state =
+        stride != row_len || matches!(sampler.x0_processing(), X0Processing::Threshold(_));
+    if batch > 1 && !per_row_state && args.t.windows(2).all(|w| w[0] == w[1]) {
+        let mut rows = sampler.row_steps(&args.t[..1])?;
+        if let X0Processing::Clip(r) = sampler.x0_processing() {
+            rows[0].clip_min = -r as f32;
+            rows[0].clip_max = r as f32;
+        }
+        let n = batch * row_len;
+        return Ok((rows, n, n));
+    }
     let mut rows = sampler.row_steps(args.t)?;
     match sampler.x0_processing() {
         X0Processing::None => {}

@@ -286,16 +286,37 @@ fn seeded_noise_of_tiny_rows_uses_global_indices_and_row_streams() {
     let (b, l) = (300usize, 2usize);
     let x = vec![0f32; b * l];
     let m = vec![0f32; b * l];
-    let sigma = |t: i64| d.step_variances(d.timesteps().iter().position(|&x| x == t).unwrap()).1.sqrt() as f32;
+    let sigma = |t: i64| {
+        d.step_variances(d.timesteps().iter().position(|&x| x == t).unwrap())
+            .1
+            .sqrt() as f32
+    };
     // Shared timestep: one stream; mixed timesteps: each row draws from its own stream.
-    for ts in [vec![700i64; b], (0..b).map(|i| if i % 3 == 0 { 700 } else { 400 }).collect::<Vec<_>>()] {
+    for ts in [
+        vec![700i64; b],
+        (0..b)
+            .map(|i| if i % 3 == 0 { 700 } else { 400 })
+            .collect::<Vec<_>>(),
+    ] {
         let mut out = vec![0f32; b * l];
-        let args = StepArgs { model_output: &m, model_shape: &[b, l], t: &ts, x: Some(&x), x_shape: &[b, l], noise: crate::kernels::Noise::Seeded(9), check_finite: true };
+        let args = StepArgs {
+            model_output: &m,
+            model_shape: &[b, l],
+            t: &ts,
+            x: Some(&x),
+            x_shape: &[b, l],
+            noise: crate::kernels::Noise::Seeded(9),
+            check_finite: true,
+        };
         step_into(&d, &args, &mut out, None).unwrap();
         for (row, &t) in ts.iter().enumerate() {
             let mut z = [0f32; 2];
             crate::kernels::rng::fill_normal(9, t as u64, (row * l) as u64, &mut z);
-            assert_eq!(&out[row * l..row * l + l], &[sigma(t) * z[0], sigma(t) * z[1]], "row {row}");
+            assert_eq!(
+                &out[row * l..row * l + l],
+                &[sigma(t) * z[0], sigma(t) * z[1]],
+                "row {row}"
+            );
         }
     }
 }
