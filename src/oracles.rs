@@ -232,16 +232,18 @@ pub fn energy_distance(a: &[f32], n: usize, b: &[f32], m: usize, dim: usize) -> 
             .sqrt()
     };
     let mean_cross = |p: &[f32], np: usize, q: &[f32], nq: usize, same: bool| -> f64 {
-        let total: f64 = (0..np)
-            .into_par_iter()
-            .map(|i| {
-                let pi = &p[i * dim..(i + 1) * dim];
-                (0..nq)
-                    .filter(|&j| !(same && j == i))
-                    .map(|j| dist(pi, &q[j * dim..(j + 1) * dim]))
-                    .sum::<f64>()
-            })
-            .sum();
+        let per_point = |i: usize| -> f64 {
+            let pi = &p[i * dim..(i + 1) * dim];
+            (0..nq)
+                .filter(|&j| !(same && j == i))
+                .map(|j| dist(pi, &q[j * dim..(j + 1) * dim]))
+                .sum::<f64>()
+        };
+        let total: f64 = if crate::kernels::parallel_allowed() {
+            (0..np).into_par_iter().map(per_point).sum()
+        } else {
+            (0..np).map(per_point).sum()
+        };
         let pairs = if same { np * (np - 1) } else { np * nq };
         total / pairs as f64
     };

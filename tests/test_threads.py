@@ -31,3 +31,30 @@ def test_seeded_sampling_is_identical_for_1_2_and_3_threads():
     digests = {n: run(n) for n in (1, 2, 3)}
     assert len(set(digests.values())) == 1, digests
     assert len(digests[1]) == len(hashlib.sha256().hexdigest())
+
+
+FORK_SCRIPT = r"""
+import multiprocessing as mp, numpy as np, ferrodiff as fd
+s = fd.Schedule.linear(1000)
+d = fd.DDPM(s, steps=10)
+x = np.ones((4, 3, 64, 64), np.float32)
+parent = d.step(x, int(d.timesteps[0]), x, seed=1).prev_sample   # starts the thread pool
+
+def child(q):
+    q.put(d.step(x, int(d.timesteps[0]), x, seed=1).prev_sample.sum())
+
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+got = q.get(timeout=60)
+p.join(60)
+assert p.exitcode == 0, p.exitcode
+assert np.isclose(got, parent.sum()), (got, parent.sum())
+print("ok")
+"""
+
+
+def test_a_forked_child_runs_kernels_without_deadlocking_on_the_parents_pool():
+    out = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

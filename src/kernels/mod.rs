@@ -14,13 +14,36 @@ pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
 /// Elements per parallel task: large enough to amortise scheduling, small enough to balance.
 pub const CHUNK_ELEMENTS: usize = 1 << 14;
 
+static FORKED_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static FORK_GUARD: std::sync::Once = std::sync::Once::new();
+
+#[cfg(unix)]
+extern "C" fn mark_forked_child() {
+    FORKED_CHILD.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether passes may use the rayon pool. In a process forked from one that already started
+/// the pool (a PyTorch DataLoader worker, multiprocessing with fork), the pool's threads do not
+/// exist and waiting for them would hang forever: there every pass runs on the calling thread,
+/// as Hugging Face tokenizers does.
+pub fn parallel_allowed() -> bool {
+    FORK_GUARD.call_once(|| {
+        #[cfg(unix)]
+        // SAFETY: registers a handler that only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::pthread_atfork(None, None, Some(mark_forked_child));
+        }
+    });
+    !FORKED_CHILD.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Runs `f(start, out_chunk)` over `out` in chunks (in parallel when large); `start` is the
 /// global index of the chunk's first element. Returns the results of every chunk, in order.
 pub fn for_each_chunk<R: Send>(
     out: &mut [f32],
     f: impl Fn(usize, &mut [f32]) -> R + Sync,
 ) -> Vec<R> {
-    if out.len() < PARALLEL_MIN_ELEMENTS {
+    if out.len() < PARALLEL_MIN_ELEMENTS || !parallel_allowed() {
         return vec![f(0, out)];
     }
     out.par_chunks_mut(CHUNK_ELEMENTS)

@@ -130,7 +130,7 @@ pub fn fused_step(
         first_bad
     };
     let n = out.len();
-    if n < PARALLEL_MIN_ELEMENTS {
+    if n < PARALLEL_MIN_ELEMENTS || !super::parallel_allowed() {
         return run(0, out, pred_x0);
     }
     match pred_x0 {
@@ -288,7 +288,7 @@ pub fn threshold_scales(
         s as f32
     };
     let batch = rows.len();
-    if batch * row_len < PARALLEL_MIN_ELEMENTS {
+    if batch * row_len < PARALLEL_MIN_ELEMENTS || !super::parallel_allowed() {
         (0..batch).map(one_row).collect()
     } else {
         (0..batch).into_par_iter().map(one_row).collect()
