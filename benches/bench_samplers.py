@@ -68,16 +68,16 @@ if THREADS < 1:
 os.environ["RAYON_NUM_THREADS"] = str(THREADS)
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 torch.set_num_threads(THREADS)
 
-import ferrodiff as fd  # noqa: E402
+import ferrodiff as fd
 
 try:
-    import diffusers  # noqa: E402
-    from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
+    import diffusers
+    from diffusers import DDIMScheduler, DDPMScheduler
 
     diffusers.utils.logging.set_verbosity_error()
 except ImportError:  # diffusers rows are then left out
@@ -187,8 +187,8 @@ class TorchInPlace:
 def make_diffusers():
     if diffusers is None:
         return None
-    common = dict(num_train_timesteps=T, beta_start=BETA_START, beta_end=BETA_END, beta_schedule="linear",
-                  prediction_type="epsilon", steps_offset=0, timestep_spacing="leading")
+    common = {"num_train_timesteps": T, "beta_start": BETA_START, "beta_end": BETA_END, "beta_schedule": "linear",
+              "prediction_type": "epsilon", "steps_offset": 0, "timestep_spacing": "leading"}
     ddim_clip = DDIMScheduler(clip_sample=True, clip_sample_range=CLIP, set_alpha_to_one=True, **common)
     ddim = DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common)
     ddpm = DDPMScheduler(variance_type="fixed_small", clip_sample=False, **common)
@@ -203,36 +203,51 @@ def make_diffusers():
 # ----------------------------------------------------------------------------------------------
 
 
-def measure(fn, *, min_time=None, min_reps=5, max_reps=2000, warmup=2, max_time=None):
-    """Median seconds per call of fn(). Calls that take well under a millisecond are batched so
-    each timed sample spans >= ~1 ms (timer resolution and loop overhead stay negligible).
-    Stops after min_reps samples once min_time has passed, after max_reps samples, or (for very
-    slow calls) after max_time seconds of timed calls with at least one sample."""
+def measure(fns, *, min_time=None, min_reps=5, max_reps=2000, warmup=2, max_time=None):
+    """Median seconds per call of each function in `fns`, timed in interleaved rounds.
+
+    Each round takes one timed sample of every function in turn. Contention from other processes
+    then hits all the methods of a case alike, so ratios hold up even when absolute times
+    wobble. Calls that take well under a millisecond are batched so that one sample spans at
+    least ~1 ms; timer resolution and loop overhead then don't matter. The rounds stop after
+    max_reps. They also stop once there are min_reps samples and min_time seconds per function
+    have passed, or once max_time seconds of timed calls have passed (at least one round).
+    Returns [(median seconds per call, timed calls)] in the order of `fns`.
+    """
     min_time = MIN_TIME if min_time is None else min_time
-    one = None
-    for _ in range(max(1, warmup)):
+    numbers, samples = [], [[] for _ in fns]
+    for k, fn in enumerate(fns):
+        for _ in range(warmup):
+            t0 = time.perf_counter()
+            fn()
+            if time.perf_counter() - t0 > 1.0:  # a slow call: one warm-up touches everything already
+                break
         t0 = time.perf_counter()
         fn()
         one = time.perf_counter() - t0
-        if one > 1.0:  # a slow call: one warm-up touches everything already
-            break
-    number = 1 if one >= 1e-3 else max(1, int(1e-3 / max(one, 1e-7)))
+        if one >= 1e-3:
+            numbers.append(1)
+            samples[k].append(one)  # after warm-up this call is an ordinary timed sample
+        else:
+            numbers.append(max(1, int(1e-3 / max(one, 1e-7))))
     gc.collect()
-    samples = []
     start = time.perf_counter()
     while True:
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        samples.append((time.perf_counter() - t0) / number)
+        for k, fn in enumerate(fns):
+            number = numbers[k]
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            samples[k].append((time.perf_counter() - t0) / number)
+        reps = min(len(x) for x in samples)
         elapsed = time.perf_counter() - start
-        if len(samples) >= max_reps:
+        if reps >= max_reps:
             break
-        if len(samples) >= min_reps and elapsed >= min_time:
+        if reps >= min_reps and elapsed >= min_time * len(fns):
             break
         if max_time is not None and elapsed >= max_time:
             break
-    return statistics.median(samples), len(samples) * number
+    return [(statistics.median(x), len(x) * n) for x, n in zip(samples, numbers)]
 
 
 def fmt_time(sec, unit):
@@ -324,42 +339,47 @@ def bench_shape(shape, f, sched):
 
     err = verify(shape, f, th, sched, x, eps, xt, epst, buf)
 
-    kw = dict(min_reps=3, max_reps=3, warmup=1, min_time=0.0, max_time=5.0) if large else {}
-    if QUICK and not large:
-        kw = dict(min_reps=3, warmup=1)
+    if large:  # verify() has already run every method once at this shape: no separate warm-up
+        kw = {"min_reps": 3, "max_reps": 3, "warmup": 0, "min_time": 0.0, "max_time": 12.0}
+    elif QUICK:
+        kw = {"min_reps": 3, "warmup": 1}
+    else:
+        kw = {}
     np_rng = np.random.default_rng(SEED)
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
 
-    results = {}  # case -> list of (method, seconds)
-
-    def run(case, method, fn):
-        t, calls = measure(fn, **kw)
-        results.setdefault(case, []).append((method, t, calls))
-
-    run("ddim_clip", "ferrodiff DDIM.step", lambda: f.ddim_clip.step(eps, T_BENCH, x))
-    run("ddim_clip", "numpy (allocating)", lambda: np_ddim(eps, x, CLIP))
-    run("ddim_clip", "torch in-place", lambda: th.ddim(epst, xt, CLIP))
+    cases = {
+        "ddim_clip": [
+            ("ferrodiff DDIM.step", lambda: f.ddim_clip.step(eps, T_BENCH, x)),
+            ("numpy (allocating)", lambda: np_ddim(eps, x, CLIP)),
+            ("torch in-place", lambda: th.ddim(epst, xt, CLIP)),
+        ],
+        "ddim_out": [
+            ("ferrodiff DDIM.step(out=)", lambda: f.ddim.step(eps, T_BENCH, x, out=buf)),
+            ("numpy (allocating)", lambda: np_ddim(eps, x)),
+            ("torch in-place (out=)", lambda: th.ddim(epst, xt, out=tout)),
+        ],
+        "ddpm_noise": [
+            ("ferrodiff DDPM.step(seed=)", lambda: f.ddpm.step(eps, T_BENCH, x, seed=SEED)),
+            ("numpy (allocating, rng)", lambda: np_ddpm(eps, x, np_rng)),
+            ("torch in-place + randn_like", lambda: th.ddpm(epst, xt)),
+        ],
+    }
     if sched is not None:
-        run("ddim_clip", "diffusers DDIMScheduler.step",
-            lambda: sched["ddim_clip"].step(epst, T_BENCH, xt, eta=0.0))
+        cases["ddim_clip"].append(("diffusers DDIMScheduler.step",
+                                   lambda: sched["ddim_clip"].step(epst, T_BENCH, xt, eta=0.0)))
+        cases["ddim_out"].append(("diffusers DDIMScheduler.step",
+                                  lambda: sched["ddim"].step(epst, T_BENCH, xt, eta=0.0)))
+        cases["ddpm_noise"].append(("diffusers DDPMScheduler.step",
+                                    lambda: sched["ddpm"].step(epst, T_BENCH, xt, generator=gen)))
+    cases["ddim_out"].append(("np.copyto (bandwidth ref)", lambda: np.copyto(dst, x)))
 
-    run("ddim_out", "ferrodiff DDIM.step(out=)", lambda: f.ddim.step(eps, T_BENCH, x, out=buf))
-    run("ddim_out", "numpy (allocating)", lambda: np_ddim(eps, x))
-    run("ddim_out", "torch in-place (out=)", lambda: th.ddim(epst, xt, out=tout))
-    if sched is not None:
-        run("ddim_out", "diffusers DDIMScheduler.step", lambda: sched["ddim"].step(epst, T_BENCH, xt, eta=0.0))
-    run("ddim_out", "np.copyto (bandwidth ref)", lambda: np.copyto(dst, x))
+    results = {}  # case -> [(method, seconds, timed calls)]
+    for case, methods in cases.items():
+        timings = measure([fn for _, fn in methods], **kw)
+        results[case] = [(name, t, calls) for (name, _), (t, calls) in zip(methods, timings)]
 
-    run("ddpm_noise", "ferrodiff DDPM.step(seed=)", lambda: f.ddpm.step(eps, T_BENCH, x, seed=SEED))
-    run("ddpm_noise", "numpy (allocating, rng)", lambda: np_ddpm(eps, x, np_rng))
-    run("ddpm_noise", "torch in-place + randn_like", lambda: th.ddpm(epst, xt))
-    if sched is not None:
-        run("ddpm_noise", "diffusers DDPMScheduler.step",
-            lambda: sched["ddpm"].step(epst, T_BENCH, xt, generator=gen))
-
-    del x, eps, xt, epst, buf, th, tout, dst
-    gc.collect()
     return {"shape": shape, "n": n, "unit": unit, "results": results, "verify_err": err}
 
 
@@ -435,13 +455,13 @@ def bench_generator():
     del z
     rng = np.random.default_rng(SEED)
     torch.manual_seed(SEED)
-    kw = dict(min_reps=3, warmup=1, min_time=MIN_TIME, max_time=5.0)
-    res = [
-        ("ferrodiff fd.randn(shape, seed)", *measure(lambda: fd.randn(shape, SEED), **kw)),
-        ("numpy default_rng().standard_normal(float32)",
-         *measure(lambda: rng.standard_normal(shape, dtype=np.float32), **kw)),
-        ("torch.randn", *measure(lambda: torch.randn(shape), **kw)),
+    methods = [
+        ("ferrodiff fd.randn(shape, seed)", lambda: fd.randn(shape, SEED)),
+        ("numpy default_rng().standard_normal(float32)", lambda: rng.standard_normal(shape, dtype=np.float32)),
+        ("torch.randn", lambda: torch.randn(shape)),
     ]
+    timings = measure([fn for _, fn in methods], min_reps=3, warmup=1, min_time=MIN_TIME, max_time=8.0)
+    res = [(name, t, calls) for (name, _), (t, calls) in zip(methods, timings)]
     t_fd = res[0][1]
     rows = [[m, f"{n / t / 1e6:.0f}", f"{t * 1e3:.2f}", f"{t / t_fd:.2f}x", str(c)] for m, t, c in res]
     header = ["method", "M samples/s", "ms/call", "ferrodiff speed-up", "timed calls"]
@@ -453,19 +473,34 @@ def bench_generator():
 # ----------------------------------------------------------------------------------------------
 
 
-def _busy_warning(when):
-    """Warns when other processes compete for the cores (the 1-minute load average includes
-    this process only at the end of the run)."""
+def _cpu_snapshot():
+    """(system busy CPU seconds, steal seconds) from /proc/stat, this process's CPU seconds, wall time."""
     try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return None
-    limit = 0.5 if when == "start" else THREADS + 0.5
-    if load > limit:
-        print(f"WARNING ({when} of run): 1-min load average {load:.2f} on {os.cpu_count()} cores: other processes "
-              f"are competing for the CPUs; timings (OpenMP-based torch especially) are unreliable")
-        return load
-    return None
+        with open("/proc/stat") as fh:
+            vals = [int(v) for v in fh.readline().split()[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (vals[0] + vals[1] + vals[2] + vals[5] + vals[6]) / tick  # user nice system irq softirq
+        steal = vals[7] / tick if len(vals) > 7 else 0.0
+    except (OSError, ValueError, IndexError):
+        busy = steal = None
+    t = os.times()
+    return busy, steal, t.user + t.system, time.perf_counter()
+
+
+def _busy_warning(snap0, when):
+    """Prints how many cores other processes (and the hypervisor, as steal time) took since
+    snap0; warns when they competed with the benchmark."""
+    busy1, steal1, own1, wall1 = _cpu_snapshot()
+    busy0, steal0, own0, wall0 = snap0
+    if busy0 is None or busy1 is None or wall1 <= wall0:
+        return
+    other = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
+    steal = (steal1 - steal0) / (wall1 - wall0)
+    if other > 0.25 or steal > 0.25:
+        print(f"WARNING ({when}): other processes used {other:.2f} of {os.cpu_count()} cores on average "
+              f"(steal {steal:.2f}); timings (OpenMP-based torch especially) are unreliable, rerun on an idle machine")
+    else:
+        print(f"({when}: other processes used {other:.2f} cores on average, steal {steal:.2f})")
 
 
 def main():
@@ -481,6 +516,10 @@ def main():
         pass
     print(f"ferrodiff {fd.__version__} | numpy {np.__version__} | torch {torch.__version__} | "
           f"diffusers {diffusers.__version__ if diffusers else 'not installed'} | Python {platform.python_version()}")
+    core = getattr(fd, "_core", None)
+    if core is not None and getattr(core, "__file__", None):
+        mtime = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(core.__file__)))
+        print(f"ferrodiff extension: {core.__file__} (built {mtime})")
     print(f"CPU: {cpu}, {os.cpu_count()} logical cores | threads: RAYON_NUM_THREADS={THREADS}, "
           f"torch.get_num_threads()={torch.get_num_threads()}")
     print(f"config: linear schedule T={T} ({BETA_START}..{BETA_END}), {STEPS} leading steps, step at t={T_BENCH} "
@@ -489,7 +528,10 @@ def main():
     print("speed-up = (method time) / (ferrodiff time); GB/s counts x + model_output read and out written "
           "(np.copyto: src read + dst written)")
 
-    load0 = _busy_warning("start")
+    snap = _cpu_snapshot()
+    time.sleep(0.5)
+    _busy_warning(snap, "before the run")
+    snap = _cpu_snapshot()
 
     f = Ferrodiff()
     sched = make_diffusers()
@@ -553,8 +595,7 @@ def main():
     add("fd.randn >= 500 M samples/s (fallback)", f"{rate:.0f} M/s", rate >= 500 if THREADS == 2 else None, note)
 
     print_table(f"Targets (threads={THREADS})", ["target", "measured", "status"], targets, ARGS.markdown)
-    if _busy_warning("end") is None and load0 is None:
-        print(f"(load average {os.getloadavg()[0]:.2f}: the machine looked idle apart from this run)")
+    _busy_warning(snap, "during the run")
     print(f"\ntotal wall time {time.perf_counter() - wall0:.1f} s")
 
 
