@@ -53,7 +53,7 @@ pub enum Noise<'a> {
 }
 
 /// Elements of noise generated at a time into an L1-resident buffer.
-const NOISE_BLOCK: usize = 512;
+const NOISE_BLOCK: usize = 1024;
 
 /// One fused step over a batch. `x = None` means x is read from `out` (in-place update).
 /// `model_output` rows are `model_row_stride` long (`row_len`, or `2 · row_len` when it
@@ -86,9 +86,16 @@ pub fn fused_step(
         let mut block_noise = [0f32; NOISE_BLOCK];
         // Scratch for the scaled noise of one row piece, reused by every piece of the chunk.
         let mut scratch = [0f32; NOISE_BLOCK];
+        // Noise is generated a block at a time into L1-resident scratch; without noise the
+        // whole chunk is one block.
+        let block = if any_noise {
+            NOISE_BLOCK
+        } else {
+            o.len().max(1)
+        };
         let mut b = 0;
         while b < o.len() {
-            let e = (b + NOISE_BLOCK).min(o.len());
+            let e = (b + block).min(o.len());
             let pre = match noise {
                 Noise::Seeded(seed) if shared_stream && any_noise && !rows.is_empty() => {
                     fill_normal(
@@ -150,6 +157,8 @@ pub fn fused_step(
 
 /// One row piece (at most `NOISE_BLOCK` long) starting at global element `start`; `z` is its
 /// pre-generated standard noise when the caller had it. Returns the offset of a non-finite result.
+/// Runs the AVX2 build of the same code where the CPU has it (plain IEEE operations, no FMA
+/// contraction, so both builds give identical bits).
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn piece(
@@ -164,41 +173,87 @@ fn piece(
     px: Option<&mut [f32]>,
     sz: &mut [f32; NOISE_BLOCK],
 ) -> Option<usize> {
-    let n = o.len();
-    debug_assert!(n <= NOISE_BLOCK);
-    let noisy = c.adds_noise();
-    if noisy {
-        let sz = &mut sz[..n];
-        match (z, noise) {
-            (Some(z), _) => sz.copy_from_slice(z),
-            (None, Noise::Seeded(seed)) => fill_normal(seed, c.timestep as u64, start as u64, sz),
-            (None, Noise::Given(g)) => sz.copy_from_slice(&g[start..start + n]),
-        }
-        match (c.learned_log_variance, v) {
-            (Some((min_log, max_log)), Some(v)) => {
-                // Nichol & Dhariwal 2021, eq. 15, as a standard deviation exp(log σ² / 2).
-                for (z, &vv) in sz.iter_mut().zip(v) {
-                    let frac = 0.5 * (vv + 1.0);
-                    *z *= (0.5 * (frac * max_log + (1.0 - frac) * min_log)).exp();
-                }
-            }
-            _ => {
-                for z in sz.iter_mut() {
-                    *z *= c.noise_std;
-                }
-            }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { piece_avx2(c, x, m, v, z, noise, start, o, px, sz) };
         }
     }
-    let sz: &[f32] = if noisy { &sz[..n] } else { &[] };
+    piece_generic(c, x, m, v, z, noise, start, o, px, sz)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn piece_avx2(
+    c: &RowStep,
+    x: Option<&[f32]>,
+    m: &[f32],
+    v: Option<&[f32]>,
+    z: Option<&[f32]>,
+    noise: Noise<'_>,
+    start: usize,
+    o: &mut [f32],
+    px: Option<&mut [f32]>,
+    sz: &mut [f32; NOISE_BLOCK],
+) -> Option<usize> {
+    piece_generic(c, x, m, v, z, noise, start, o, px, sz)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn piece_generic(
+    c: &RowStep,
+    x: Option<&[f32]>,
+    m: &[f32],
+    v: Option<&[f32]>,
+    z: Option<&[f32]>,
+    noise: Noise<'_>,
+    start: usize,
+    o: &mut [f32],
+    px: Option<&mut [f32]>,
+    sz: &mut [f32; NOISE_BLOCK],
+) -> Option<usize> {
+    let n = o.len();
+    let noisy = c.adds_noise();
+    debug_assert!(!noisy || n <= NOISE_BLOCK);
+    // The standard noise of this piece and the factor it is scaled by inside the pass: the
+    // row's σ, or 1 when learned variances have already scaled it element by element.
+    let (zs, scale): (&[f32], f32) = if !noisy {
+        (&[], 0.0)
+    } else {
+        let raw: &[f32] = match (z, noise) {
+            (Some(z), _) => z,
+            (None, Noise::Given(g)) => &g[start..start + n],
+            (None, Noise::Seeded(seed)) => {
+                fill_normal(seed, c.timestep as u64, start as u64, &mut sz[..n]);
+                &sz[..n]
+            }
+        };
+        match (c.learned_log_variance, v) {
+            (Some((min_log, max_log)), Some(v)) => {
+                let mut scaled = [0f32; NOISE_BLOCK];
+                for ((o, &z), &vv) in scaled.iter_mut().zip(raw).zip(v) {
+                    // Nichol & Dhariwal 2021, eq. 15, as a standard deviation exp(log σ² / 2).
+                    let frac = 0.5 * (vv + 1.0);
+                    *o = z * (0.5 * (frac * max_log + (1.0 - frac) * min_log)).exp();
+                }
+                sz[..n].copy_from_slice(&scaled[..n]);
+                (&sz[..n], 1.0)
+            }
+            _ => (raw, c.noise_std),
+        }
+    };
     let bad = match (x, px, noisy) {
-        (Some(x), Some(p), true) => body::<false, true, true>(c, x, m, sz, o, p),
-        (Some(x), Some(p), false) => body::<false, true, false>(c, x, m, sz, o, p),
-        (Some(x), None, true) => body::<false, false, true>(c, x, m, sz, o, &mut []),
-        (Some(x), None, false) => body::<false, false, false>(c, x, m, sz, o, &mut []),
-        (None, Some(p), true) => body::<true, true, true>(c, &[], m, sz, o, p),
-        (None, Some(p), false) => body::<true, true, false>(c, &[], m, sz, o, p),
-        (None, None, true) => body::<true, false, true>(c, &[], m, sz, o, &mut []),
-        (None, None, false) => body::<true, false, false>(c, &[], m, sz, o, &mut []),
+        (Some(x), Some(p), true) => body::<false, true, true>(c, x, m, zs, scale, o, p),
+        (Some(x), Some(p), false) => body::<false, true, false>(c, x, m, zs, scale, o, p),
+        (Some(x), None, true) => body::<false, false, true>(c, x, m, zs, scale, o, &mut []),
+        (Some(x), None, false) => body::<false, false, false>(c, x, m, zs, scale, o, &mut []),
+        (None, Some(p), true) => body::<true, true, true>(c, &[], m, zs, scale, o, p),
+        (None, Some(p), false) => body::<true, true, false>(c, &[], m, zs, scale, o, p),
+        (None, None, true) => body::<true, false, true>(c, &[], m, zs, scale, o, &mut []),
+        (None, None, false) => body::<true, false, false>(c, &[], m, zs, scale, o, &mut []),
     };
     if bad {
         o.iter().position(|v| !v.is_finite())
@@ -213,14 +268,15 @@ fn body<const IN_PLACE: bool, const WRITE_X0: bool, const NOISY: bool>(
     c: &RowStep,
     x: &[f32],
     m: &[f32],
-    sz: &[f32],
+    z: &[f32],
+    noise_scale: f32,
     o: &mut [f32],
     px: &mut [f32],
 ) -> bool {
     let n = o.len();
     let m = &m[..n];
     let x = if IN_PLACE { x } else { &x[..n] };
-    let sz = if NOISY { &sz[..n] } else { sz };
+    let z = if NOISY { &z[..n] } else { z };
     let px = if WRITE_X0 { &mut px[..n] } else { px };
     let mut non_finite = 0u32;
     for i in 0..n {
@@ -231,13 +287,16 @@ fn body<const IN_PLACE: bool, const WRITE_X0: bool, const NOISY: bool>(
             (c.x0_from_x * xv + c.x0_from_model * mv).clamp(c.clip_min, c.clip_max) * c.clip_scale;
         let mut prev = c.prev_from_x0 * x0 + c.prev_from_x * xv + c.prev_from_model * mv;
         if NOISY {
-            prev += sz[i];
+            prev += noise_scale * z[i];
         }
         if WRITE_X0 {
             px[i] = x0;
         }
         o[i] = prev;
-        non_finite |= u32::from(prev.to_bits() & 0x7f80_0000 == 0x7f80_0000);
+        // prev - prev is +0 exactly when prev is finite (Inf - Inf and NaN - NaN are NaN).
+        #[allow(clippy::eq_op)]
+        let finite_probe = prev - prev;
+        non_finite |= finite_probe.to_bits();
     }
     non_finite != 0
 }
