@@ -289,7 +289,7 @@ def verify(shape, f, th, sched, x, eps, xt, epst, buf):
     x0_ref = (x64 - SQRT_1MA * e64) / SQRT_A
     prev_ref = SQRT_AP * x0_ref + SQRT_1MAP * e64
     buf.fill(np.nan)
-    r = f.ddim.step(eps, T_BENCH, x, out=buf)
+    r = f.ddim.step(eps, T_BENCH, x, out=buf, return_pred_x0=False)
     worst = max(worst, check_close("ferrodiff DDIM out=", buf, prev_ref, 1e-5, 1e-5))
     check_close("ferrodiff DDIM out= returned", r.prev_sample, prev_ref, 1e-5, 1e-5)
     check_close("numpy DDIM", np_ddim(eps, x)[0], prev_ref, 1e-5, 1e-5)
@@ -356,7 +356,7 @@ def bench_shape(shape, f, sched):
             ("torch in-place", lambda: th.ddim(epst, xt, CLIP)),
         ],
         "ddim_out": [
-            ("ferrodiff DDIM.step(out=)", lambda: f.ddim.step(eps, T_BENCH, x, out=buf)),
+            ("ferrodiff DDIM.step(out=, return_pred_x0=False)", lambda: f.ddim.step(eps, T_BENCH, x, out=buf, return_pred_x0=False)),
             ("numpy (allocating)", lambda: np_ddim(eps, x)),
             ("torch in-place (out=)", lambda: th.ddim(epst, xt, out=tout)),
         ],

@@ -248,3 +248,23 @@ def test_keyboard_interrupt_stops_a_long_loop_between_steps(linear):
     with pytest.raises(KeyboardInterrupt):
         fd.DDPM(linear).sample(interrupting, (4, 2))
     assert len(calls) < 10
+
+
+def test_pred_x0_can_be_written_into_a_buffer_or_skipped(linear, rng):
+    d = fd.DDIM(linear, steps=10, clip_sample=1.0)
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    m = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    ref = d.step(m, 500, x)
+    buf = np.empty_like(x)
+    got = d.step(m, 500, x, pred_x0_out=buf)
+    assert got.pred_x0 is buf
+    np.testing.assert_array_equal(buf, ref.pred_x0)
+    skipped = d.step(m, 500, x, return_pred_x0=False)
+    assert skipped.pred_x0 is None
+    np.testing.assert_array_equal(skipped.prev_sample, ref.prev_sample)
+    with pytest.raises(ValueError, match="overlap"):
+        d.step(m, 500, x, pred_x0_out=x)
+    with pytest.raises(ValueError, match="shape"):
+        d.step(m, 500, x, pred_x0_out=np.empty((2, 3), np.float32))
+    with pytest.raises(ValueError, match="return_pred_x0=False"):
+        d.step(m, 500, x, pred_x0_out=buf, return_pred_x0=False)

@@ -137,6 +137,8 @@ class DDPM:
         noise: Optional[ArrayLike] = None,
         seed: Optional[int] = None,
         out: Optional[F32] = None,
+        pred_x0_out: Optional[F32] = None,
+        return_pred_x0: bool = True,
         check_finite: bool = True,
     ) -> StepOutput: ...
     def sample(
@@ -191,6 +193,8 @@ class DDIM:
         noise: Optional[ArrayLike] = None,
         seed: Optional[int] = None,
         out: Optional[F32] = None,
+        pred_x0_out: Optional[F32] = None,
+        return_pred_x0: bool = True,
         check_finite: bool = True,
     ) -> StepOutput: ...
     def sample(

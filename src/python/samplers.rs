@@ -252,6 +252,8 @@ fn step_impl<'py, S: Sampler>(
     noise: Option<&Bound<'py, PyAny>>,
     seed: Option<u64>,
     out: Option<&Bound<'py, PyAny>>,
+    pred_x0_out: Option<&Bound<'py, PyAny>>,
+    return_pred_x0: bool,
     check_finite: bool,
 ) -> PyResult<StepOutput> {
     let m = f32_array(model_output, "model_output")?;
@@ -318,7 +320,16 @@ fn step_impl<'py, S: Sampler>(
             }
         }
     }
-    let pred = new_f32(py, &shape);
+    let pred = match (pred_x0_out, return_pred_x0) {
+        (Some(_), false) => {
+            return Err(PyValueError::new_err(
+                "pred_x0_out was given with return_pred_x0=False",
+            ));
+        }
+        (None, false) => None,
+        (None, true) => Some(new_f32(py, &shape)),
+        (Some(p), true) => Some(pred_x0_out_arg(p, &shape, &[&out_arr, &xa, &m])?),
+    };
     {
         let mr = m.readonly();
         let zr = z.as_ref().map(|z| z.readonly());
@@ -326,7 +337,7 @@ fn step_impl<'py, S: Sampler>(
         let mut ow = out_arr
             .try_readwrite()
             .map_err(|e| PyValueError::new_err(format!("out cannot be written: {e}")))?;
-        let mut pw = pred.readwrite();
+        let mut pw = pred.as_ref().map(|p| p.readwrite());
         let mv = mr.as_slice()?;
         let zv = match &zr {
             Some(z) => Some(z.as_slice()?),
@@ -336,7 +347,11 @@ fn step_impl<'py, S: Sampler>(
             Some(x) => Some(x.as_slice()?),
             None => None,
         };
-        let (ov, pv) = (ow.as_slice_mut()?, pw.as_slice_mut()?);
+        let ov = ow.as_slice_mut()?;
+        let pv = match pw.as_mut() {
+            Some(p) => Some(p.as_slice_mut()?),
+            None => None,
+        };
         let mshape = m.shape().to_vec();
         let args = StepArgs {
             model_output: mv,
@@ -350,12 +365,48 @@ fn step_impl<'py, S: Sampler>(
             },
             check_finite,
         };
-        py.detach(|| sample::step_into(sampler, &args, ov, Some(pv)))?;
+        py.detach(|| sample::step_into(sampler, &args, ov, pv))?;
     }
     Ok(StepOutput {
         prev_sample: out_arr.into_any().unbind(),
-        pred_x0: pred.into_any().unbind(),
+        pred_x0: match pred {
+            Some(p) => p.into_any().unbind(),
+            None => py.None(),
+        },
     })
+}
+
+/// Checks a caller's `pred_x0_out`: C-contiguous float32 of x's shape, overlapping nothing else.
+fn pred_x0_out_arg<'py>(
+    p: &Bound<'py, PyAny>,
+    shape: &[usize],
+    others: &[&Bound<'py, PyArrayDyn<f32>>],
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let a = p.cast::<PyArrayDyn<f32>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "pred_x0_out must be a float32 numpy array, got {}",
+            type_name(p)
+        ))
+    })?;
+    if !a.is_c_contiguous() || a.shape() != shape {
+        return Err(PyValueError::new_err(format!(
+            "pred_x0_out must be a C-contiguous float32 array of x's shape {shape:?}, got shape {:?}",
+            a.shape()
+        )));
+    }
+    let span = |arr: &Bound<'py, PyArrayDyn<f32>>| {
+        (arr.data() as usize, arr.data() as usize + 4 * arr.len())
+    };
+    let (p0, p1) = span(a);
+    for o in others {
+        let (o0, o1) = span(o);
+        if p1 > p0 && o1 > o0 && p0 < o1 && o0 < p1 {
+            return Err(PyValueError::new_err(
+                "pred_x0_out must not overlap out, x or model_output",
+            ));
+        }
+    }
+    Ok(a.clone())
 }
 
 /// The starting x_T and its shape from `shape` / `x_T`.
@@ -635,7 +686,7 @@ impl PyDdpm {
     /// One reverse step from x at timestep t: returns `StepOutput(prev_sample, pred_x0)`.
     /// Noise (when this step adds any) comes from `noise` (used exactly) or from `seed` with the
     /// row's timestep as stream, so a hand-written loop reproduces `sample(seed=...)`.
-    #[pyo3(signature = (model_output, t, x, *, noise=None, seed=None, out=None, check_finite=true))]
+    #[pyo3(signature = (model_output, t, x, *, noise=None, seed=None, out=None, pred_x0_out=None, return_pred_x0=true, check_finite=true))]
     #[allow(clippy::too_many_arguments)]
     fn step<'py>(
         &self,
@@ -646,6 +697,8 @@ impl PyDdpm {
         noise: Option<&Bound<'py, PyAny>>,
         seed: Option<u64>,
         out: Option<&Bound<'py, PyAny>>,
+        pred_x0_out: Option<&Bound<'py, PyAny>>,
+        return_pred_x0: bool,
         check_finite: bool,
     ) -> PyResult<StepOutput> {
         step_impl(
@@ -657,6 +710,8 @@ impl PyDdpm {
             noise,
             seed,
             out,
+            pred_x0_out,
+            return_pred_x0,
             check_finite,
         )
     }
@@ -828,7 +883,7 @@ impl PyDdim {
     }
 
     /// One DDIM step (eq. 12) from x at timestep t: returns `StepOutput(prev_sample, pred_x0)`.
-    #[pyo3(signature = (model_output, t, x, *, noise=None, seed=None, out=None, check_finite=true))]
+    #[pyo3(signature = (model_output, t, x, *, noise=None, seed=None, out=None, pred_x0_out=None, return_pred_x0=true, check_finite=true))]
     #[allow(clippy::too_many_arguments)]
     fn step<'py>(
         &self,
@@ -839,6 +894,8 @@ impl PyDdim {
         noise: Option<&Bound<'py, PyAny>>,
         seed: Option<u64>,
         out: Option<&Bound<'py, PyAny>>,
+        pred_x0_out: Option<&Bound<'py, PyAny>>,
+        return_pred_x0: bool,
         check_finite: bool,
     ) -> PyResult<StepOutput> {
         step_impl(
@@ -850,6 +907,8 @@ impl PyDdim {
             noise,
             seed,
             out,
+            pred_x0_out,
+            return_pred_x0,
             check_finite,
         )
     }
