@@ -268,3 +268,11 @@ def test_pred_x0_can_be_written_into_a_buffer_or_skipped(linear, rng):
         d.step(m, 500, x, pred_x0_out=np.empty((2, 3), np.float32))
     with pytest.raises(ValueError, match="return_pred_x0=False"):
         d.step(m, 500, x, pred_x0_out=buf, return_pred_x0=False)
+
+
+def test_randn_into_a_buffer_equals_the_allocating_call():
+    buf = np.empty((3, 1000), np.float32)
+    assert fd.randn((3, 1000), seed=9, out=buf) is buf
+    np.testing.assert_array_equal(buf, fd.randn((3, 1000), seed=9))
+    with pytest.raises(ValueError, match="shape"):
+        fd.randn((3, 999), seed=9, out=buf)

@@ -132,17 +132,43 @@ fn fresh_seed() -> u64 {
 
 /// Standard normal float32 noise of `shape`: the stream of the initial x_T, a pure function of
 /// the seed (identical for any thread count). `seed=None` draws a fresh OS-seeded array.
+/// `out=` fills a preallocated C-contiguous float32 array of that shape instead.
 #[pyfunction]
-#[pyo3(signature = (shape, seed=None))]
+#[pyo3(signature = (shape, seed=None, *, out=None))]
 fn randn<'py>(
     py: Python<'py>,
     shape: Vec<usize>,
     seed: Option<u64>,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let n: usize = shape.iter().product();
     let seed = seed.unwrap_or_else(fresh_seed);
-    let v = py.detach(|| sample::randn(n, seed, sample::INITIAL_NOISE_STREAM));
-    vec_to_array(py, v, &shape)
+    match out {
+        None => {
+            let v = py.detach(|| sample::randn(n, seed, sample::INITIAL_NOISE_STREAM));
+            vec_to_array(py, v, &shape)
+        }
+        Some(o) => {
+            let a = o.cast::<PyArrayDyn<f32>>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "out must be a float32 numpy array, got {}",
+                    type_name(o)
+                ))
+            })?;
+            if !a.is_c_contiguous() || a.shape() != shape.as_slice() {
+                return Err(PyValueError::new_err(format!(
+                    "out must be a C-contiguous float32 array of shape {shape:?}, got shape {:?}",
+                    a.shape()
+                )));
+            }
+            {
+                let mut w = a.readwrite();
+                let buf = w.as_slice_mut()?;
+                py.detach(|| sample::randn_into(buf, seed, sample::INITIAL_NOISE_STREAM));
+            }
+            Ok(a.clone())
+        }
+    }
 }
 
 /// A Python callable `denoiser(x, t)` (or `denoiser(x, t, y)` later) as a Rust denoiser.

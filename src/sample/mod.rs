@@ -22,10 +22,15 @@ pub const INITIAL_NOISE_STREAM: u64 = u64::MAX;
 /// Standard normal noise of `len` elements, a pure function of (seed, stream, element index).
 pub fn randn(len: usize, seed: u64, stream: u64) -> Vec<f32> {
     let mut out = vec![0f32; len];
-    crate::kernels::for_each_chunk(&mut out, |start, chunk| {
+    randn_into(&mut out, seed, stream);
+    out
+}
+
+/// Fills `out` with the noise of `randn` (element i of the stream at index i).
+pub fn randn_into(out: &mut [f32], seed: u64, stream: u64) {
+    crate::kernels::for_each_chunk(out, |start, chunk| {
         rng::fill_normal(seed, stream, start as u64, chunk)
     });
-    out
 }
 
 /// Imagen's dynamic thresholding settings (Saharia et al. 2022).
