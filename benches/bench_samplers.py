@@ -35,16 +35,31 @@ import time
 
 def _parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=None,
-                   help="threads for ferrodiff (RAYON_NUM_THREADS) and torch (default: RAYON_NUM_THREADS or all cores)")
-    p.add_argument("--quick", action="store_true", help="fast smoke run: few repeats, skips the 64M-element case")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for ferrodiff (RAYON_NUM_THREADS) and torch (default: RAYON_NUM_THREADS or all cores)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="fast smoke run: few repeats, skips the 64M-element case"
+    )
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     large = p.add_mutually_exclusive_group()
-    large.add_argument("--large", dest="large", action="store_true", default=None,
-                       help="run the 64M-element case (64, 1024, 1024) (default unless --quick; ~2.5 GB of RAM)")
+    large.add_argument(
+        "--large",
+        dest="large",
+        action="store_true",
+        default=None,
+        help="run the 64M-element case (64, 1024, 1024) (default unless --quick; ~2.5 GB of RAM)",
+    )
     large.add_argument("--no-large", dest="large", action="store_false", help="skip the 64M-element case")
-    p.add_argument("--min-time", type=float, default=None,
-                   help="seconds of timed calls per method and shape (default 0.4, --quick 0.05)")
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help="seconds of timed calls per method and shape (default 0.4, --quick 0.05)",
+    )
     return p.parse_args(argv)
 
 
@@ -67,6 +82,10 @@ if THREADS < 1:
 # Must happen before ferrodiff (rayon's global pool) and torch (OpenMP) are imported.
 os.environ["RAYON_NUM_THREADS"] = str(THREADS)
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+# torch's OpenMP workers busy-wait after each parallel region by default; in a side-by-side run
+# that steals a core from whichever method is timed next (ferrodiff's rayon workers sleep
+# instead). Passive waiting keeps the methods from taxing each other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -90,15 +109,15 @@ except ImportError:  # diffusers rows are then left out
 T = 1000
 STEPS = 50
 BETA_START, BETA_END = 1e-4, 0.02
-T_BENCH = 480          # a mid-trajectory timestep of the 50-step "leading" list (not the last)
+T_BENCH = 480  # a mid-trajectory timestep of the 50-step "leading" list (not the last)
 CLIP = 1.0
 SEED = 0
 
 SHAPES = [(64, 3, 64, 64), (16, 4, 64, 64), (256, 2)]
-LARGE_SHAPE = (64, 1024, 1024)          # 64M elements, 256 MB per float32 array
+LARGE_SHAPE = (64, 1024, 1024)  # 64M elements, 256 MB per float32 array
 HEADLINE_SHAPE = (64, 3, 64, 64)
 TINY_SHAPE = (256, 2)
-GEN_SHAPE = (64, 1024, 256)             # 16M samples for the generator throughput
+GEN_SHAPE = (64, 1024, 256)  # 16M samples for the generator throughput
 GEN_SHAPE_QUICK = (16, 1024, 256)
 
 QUICK = ARGS.quick
@@ -109,7 +128,7 @@ MIN_TIME = ARGS.min_time if ARGS.min_time is not None else (0.05 if QUICK else 0
 _betas = np.linspace(BETA_START, BETA_END, T, dtype=np.float64)
 _abar = np.cumprod(1.0 - _betas)
 _stride = T // STEPS
-REF_TIMESTEPS = (np.arange(STEPS, dtype=np.int64) * _stride)[::-1]          # 980, 960, ..., 0
+REF_TIMESTEPS = (np.arange(STEPS, dtype=np.int64) * _stride)[::-1]  # 980, 960, ..., 0
 T_PREV = T_BENCH - _stride
 A, A_PREV = float(_abar[T_BENCH]), float(_abar[T_PREV])
 SQRT_A, SQRT_1MA = math.sqrt(A), math.sqrt(1.0 - A)
@@ -187,8 +206,15 @@ class TorchInPlace:
 def make_diffusers():
     if diffusers is None:
         return None
-    common = {"num_train_timesteps": T, "beta_start": BETA_START, "beta_end": BETA_END, "beta_schedule": "linear",
-              "prediction_type": "epsilon", "steps_offset": 0, "timestep_spacing": "leading"}
+    common = {
+        "num_train_timesteps": T,
+        "beta_start": BETA_START,
+        "beta_end": BETA_END,
+        "beta_schedule": "linear",
+        "prediction_type": "epsilon",
+        "steps_offset": 0,
+        "timestep_spacing": "leading",
+    }
     ddim_clip = DDIMScheduler(clip_sample=True, clip_sample_range=CLIP, set_alpha_to_one=True, **common)
     ddim = DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common)
     ddpm = DDPMScheduler(variance_type="fixed_small", clip_sample=False, **common)
@@ -264,7 +290,9 @@ def check_close(name, got, ref, rtol, atol):
     ref = ref.numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
     if not np.allclose(got, ref, rtol=rtol, atol=atol):
         err = np.max(np.abs(got.astype(np.float64) - ref))
-        raise AssertionError(f"{name}: results differ from the reference (max abs diff {err:.3g}); not timing")
+        raise AssertionError(
+            f"{name}: results differ from the reference (max abs diff {err:.3g}); not timing"
+        )
     return float(np.max(np.abs(got.astype(np.float64) - ref))) if got.size else 0.0
 
 
@@ -282,8 +310,13 @@ def verify(shape, f, th, sched, x, eps, xt, epst, buf):
     check_close("numpy DDIM clip", np_ddim(eps, x, CLIP)[0], prev_ref, 1e-5, 1e-5)
     check_close("torch DDIM clip", th.ddim(epst, xt, CLIP)[0], prev_ref, 1e-5, 1e-5)
     if sched is not None:  # diffusers' schedule is float32: a looser tolerance
-        check_close("diffusers DDIM clip", sched["ddim_clip"].step(epst, T_BENCH, xt, eta=0.0).prev_sample,
-                    prev_ref, 1e-4, 1e-4)
+        check_close(
+            "diffusers DDIM clip",
+            sched["ddim_clip"].step(epst, T_BENCH, xt, eta=0.0).prev_sample,
+            prev_ref,
+            1e-4,
+            1e-4,
+        )
 
     # DDIM eta=0, no clip, into out=
     x0_ref = (x64 - SQRT_1MA * e64) / SQRT_A
@@ -297,8 +330,9 @@ def verify(shape, f, th, sched, x, eps, xt, epst, buf):
     th.ddim(epst, xt, out=tout)
     check_close("torch DDIM out=", tout, prev_ref, 1e-5, 1e-5)
     if sched is not None:
-        check_close("diffusers DDIM", sched["ddim"].step(epst, T_BENCH, xt, eta=0.0).prev_sample,
-                    prev_ref, 1e-4, 1e-4)
+        check_close(
+            "diffusers DDIM", sched["ddim"].step(epst, T_BENCH, xt, eta=0.0).prev_sample, prev_ref, 1e-4, 1e-4
+        )
 
     # DDPM fixed_small with the same given noise (diffusers draws torch.randn with its generator)
     gen_noise = torch.randn(shape, generator=torch.Generator().manual_seed(SEED), dtype=torch.float32)
@@ -331,7 +365,7 @@ def bench_shape(shape, f, sched):
     rng = np.random.default_rng(SEED)
     x = rng.standard_normal(shape, dtype=np.float32)
     eps = rng.standard_normal(shape, dtype=np.float32)
-    xt, epst = torch.from_numpy(x), torch.from_numpy(eps)   # same memory: same inputs
+    xt, epst = torch.from_numpy(x), torch.from_numpy(eps)  # same memory: same inputs
     buf = np.empty(shape, dtype=np.float32)
     th = TorchInPlace(shape)
     tout = torch.empty(shape, dtype=torch.float32)
@@ -356,7 +390,10 @@ def bench_shape(shape, f, sched):
             ("torch in-place", lambda: th.ddim(epst, xt, CLIP)),
         ],
         "ddim_out": [
-            ("ferrodiff DDIM.step(out=, return_pred_x0=False)", lambda: f.ddim.step(eps, T_BENCH, x, out=buf, return_pred_x0=False)),
+            (
+                "ferrodiff DDIM.step(out=, return_pred_x0=False)",
+                lambda: f.ddim.step(eps, T_BENCH, x, out=buf, return_pred_x0=False),
+            ),
             ("numpy (allocating)", lambda: np_ddim(eps, x)),
             ("torch in-place (out=)", lambda: th.ddim(epst, xt, out=tout)),
         ],
@@ -367,12 +404,15 @@ def bench_shape(shape, f, sched):
         ],
     }
     if sched is not None:
-        cases["ddim_clip"].append(("diffusers DDIMScheduler.step",
-                                   lambda: sched["ddim_clip"].step(epst, T_BENCH, xt, eta=0.0)))
-        cases["ddim_out"].append(("diffusers DDIMScheduler.step",
-                                  lambda: sched["ddim"].step(epst, T_BENCH, xt, eta=0.0)))
-        cases["ddpm_noise"].append(("diffusers DDPMScheduler.step",
-                                    lambda: sched["ddpm"].step(epst, T_BENCH, xt, generator=gen)))
+        cases["ddim_clip"].append(
+            ("diffusers DDIMScheduler.step", lambda: sched["ddim_clip"].step(epst, T_BENCH, xt, eta=0.0))
+        )
+        cases["ddim_out"].append(
+            ("diffusers DDIMScheduler.step", lambda: sched["ddim"].step(epst, T_BENCH, xt, eta=0.0))
+        )
+        cases["ddpm_noise"].append(
+            ("diffusers DDPMScheduler.step", lambda: sched["ddpm"].step(epst, T_BENCH, xt, generator=gen))
+        )
     cases["ddim_out"].append(("np.copyto (bandwidth ref)", lambda: np.copyto(dst, x)))
 
     results = {}  # case -> [(method, seconds, timed calls)]
@@ -407,12 +447,18 @@ def table_rows(res):
                 if method.startswith("np.copyto"):
                     bw = f"{copy_bw:.1f} (copy)"
                 else:
-                    g = 3 * res["n"] * 4 / t / 1e9   # read x, model_output; write out
+                    g = 3 * res["n"] * 4 / t / 1e9  # read x, model_output; write out
                     bw = f"{g:.1f} ({100 * g / copy_bw:.0f}% of copy)"
             speed = "-" if method.startswith("np.copyto") else f"{t / t_fd:.2f}x"
             rows.append([CASE_TITLES[case], method, fmt_time(t, unit), bw, speed, str(calls)])
-    header = ["case", "method", f"median {'µs' if unit == 'us' else 'ms'}/step", "GB/s", "ferrodiff speed-up",
-              "timed calls"]
+    header = [
+        "case",
+        "method",
+        f"median {'µs' if unit == 'us' else 'ms'}/step",
+        "GB/s",
+        "ferrodiff speed-up",
+        "timed calls",
+    ]
     return header, rows
 
 
@@ -462,7 +508,10 @@ def bench_generator():
     buf_t = torch.empty(shape)
     methods = [
         ("ferrodiff fd.randn(shape, seed, out=)", lambda: fd.randn(shape, SEED, out=buf_fd)),
-        ("numpy standard_normal(float32, out=)", lambda: rng.standard_normal(shape, dtype=np.float32, out=buf_np)),
+        (
+            "numpy standard_normal(float32, out=)",
+            lambda: rng.standard_normal(shape, dtype=np.float32, out=buf_np),
+        ),
         ("torch.randn(out=)", lambda: torch.randn(shape, out=buf_t)),
         ("ferrodiff fd.randn(shape, seed) (allocating)", lambda: fd.randn(shape, SEED)),
         ("numpy standard_normal (allocating)", lambda: rng.standard_normal(shape, dtype=np.float32)),
@@ -504,8 +553,10 @@ def _busy_warning(snap0, when):
     other = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
     steal = (steal1 - steal0) / (wall1 - wall0)
     if other > 0.25 or steal > 0.25:
-        print(f"WARNING ({when}): other processes used {other:.2f} of {os.cpu_count()} cores on average "
-              f"(steal {steal:.2f}); timings (OpenMP-based torch especially) are unreliable, rerun on an idle machine")
+        print(
+            f"WARNING ({when}): other processes used {other:.2f} of {os.cpu_count()} cores on average "
+            f"(steal {steal:.2f}); timings (OpenMP-based torch especially) are unreliable, rerun on an idle machine"
+        )
     else:
         print(f"({when}: other processes used {other:.2f} cores on average, steal {steal:.2f})")
 
@@ -521,19 +572,27 @@ def main():
                     break
     except OSError:
         pass
-    print(f"ferrodiff {fd.__version__} | numpy {np.__version__} | torch {torch.__version__} | "
-          f"diffusers {diffusers.__version__ if diffusers else 'not installed'} | Python {platform.python_version()}")
+    print(
+        f"ferrodiff {fd.__version__} | numpy {np.__version__} | torch {torch.__version__} | "
+        f"diffusers {diffusers.__version__ if diffusers else 'not installed'} | Python {platform.python_version()}"
+    )
     core = getattr(fd, "_core", None)
     if core is not None and getattr(core, "__file__", None):
         mtime = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(core.__file__)))
         print(f"ferrodiff extension: {core.__file__} (built {mtime})")
-    print(f"CPU: {cpu}, {os.cpu_count()} logical cores | threads: RAYON_NUM_THREADS={THREADS}, "
-          f"torch.get_num_threads()={torch.get_num_threads()}")
-    print(f"config: linear schedule T={T} ({BETA_START}..{BETA_END}), {STEPS} leading steps, step at t={T_BENCH} "
-          f"(prev {T_PREV}); median of timed calls, >= {MIN_TIME}s per method"
-          f"{' (quick)' if QUICK else ''}; 64M case: {'on' if RUN_LARGE else 'skipped'}")
-    print("speed-up = (method time) / (ferrodiff time); GB/s counts x + model_output read and out written "
-          "(np.copyto: src read + dst written)")
+    print(
+        f"CPU: {cpu}, {os.cpu_count()} logical cores | threads: RAYON_NUM_THREADS={THREADS}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"torch.get_num_threads()={torch.get_num_threads()}"
+    )
+    print(
+        f"config: linear schedule T={T} ({BETA_START}..{BETA_END}), {STEPS} leading steps, step at t={T_BENCH} "
+        f"(prev {T_PREV}); median of timed calls, >= {MIN_TIME}s per method"
+        f"{' (quick)' if QUICK else ''}; 64M case: {'on' if RUN_LARGE else 'skipped'}"
+    )
+    print(
+        "speed-up = (method time) / (ferrodiff time); GB/s counts x + model_output read and out written "
+        "(np.copyto: src read + dst written)"
+    )
 
     snap = _cpu_snapshot()
     time.sleep(0.5)
@@ -548,14 +607,20 @@ def main():
         res = bench_shape(shape, f, sched)
         all_res[shape] = res
         header, rows = table_rows(res)
-        title = (f"shape {shape} ({res['n'] / 1e6:.3g}M elements, {res['n'] * 4 / 2**20:.3g} MiB per array); "
-                 f"verified vs float64 reference, max abs err {res['verify_err']:.2g}")
+        title = (
+            f"shape {shape} ({res['n'] / 1e6:.3g}M elements, {res['n'] * 4 / 2**20:.3g} MiB per array); "
+            f"verified vs float64 reference, max abs err {res['verify_err']:.2g}"
+        )
         print_table(title, header, rows, ARGS.markdown)
         sys.stdout.flush()
 
     gshape, gn, gres, gheader, grows = bench_generator()
-    print_table(f"Gaussian generator, shape {gshape} ({gn / 1e6:.3g}M float32 samples per call)",
-                gheader, grows, ARGS.markdown)
+    print_table(
+        f"Gaussian generator, shape {gshape} ({gn / 1e6:.3g}M float32 samples per call)",
+        gheader,
+        grows,
+        ARGS.markdown,
+    )
 
     # ---- targets ----
     def t_of(shape, case, prefix):
@@ -573,7 +638,11 @@ def main():
         targets.append([name, value, status + (f" ({note})" if note else "")])
 
     h = HEADLINE_SHAPE
-    fd_t, df_t, th_t = t_of(h, "ddim_clip", "ferrodiff"), t_of(h, "ddim_clip", "diffusers"), t_of(h, "ddim_clip", "torch")
+    fd_t, df_t, th_t = (
+        t_of(h, "ddim_clip", "ferrodiff"),
+        t_of(h, "ddim_clip", "diffusers"),
+        t_of(h, "ddim_clip", "torch"),
+    )
     if df_t is not None:
         add(f"{h} DDIM eta=0 clip: >= 9x faster than diffusers", f"{df_t / fd_t:.2f}x", df_t / fd_t >= 9.0)
     else:
@@ -588,18 +657,33 @@ def main():
         res = all_res[LARGE_SHAPE]
         g = 3 * res["n"] * 4 / t_of(LARGE_SHAPE, "ddim_out", "ferrodiff") / 1e9
         c = copy_gbps(res)
-        add("64M DDIM eta=0 no clip out=: >= 80% of np.copyto GB/s",
-            f"{g:.1f} GB/s = {100 * g / c:.0f}% of {c:.1f}", g / c >= 0.8)
+        add(
+            "64M DDIM eta=0 no clip out=: >= 80% of np.copyto GB/s",
+            f"{g:.1f} GB/s = {100 * g / c:.0f}% of {c:.1f}",
+            g / c >= 0.8,
+        )
     else:
-        add("64M DDIM eta=0 no clip out=: >= 80% of np.copyto GB/s", "-", None, "skipped; run without --quick")
+        add(
+            "64M DDIM eta=0 no clip out=: >= 80% of np.copyto GB/s", "-", None, "skipped; run without --quick"
+        )
     tiny = t_of(TINY_SHAPE, "ddim_clip", "ferrodiff")
     add(f"{TINY_SHAPE} DDIM.step (eta=0, clip) latency <= 5 µs", f"{tiny * 1e6:.2f} µs", tiny <= 5e-6)
     tiny_ddpm = t_of(TINY_SHAPE, "ddpm_noise", "ferrodiff")
     targets.append([f"{TINY_SHAPE} DDPM.step(seed=) latency (info)", f"{tiny_ddpm * 1e6:.2f} µs", "-"])
     rate = gn / gres[0][1] / 1e6
     note = "" if THREADS == 2 else f"target is for 2 threads; this run used {THREADS}"
-    add("fd.randn >= 1000 M samples/s (2 threads)", f"{rate:.0f} M/s", rate >= 1000 if THREADS == 2 else None, note)
-    add("fd.randn >= 500 M samples/s (fallback)", f"{rate:.0f} M/s", rate >= 500 if THREADS == 2 else None, note)
+    add(
+        "fd.randn >= 1000 M samples/s (2 threads)",
+        f"{rate:.0f} M/s",
+        rate >= 1000 if THREADS == 2 else None,
+        note,
+    )
+    add(
+        "fd.randn >= 500 M samples/s (fallback)",
+        f"{rate:.0f} M/s",
+        rate >= 500 if THREADS == 2 else None,
+        note,
+    )
 
     print_table(f"Targets (threads={THREADS})", ["target", "measured", "status"], targets, ARGS.markdown)
     _busy_warning(snap, "during the run")

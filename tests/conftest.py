@@ -1,7 +1,6 @@
+import ferrodiff as fd
 import numpy as np
 import pytest
-
-import ferrodiff as fd
 
 
 @pytest.fixture

@@ -3,10 +3,9 @@
 import json
 import pickle
 
+import ferrodiff as fd
 import numpy as np
 import pytest
-
-import ferrodiff as fd
 
 
 def numpy_linear(T=1000, b0=1e-4, b1=0.02):
@@ -23,9 +22,13 @@ def test_schedule_tables_are_float64_and_follow_ddpm_eq7(linear):
     np.testing.assert_allclose(linear.alphas_cumprod_prev, prev, rtol=1e-12)
     var = betas * (1 - prev) / (1 - abar)
     np.testing.assert_allclose(linear.posterior_variance, var, rtol=1e-12)
-    np.testing.assert_allclose(linear.posterior_log_variance_clipped, np.log(np.append(var[1], var[1:])), rtol=1e-12)
+    np.testing.assert_allclose(
+        linear.posterior_log_variance_clipped, np.log(np.append(var[1], var[1:])), rtol=1e-12
+    )
     np.testing.assert_allclose(linear.posterior_mean_coef1, betas * np.sqrt(prev) / (1 - abar), rtol=1e-12)
-    np.testing.assert_allclose(linear.posterior_mean_coef2, (1 - prev) * np.sqrt(1 - betas) / (1 - abar), rtol=1e-12)
+    np.testing.assert_allclose(
+        linear.posterior_mean_coef2, (1 - prev) * np.sqrt(1 - betas) / (1 - abar), rtol=1e-12
+    )
     np.testing.assert_allclose(linear.snr, abar / (1 - abar), rtol=1e-12)
     np.testing.assert_allclose(linear.sigmas, np.sqrt((1 - abar) / abar), rtol=1e-12)
     assert len(linear) == linear.num_train_timesteps == 1000
@@ -52,7 +55,14 @@ def test_schedule_round_trips_through_dict_json_and_pickle():
         lambda s: fd.DDPM(s, steps=20, spacing="trailing", variance="fixed_large", clip_sample=2.0),
         lambda s: fd.DDPM(s, spacing="ddim25", prediction="v", threshold=fd.DynamicThreshold(0.99, 1.5)),
         lambda s: fd.DDIM(s, steps=10, spacing=[900, 500, 10], eta=0.3, prediction="x0", steps_offset=0),
-        lambda s: fd.DDIM(s, steps=7, spacing="linspace", set_alpha_to_one=False, use_clipped_model_output=True, clip_sample=1.0),
+        lambda s: fd.DDIM(
+            s,
+            steps=7,
+            spacing="linspace",
+            set_alpha_to_one=False,
+            use_clipped_model_output=True,
+            clip_sample=1.0,
+        ),
     ],
 )
 def test_samplers_round_trip_through_dict_and_pickle(linear, make, rng):
@@ -63,7 +73,9 @@ def test_samplers_round_trip_through_dict_and_pickle(linear, make, rng):
         x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
         m = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
         t = int(a.timesteps[1])
-        np.testing.assert_array_equal(a.step(m, t, x, seed=3).prev_sample, b.step(m, t, x, seed=3).prev_sample)
+        np.testing.assert_array_equal(
+            a.step(m, t, x, seed=3).prev_sample, b.step(m, t, x, seed=3).prev_sample
+        )
 
 
 def test_q_sample_velocity_and_conversions_match_numpy(linear, rng):
@@ -78,7 +90,9 @@ def test_q_sample_velocity_and_conversions_match_numpy(linear, rng):
     np.testing.assert_allclose(linear.predict_x0(xt, t, eps), x0, rtol=1e-3, atol=2e-3)
     np.testing.assert_allclose(linear.predict_x0(xt, t, v, prediction="v"), x0, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(linear.predict_x0(xt, t, x0, prediction="sample"), x0)
-    np.testing.assert_allclose(linear.predict_eps(xt, t, v, prediction="v_prediction"), eps, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        linear.predict_eps(xt, t, v, prediction="v_prediction"), eps, rtol=1e-4, atol=1e-4
+    )
     np.testing.assert_allclose(linear.predict_eps(xt, t, x0, prediction="x0"), eps, rtol=1e-3, atol=5e-3)
     np.testing.assert_allclose(linear.score(xt, t, eps), -eps / np.sqrt(1 - a), rtol=1e-5, atol=1e-5)
 
@@ -105,7 +119,9 @@ def test_q_posterior_matches_ddpm_eq7(linear, rng):
 def test_timesteps_helpers(linear):
     np.testing.assert_array_equal(fd.timesteps(1000, 10, "trailing"), np.arange(999, 0, -100))
     np.testing.assert_array_equal(fd.space_timesteps(10, "1,2,3"), [0, 4, 6, 7, 8, 9])
-    np.testing.assert_array_equal(fd.DDPM(linear, spacing="10").timesteps, fd.space_timesteps(1000, "10")[::-1])
+    np.testing.assert_array_equal(
+        fd.DDPM(linear, spacing="10").timesteps, fd.space_timesteps(1000, "10")[::-1]
+    )
     np.testing.assert_allclose(fd.karras_sigmas(5), [80, 17.5278, 2.51522, 0.169753, 0.002, 0], rtol=1e-5)
     np.testing.assert_allclose(fd.cosine_log_snr(np.array([0.0, 0.5, 1.0])), [20, 0, -20], atol=1e-9)
 
@@ -141,7 +157,9 @@ def test_step_output_fields_and_unpacking(linear, rng):
     assert prev is res.prev_sample and x0 is res.pred_x0 and res.pred_original_sample is res.pred_x0
     assert np.all(np.abs(x0) <= 1.0)
     a = linear.alphas_cumprod[900]
-    np.testing.assert_allclose(x0, np.clip((x - np.sqrt(1 - a) * m) / np.sqrt(a), -1, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        x0, np.clip((x - np.sqrt(1 - a) * m) / np.sqrt(a), -1, 1), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_step_into_out_and_in_place_give_the_same_result(linear, rng):
@@ -224,7 +242,12 @@ def test_callback_receives_every_step(linear):
 
 
 def test_from_diffusers_config_reads_a_folder_and_overrides(tmp_path, linear):
-    cfg = {"beta_schedule": "linear", "prediction_type": "v_prediction", "clip_sample": False, "timestep_spacing": "trailing"}
+    cfg = {
+        "beta_schedule": "linear",
+        "prediction_type": "v_prediction",
+        "clip_sample": False,
+        "timestep_spacing": "trailing",
+    }
     (tmp_path / "scheduler_config.json").write_text(json.dumps(cfg))
     d = fd.DDIM.from_diffusers_config(tmp_path, steps=20, eta=0.5)
     assert d.prediction == "v" and d.eta == 0.5 and d.steps == 20

@@ -14,6 +14,7 @@ def test_demo_writes_samples_plot_and_metrics(tmp_path):
         [sys.executable, "-m", "ferrodiff", "demo", "--out", str(out), "--n", "600", "--no-progress"],
         capture_output=True,
         text=True,
+        check=False,
     )
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
@@ -26,7 +27,12 @@ def test_demo_writes_samples_plot_and_metrics(tmp_path):
 
 
 def test_demo_rejects_bad_arguments(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ferrodiff", "demo", "--n", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "ferrodiff", "demo", "--n", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode != 0 and "--n" in r.stderr
 
 

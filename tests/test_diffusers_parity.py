@@ -70,7 +70,10 @@ def np_betas(cfg):
     elif name == "scaled_linear":
         b = np.linspace(b0**0.5, b1**0.5, T, dtype=np.float64) ** 2
     elif name == "squaredcos_cap_v2":
-        f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
+
+        def f(u):
+            return np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
+
         i = np.arange(T, dtype=np.float64)
         b = np.minimum(1 - f((i + 1) / T) / f(i / T), 0.999)
     elif name == "sigmoid":

@@ -1,9 +1,8 @@
 """End-to-end sampling with the exact denoiser of a Gaussian mixture: the truth is known."""
 
+import ferrodiff as fd
 import numpy as np
 import pytest
-
-import ferrodiff as fd
 
 N = 1500
 

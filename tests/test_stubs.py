@@ -57,7 +57,10 @@ def test_every_public_name_of_the_extension_is_stubbed_with_matching_parameters(
                     continue
                 target = obj if meth == "__init__" else getattr(obj, meth, None)
                 assert target is not None, f"{name}.{meth} is stubbed but does not exist"
-                if isinstance(inspect.getattr_static(obj, meth, None), property) or type(inspect.getattr_static(obj, meth, None)).__name__ == "getset_descriptor":
+                if (
+                    isinstance(inspect.getattr_static(obj, meth, None), property)
+                    or type(inspect.getattr_static(obj, meth, None)).__name__ == "getset_descriptor"
+                ):
                     continue
                 rp = runtime_params(target)
                 if rp is not None and rp != stub_params:

@@ -56,5 +56,7 @@ print("ok")
 
 
 def test_a_forked_child_runs_kernels_without_deadlocking_on_the_parents_pool():
-    out = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

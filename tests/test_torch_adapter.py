@@ -1,12 +1,11 @@
 """ferrodiff.torch: tensors in, tensors out; an nn.Module as the denoiser."""
 
+import ferrodiff as fd
 import numpy as np
 import pytest
 
-import ferrodiff as fd
-
 torch = pytest.importorskip("torch")
-import ferrodiff.torch as fdt  # noqa: E402
+import ferrodiff.torch as fdt
 
 
 def test_to_numpy_is_zero_copy_for_cpu_float32():
@@ -28,7 +27,12 @@ def test_step_keeps_dtype_and_matches_numpy(dtype):
     assert isinstance(res.prev_sample, torch.Tensor) and res.prev_sample.dtype == dtype
     assert res.pred_x0.dtype == dtype and res.prev_sample.device == x.device
     ref = d.step(m.float().numpy(), 500, x.float().numpy()).prev_sample
-    np.testing.assert_allclose(res.prev_sample.float().numpy(), ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    np.testing.assert_allclose(
+        res.prev_sample.float().numpy(),
+        ref,
+        rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+        atol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+    )
 
 
 class MixtureModule(torch.nn.Module):

@@ -9,6 +9,7 @@ arrays (float32, batch first) and, through :mod:`ferrodiff.torch`, on PyTorch te
     >>> x = sampler.sample(denoiser, shape=(16, 1, 8, 8), seed=0)   # doctest: +SKIP
 """
 
+from ferrodiff import oracles
 from ferrodiff._core import (
     DDIM,
     DDPM,
@@ -22,7 +23,6 @@ from ferrodiff._core import (
     space_timesteps,
     timesteps,
 )
-from ferrodiff import oracles
 
 __all__ = [
     "DDIM",

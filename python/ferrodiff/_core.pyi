@@ -1,38 +1,48 @@
 """Type stubs for the Rust extension module ``ferrodiff._core``."""
 
-from __future__ import annotations
-
 import os
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import TypeAlias
 
 __version__: str
 
 ArrayLike = npt.ArrayLike
-F32 = npt.NDArray[np.float32]
-F64 = npt.NDArray[np.float64]
-I64 = npt.NDArray[np.int64]
-Timesteps = Union[int, npt.ArrayLike]
-Spacing = Union[str, Sequence[int], npt.NDArray[np.integer[Any]]]
-Config = Union[Mapping[str, Any], str, os.PathLike[str], Any]
-Denoiser = Callable[[F32, I64], ArrayLike]
-Callback = Callable[[int, int, F32, Optional[F32]], Any]
+F32: TypeAlias = npt.NDArray[np.float32]
+F64: TypeAlias = npt.NDArray[np.float64]
+I64: TypeAlias = npt.NDArray[np.int64]
+Timesteps: TypeAlias = int | npt.ArrayLike
+Spacing: TypeAlias = str | Sequence[int] | npt.NDArray[np.integer[Any]]
+Config: TypeAlias = Mapping[str, Any] | str | os.PathLike[str] | Any
+Denoiser: TypeAlias = Callable[[F32, I64], ArrayLike]
+Callback: TypeAlias = Callable[[int, int, F32, F32 | None], Any]
 
 class Schedule:
     @staticmethod
     def linear(
-        num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02, *, scale_with_T: bool = False
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        *,
+        scale_with_T: bool = False,
     ) -> Schedule: ...
     @staticmethod
-    def scaled_linear(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Schedule: ...
+    def scaled_linear(
+        num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+    ) -> Schedule: ...
     @staticmethod
     def cosine(num_train_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule: ...
     @staticmethod
-    def sigmoid(num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02) -> Schedule: ...
+    def sigmoid(
+        num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02
+    ) -> Schedule: ...
     @staticmethod
-    def sigmoid_alpha_bar(num_train_timesteps: int = 1000, start: float = -3.0, end: float = 3.0, tau: float = 1.0) -> Schedule: ...
+    def sigmoid_alpha_bar(
+        num_train_timesteps: int = 1000, start: float = -3.0, end: float = 3.0, tau: float = 1.0
+    ) -> Schedule: ...
     @staticmethod
     def from_betas(betas: ArrayLike) -> Schedule: ...
     @staticmethod
@@ -73,20 +83,26 @@ class Schedule:
     def sqrt_one_minus_alphas_cumprod(self) -> F64: ...
     def q_sample(self, x0: ArrayLike, t: Timesteps, noise: ArrayLike) -> F32: ...
     def velocity(self, x0: ArrayLike, t: Timesteps, noise: ArrayLike) -> F32: ...
-    def predict_x0(self, x_t: ArrayLike, t: Timesteps, model_output: ArrayLike, prediction: str = "epsilon") -> F32: ...
-    def predict_eps(self, x_t: ArrayLike, t: Timesteps, model_output: ArrayLike, prediction: str = "epsilon") -> F32: ...
-    def score(self, x_t: ArrayLike, t: Timesteps, model_output: ArrayLike, prediction: str = "epsilon") -> F32: ...
+    def predict_x0(
+        self, x_t: ArrayLike, t: Timesteps, model_output: ArrayLike, prediction: str = "epsilon"
+    ) -> F32: ...
+    def predict_eps(
+        self, x_t: ArrayLike, t: Timesteps, model_output: ArrayLike, prediction: str = "epsilon"
+    ) -> F32: ...
+    def score(
+        self, x_t: ArrayLike, t: Timesteps, model_output: ArrayLike, prediction: str = "epsilon"
+    ) -> F32: ...
     def q_posterior(self, x0: ArrayLike, x_t: ArrayLike, t: Timesteps) -> tuple[F32, F32, F32]: ...
     def to_dict(self) -> dict[str, Any]: ...
     def __len__(self) -> int: ...
     def __reduce__(self) -> Any: ...
 
 class DynamicThreshold:
-    def __init__(self, ratio: float = 0.995, max_value: Optional[float] = None) -> None: ...
+    def __init__(self, ratio: float = 0.995, max_value: float | None = None) -> None: ...
     @property
     def ratio(self) -> float: ...
     @property
-    def max_value(self) -> Optional[float]: ...
+    def max_value(self) -> float | None: ...
     def __reduce__(self) -> Any: ...
 
 class StepOutput:
@@ -105,17 +121,17 @@ class DDPM:
     def __init__(
         self,
         schedule: Schedule,
-        steps: Optional[int] = None,
-        spacing: Optional[Spacing] = None,
+        steps: int | None = None,
+        spacing: Spacing | None = None,
         prediction: str = "epsilon",
         variance: str = "fixed_small",
-        clip_sample: Optional[float] = None,
-        threshold: Optional[DynamicThreshold] = None,
+        clip_sample: float | None = None,
+        threshold: DynamicThreshold | None = None,
         *,
         steps_offset: int = 0,
     ) -> None: ...
     @classmethod
-    def from_diffusers_config(cls, config: Config, steps: Optional[int] = None, **overrides: Any) -> DDPM: ...
+    def from_diffusers_config(cls, config: Config, steps: int | None = None, **overrides: Any) -> DDPM: ...
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DDPM: ...
     @property
@@ -134,22 +150,22 @@ class DDPM:
         t: Timesteps,
         x: ArrayLike,
         *,
-        noise: Optional[ArrayLike] = None,
-        seed: Optional[int] = None,
-        out: Optional[F32] = None,
-        pred_x0_out: Optional[F32] = None,
+        noise: ArrayLike | None = None,
+        seed: int | None = None,
+        out: F32 | None = None,
+        pred_x0_out: F32 | None = None,
         return_pred_x0: bool = True,
         check_finite: bool = True,
     ) -> StepOutput: ...
     def sample(
         self,
         denoiser: Denoiser,
-        shape: Optional[Sequence[int]] = None,
+        shape: Sequence[int] | None = None,
         *,
-        x_T: Optional[ArrayLike] = None,
-        seed: Optional[int] = 0,
+        x_T: ArrayLike | None = None,
+        seed: int | None = 0,
         progress: bool = False,
-        callback: Optional[Callback] = None,
+        callback: Callback | None = None,
         check_finite: bool = True,
     ) -> F32: ...
     def to_dict(self) -> dict[str, Any]: ...
@@ -160,11 +176,11 @@ class DDIM:
         self,
         schedule: Schedule,
         steps: int = 50,
-        spacing: Optional[Spacing] = None,
+        spacing: Spacing | None = None,
         eta: float = 0.0,
         prediction: str = "epsilon",
-        clip_sample: Optional[float] = None,
-        threshold: Optional[DynamicThreshold] = None,
+        clip_sample: float | None = None,
+        threshold: DynamicThreshold | None = None,
         set_alpha_to_one: bool = True,
         use_clipped_model_output: bool = False,
         *,
@@ -190,22 +206,22 @@ class DDIM:
         t: Timesteps,
         x: ArrayLike,
         *,
-        noise: Optional[ArrayLike] = None,
-        seed: Optional[int] = None,
-        out: Optional[F32] = None,
-        pred_x0_out: Optional[F32] = None,
+        noise: ArrayLike | None = None,
+        seed: int | None = None,
+        out: F32 | None = None,
+        pred_x0_out: F32 | None = None,
         return_pred_x0: bool = True,
         check_finite: bool = True,
     ) -> StepOutput: ...
     def sample(
         self,
         denoiser: Denoiser,
-        shape: Optional[Sequence[int]] = None,
+        shape: Sequence[int] | None = None,
         *,
-        x_T: Optional[ArrayLike] = None,
-        seed: Optional[int] = 0,
+        x_T: ArrayLike | None = None,
+        seed: int | None = 0,
         progress: bool = False,
-        callback: Optional[Callback] = None,
+        callback: Callback | None = None,
         check_finite: bool = True,
     ) -> F32: ...
     def invert(
@@ -214,7 +230,7 @@ class DDIM:
         x0: ArrayLike,
         *,
         progress: bool = False,
-        callback: Optional[Callback] = None,
+        callback: Callback | None = None,
         check_finite: bool = True,
     ) -> F32: ...
     def to_dict(self) -> dict[str, Any]: ...
@@ -239,10 +255,13 @@ class MixtureCallable:
     def __call__(self, x: ArrayLike, t: Timesteps) -> F32: ...
 
 def timesteps(
-    num_train_timesteps: int, steps: Optional[int] = None, spacing: Optional[Spacing] = None, steps_offset: int = 0
+    num_train_timesteps: int,
+    steps: int | None = None,
+    spacing: Spacing | None = None,
+    steps_offset: int = 0,
 ) -> I64: ...
 def space_timesteps(num_train_timesteps: int, section_counts: str) -> I64: ...
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> F64: ...
-def cosine_log_snr(u: Union[float, ArrayLike], log_snr_min: float = -20.0, log_snr_max: float = 20.0) -> Any: ...
-def randn(shape: Sequence[int], seed: Optional[int] = None, *, out: Optional[F32] = None) -> F32: ...
+def cosine_log_snr(u: float | ArrayLike, log_snr_min: float = -20.0, log_snr_max: float = 20.0) -> Any: ...
+def randn(shape: Sequence[int], seed: int | None = None, *, out: F32 | None = None) -> F32: ...
 def energy_distance(a: ArrayLike, b: ArrayLike) -> float: ...

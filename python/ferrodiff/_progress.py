@@ -21,7 +21,9 @@ class _TextBar:
             width = 30
             done = int(width * self.n / max(self.total, 1))
             rate = self.n / max(now - self.start, 1e-9)
-            sys.stderr.write(f"\r{self.desc}: [{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} {rate:.1f} it/s")
+            sys.stderr.write(
+                f"\r{self.desc}: [{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} {rate:.1f} it/s"
+            )
             sys.stderr.flush()
 
     def close(self) -> None:

@@ -57,7 +57,10 @@ def _scatter(path: Path, panels: list[tuple[str, np.ndarray]]) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: skipping the scatter plot (pip install 'ferrodiff[plot]')", file=sys.stderr)
+        print(
+            "matplotlib is not installed: skipping the scatter plot (pip install 'ferrodiff[plot]')",
+            file=sys.stderr,
+        )
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), sharex=True, sharey=True)
     for ax, (title, pts) in zip(axes, panels):
@@ -103,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ferrodiff", description="Diffusion models with a Rust core.")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="sample a 2-D Gaussian mixture with its exact denoiser (DDPM and DDIM)")
-    d.add_argument("--out", type=Path, default=Path("ferrodiff-demo"), help="output folder (default ./ferrodiff-demo)")
+    d.add_argument(
+        "--out", type=Path, default=Path("ferrodiff-demo"), help="output folder (default ./ferrodiff-demo)"
+    )
     d.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -114,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         r = demo(args.out, args.n, args.seed, not args.no_progress)
         print(f"wrote {args.out}/: scatter.png, samples_ddpm_1000.npy, samples_ddim_50.npy, metrics.json")
         for k in ("ddpm_1000", "ddim_50"):
-            print(f"  {k}: energy distance to the truth {r[k]['energy_distance']:.4f} ({r[k]['seconds']:.2f} s)")
+            print(
+                f"  {k}: energy distance to the truth {r[k]['energy_distance']:.4f} ({r[k]['seconds']:.2f} s)"
+            )
         print(f"  noise floor (two true samples): {r['noise_floor_energy_distance']:.4f}")
     return 0
 

@@ -13,13 +13,14 @@ is the documented cost until the GPU path exists.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from ferrodiff._core import StepOutput
 
-__all__ = ["to_numpy", "from_numpy", "step", "sample", "as_numpy_denoiser"]
+__all__ = ["as_numpy_denoiser", "from_numpy", "sample", "step", "to_numpy"]
 
 
 def to_numpy(tensor: Any) -> np.ndarray:
@@ -44,7 +45,9 @@ def from_numpy(array: np.ndarray, like: Any = None, *, dtype: Any = None, device
         dtype = like.dtype if dtype is None else dtype
         device = like.device if device is None else device
     if dtype is not None or device is not None:
-        t = t.to(device=device if device is not None else t.device, dtype=dtype if dtype is not None else t.dtype)
+        t = t.to(
+            device=device if device is not None else t.device, dtype=dtype if dtype is not None else t.dtype
+        )
     return t
 
 
@@ -66,7 +69,7 @@ def step(
     x: Any,
     *,
     noise: Any = None,
-    seed: Optional[int] = None,
+    seed: int | None = None,
     check_finite: bool = True,
 ) -> StepOutput:
     """``sampler.step`` on tensors: returns a StepOutput whose ``prev_sample`` and ``pred_x0``
@@ -119,12 +122,12 @@ def as_numpy_denoiser(
 def sample(
     sampler: Any,
     denoiser: Callable[..., Any],
-    shape: Optional[Sequence[int]] = None,
+    shape: Sequence[int] | None = None,
     *,
     x_T: Any = None,
-    seed: Optional[int] = 0,
+    seed: int | None = 0,
     progress: bool = False,
-    callback: Optional[Callable[..., Any]] = None,
+    callback: Callable[..., Any] | None = None,
     dtype: Any = None,
     device: Any = None,
     check_finite: bool = True,

@@ -353,3 +353,134 @@ pub fn threshold_scales(
         (0..batch).into_par_iter().map(one_row).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(state: &mut u64) -> f32 {
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*state >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 3.0
+    }
+
+    fn row(noise_std: f32, learned: bool) -> RowStep {
+        RowStep {
+            timestep: 321,
+            x0_from_x: 1.7,
+            x0_from_model: -0.9,
+            clip_min: -1.0,
+            clip_max: 1.0,
+            clip_scale: 1.0,
+            prev_from_x0: 0.6,
+            prev_from_x: 0.3,
+            prev_from_model: -0.2,
+            noise_std,
+            learned_log_variance: learned.then_some((-6.0, -3.0)),
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_step_builds_give_identical_bits() {
+        let n = 1000;
+        let mut s = 7u64;
+        let x: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+        let m: Vec<f32> = (0..2 * n).map(|_| lcg(&mut s)).collect();
+        for (std, learned) in [(0.0, false), (0.37, false), (0.0, true)] {
+            let c = row(std, learned);
+            let mut reference: Option<(Vec<f32>, Vec<f32>)> = None;
+            for simd in [false, true] {
+                #[cfg(not(target_arch = "x86_64"))]
+                if simd {
+                    continue;
+                }
+                let (mut o, mut p) = (vec![0f32; n], vec![0f32; n]);
+                let mut scratch = [0f32; NOISE_BLOCK];
+                for start in (0..n).step_by(NOISE_BLOCK) {
+                    let e = (start + NOISE_BLOCK).min(n);
+                    let v = learned.then(|| &m[n + start..n + e]);
+                    let args = (
+                        &c,
+                        Some(&x[start..e]),
+                        &m[start..e],
+                        v,
+                        None,
+                        Noise::Seeded(5),
+                        start,
+                    );
+                    let r = if simd {
+                        #[cfg(target_arch = "x86_64")]
+                        {
+                            if !std::arch::is_x86_feature_detected!("avx2") {
+                                return;
+                            }
+                            // SAFETY: AVX2 support was checked just above.
+                            unsafe {
+                                piece_avx2(
+                                    args.0,
+                                    args.1,
+                                    args.2,
+                                    args.3,
+                                    args.4,
+                                    args.5,
+                                    args.6,
+                                    &mut o[start..e],
+                                    Some(&mut p[start..e]),
+                                    &mut scratch,
+                                )
+                            }
+                        }
+                        #[cfg(not(target_arch = "x86_64"))]
+                        unreachable!()
+                    } else {
+                        piece_generic(
+                            args.0,
+                            args.1,
+                            args.2,
+                            args.3,
+                            args.4,
+                            args.5,
+                            args.6,
+                            &mut o[start..e],
+                            Some(&mut p[start..e]),
+                            &mut scratch,
+                        )
+                    };
+                    assert!(r.is_none());
+                }
+                match &reference {
+                    None => reference = Some((o, p)),
+                    Some((ro, rp)) => {
+                        assert!(ro.iter().zip(&o).all(|(a, b)| a.to_bits() == b.to_bits()));
+                        assert!(rp.iter().zip(&p).all(|(a, b)| a.to_bits() == b.to_bits()));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn step_equals_the_formula_per_element() {
+        let c = row(0.0, false);
+        let (x, m) = ([0.5f32, -2.0, 3.0], [1.0f32, 0.25, -4.0]);
+        let mut o = [0f32; 3];
+        let mut p = [0f32; 3];
+        assert!(fused_step(
+            &[c],
+            3,
+            Some(&x),
+            &m,
+            3,
+            Noise::Seeded(0),
+            &mut o,
+            Some(&mut p)
+        )
+        .is_none());
+        for i in 0..3 {
+            let x0 = (1.7 * x[i] - 0.9 * m[i]).clamp(-1.0, 1.0);
+            assert_eq!(p[i], x0);
+            assert_eq!(o[i], 0.6 * x0 + 0.3 * x[i] - 0.2 * m[i]);
+        }
+    }
+}
