@@ -8,6 +8,7 @@
 pub mod diffusion;
 pub mod error;
 pub mod kernels;
+pub mod loss;
 pub mod oracles;
 pub mod sample;
 pub mod schedule;

@@ -265,3 +265,49 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
 def cosine_log_snr(u: float | ArrayLike, log_snr_min: float = -20.0, log_snr_max: float = 20.0) -> Any: ...
 def randn(shape: Sequence[int], seed: int | None = None, *, out: F32 | None = None) -> F32: ...
 def energy_distance(a: ArrayLike, b: ArrayLike) -> float: ...
+
+# losses and likelihood
+def training_target(
+    schedule: Schedule, x0: ArrayLike, noise: ArrayLike, t: Timesteps, prediction: str = "epsilon"
+) -> F32: ...
+def loss_weight(
+    schedule: Schedule, t: Timesteps, kind: str = "uniform", prediction: str = "epsilon", gamma: float = 5.0
+) -> F64: ...
+def simple_loss(
+    model_output: ArrayLike, target: ArrayLike, weights: ArrayLike | None = None
+) -> tuple[F64, F32]: ...
+def vb_terms_bpd(
+    schedule: Schedule,
+    x0: ArrayLike,
+    x_t: ArrayLike,
+    t: Timesteps,
+    model_output: ArrayLike,
+    *,
+    prediction: str = "epsilon",
+    variance: str = "fixed_small",
+    bins: int = 256,
+    clip_denoised: bool = True,
+) -> F64: ...
+def prior_bpd(schedule: Schedule, x0: ArrayLike) -> F64: ...
+def bits_per_dim(
+    denoiser: Denoiser,
+    schedule: Schedule,
+    x0: ArrayLike,
+    *,
+    prediction: str = "epsilon",
+    variance: str = "fixed_small",
+    bins: int = 256,
+    seed: int = 0,
+    clip_denoised: bool = True,
+    progress: bool = False,
+) -> BitsPerDim: ...
+
+class BitsPerDim:
+    @property
+    def total(self) -> F64: ...
+    @property
+    def prior(self) -> F64: ...
+    @property
+    def terms(self) -> F64: ...
+    @property
+    def mse(self) -> F64: ...

@@ -155,3 +155,47 @@ def sample(
             dtype = params[0].dtype if dtype is None else dtype
             device = params[0].device if device is None else device
     return from_numpy(x, dtype=dtype, device=device)
+
+
+def _diffusion_loss_function():
+    import torch
+
+    class _SimpleLoss(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, model_output, target, weights):
+            from ferrodiff._core import simple_loss
+
+            w = None if weights is None else weights.detach().cpu().double().numpy()
+            losses, grad = simple_loss(to_numpy(model_output), to_numpy(target), w)
+            ctx.save_for_backward(from_numpy(grad, model_output))
+            return torch.from_numpy(losses).to(device=model_output.device, dtype=model_output.dtype)
+
+        @staticmethod
+        def backward(ctx, grad_losses):
+            (grad,) = ctx.saved_tensors
+            shape = (-1,) + (1,) * (grad.ndim - 1)
+            return grad * grad_losses.reshape(shape).to(grad.dtype), None, None
+
+    return _SimpleLoss
+
+
+class DiffusionLoss:
+    """The simple diffusion loss as a differentiable torch function, computed by ferrodiff:
+    ``loss = DiffusionLoss()(model_output, target, weights=None)`` returns the per-sample
+    weighted mean squared error [B]; ``reduction="mean"`` (default) averages it. The gradient
+    with respect to `model_output` comes from ferrodiff's fused kernel; `target` and `weights`
+    receive none. torch is imported when the first instance is made."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.reduction = reduction
+        self._fn = _diffusion_loss_function()
+
+    def __call__(self, model_output: Any, target: Any, weights: Any = None) -> Any:
+        losses = self._fn.apply(model_output, target, weights)
+        if self.reduction == "mean":
+            return losses.mean()
+        if self.reduction == "sum":
+            return losses.sum()
+        return losses

@@ -2,6 +2,7 @@
 //! mapping. No math here: every computation is a call into the core.
 
 mod arrays;
+mod losses;
 mod oracles;
 mod samplers;
 mod schedule;
@@ -39,5 +40,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     schedule::register(m)?;
     samplers::register(m)?;
     oracles::register(m)?;
+    losses::register(m)?;
     Ok(())
 }

@@ -1,0 +1,469 @@
+//! `ferrodiff.losses` and `ferrodiff.likelihood`: training targets and weights, the simple loss
+//! with its gradient, the variational bound in bits/dim.
+
+use numpy::{IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use super::arrays::{batch_of, f32_array, f64_vec, new_f32, timesteps_arg, type_name};
+use super::callback_error;
+use super::schedule::PySchedule;
+use crate::diffusion::Prediction;
+use crate::error::Result;
+use crate::loss::{self, likelihood, simple, weights, BpdConfig};
+use crate::sample::{model_output_layout, Denoiser, LoopHooks, ModelOutput, VarianceType};
+
+fn same_shape(a: &[usize], an: &str, b: &[usize], bn: &str) -> PyResult<()> {
+    if a != b {
+        return Err(PyValueError::new_err(format!(
+            "{an} has shape {a:?} but {bn} has shape {b:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The regression target for x_t = q_sample(x0, t, noise) of a model predicting
+/// `prediction`: "epsilon" → noise, "x0" → x0, "v" → sqrt(ᾱ_t) noise - sqrt(1-ᾱ_t) x0.
+#[pyfunction]
+#[pyo3(signature = (schedule, x0, noise, t, prediction="epsilon"))]
+fn training_target<'py>(
+    py: Python<'py>,
+    schedule: &PySchedule,
+    x0: &Bound<'py, PyAny>,
+    noise: &Bound<'py, PyAny>,
+    t: &Bound<'py, PyAny>,
+    prediction: &str,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let p = Prediction::parse(prediction)?;
+    let (a, z) = (f32_array(x0, "x0")?, f32_array(noise, "noise")?);
+    let shape = a.shape().to_vec();
+    same_shape(z.shape(), "noise", &shape, "x0")?;
+    let ts = timesteps_arg(t, batch_of(&shape, "x0")?)?;
+    let out = new_f32(py, &shape);
+    {
+        let (ar, zr) = (a.readonly(), z.readonly());
+        let mut ow = out.readwrite();
+        let (av, zv, ov) = (ar.as_slice()?, zr.as_slice()?, ow.as_slice_mut()?);
+        let s = &schedule.inner;
+        py.detach(|| loss::training_target(s, &shape, av, zv, &ts, p, ov))?;
+    }
+    Ok(out)
+}
+
+fn weighting(kind: &str, gamma: f64) -> PyResult<weights::Weighting> {
+    Ok(match kind {
+        "uniform" => weights::Weighting::Uniform,
+        "snr" => weights::Weighting::Snr,
+        "min_snr" => {
+            if !(gamma.is_finite() && gamma > 0.0) {
+                return Err(PyValueError::new_err(format!("gamma must be positive and finite, got {gamma}")));
+            }
+            weights::Weighting::MinSnr { gamma }
+        }
+        "truncated_snr" => weights::Weighting::TruncatedSnr,
+        "vlb" => weights::Weighting::Vlb,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown loss weighting {other:?}: expected one of 'uniform', 'snr', 'min_snr', 'truncated_snr', 'vlb'"
+            )))
+        }
+    })
+}
+
+fn target_of(p: Prediction) -> weights::Target {
+    match p {
+        Prediction::Epsilon => weights::Target::Epsilon,
+        Prediction::X0 => weights::Target::X0,
+        Prediction::V => weights::Target::V,
+    }
+}
+
+/// Per-sample weights (float64 [B]) that multiply the MSE of a `prediction` target so the loss
+/// is the weighting `kind` of the x0 error: "uniform", "snr", "min_snr" (γ = `gamma`),
+/// "truncated_snr" (max(SNR, 1)), "vlb" (the bound's per-t weight).
+#[pyfunction]
+#[pyo3(signature = (schedule, t, kind="uniform", prediction="epsilon", gamma=5.0))]
+fn loss_weight<'py>(
+    py: Python<'py>,
+    schedule: &PySchedule,
+    t: &Bound<'py, PyAny>,
+    kind: &str,
+    prediction: &str,
+    gamma: f64,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let w = weighting(kind, gamma)?;
+    let target = target_of(Prediction::parse(prediction)?);
+    let ts: Vec<i64> = if let Ok(v) = t.extract::<i64>() {
+        vec![v]
+    } else {
+        timesteps_arg(t, t.len()?)?
+    };
+    let s = &schedule.inner;
+    let out: Vec<f64> = ts
+        .iter()
+        .map(|&ti| {
+            let i = s.check_timestep(ti)?;
+            let vlb = weights::VlbCoefs {
+                beta: s.betas[i],
+                alpha: s.alphas[i],
+                alpha_bar: s.alphas_cumprod[i],
+                posterior_variance_clipped: s.posterior_log_variance_clipped[i].exp(),
+            };
+            weights::loss_weight(s.alphas_cumprod[i], &w, target, Some(vlb))
+                .map_err(crate::Error::Value)
+        })
+        .collect::<Result<_>>()?;
+    Ok(out.into_pyarray(py))
+}
+
+/// The simple loss: per-sample mean squared error between `model_output` and `target` (times
+/// `weights[b]` if given), float64 [B], and its gradient with respect to `model_output`
+/// (float32, same shape) for the sum of the per-sample losses.
+#[pyfunction]
+#[pyo3(signature = (model_output, target, weights=None))]
+#[allow(clippy::type_complexity)]
+fn simple_loss<'py>(
+    py: Python<'py>,
+    model_output: &Bound<'py, PyAny>,
+    target: &Bound<'py, PyAny>,
+    weights: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(Bound<'py, PyArray1<f64>>, Bound<'py, PyArrayDyn<f32>>)> {
+    let (o, y) = (
+        f32_array(model_output, "model_output")?,
+        f32_array(target, "target")?,
+    );
+    let shape = o.shape().to_vec();
+    same_shape(y.shape(), "target", &shape, "model_output")?;
+    let batch = batch_of(&shape, "model_output")?;
+    let row_len = shape[1..].iter().product::<usize>();
+    let w = match weights {
+        Some(w) => {
+            let v = f64_vec(w, "weights")?;
+            if v.len() != batch {
+                return Err(PyValueError::new_err(format!(
+                    "weights has {} entries but the batch has {batch} rows",
+                    v.len()
+                )));
+            }
+            Some(v)
+        }
+        None => None,
+    };
+    let grad = new_f32(py, &shape);
+    let losses = {
+        let (or, yr) = (o.readonly(), y.readonly());
+        let mut gw = grad.readwrite();
+        let (ov, yv, gv) = (or.as_slice()?, yr.as_slice()?, gw.as_slice_mut()?);
+        py.detach(|| simple::simple_loss(ov, yv, row_len, w.as_deref(), Some(gv)))
+            .map_err(PyValueError::new_err)?
+    };
+    Ok((losses.into_pyarray(py), grad))
+}
+
+/// KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise on equal-shape float arrays.
+#[pyfunction]
+fn _normal_kl<'py>(
+    py: Python<'py>,
+    mean1: &Bound<'py, PyAny>,
+    logvar1: &Bound<'py, PyAny>,
+    mean2: &Bound<'py, PyAny>,
+    logvar2: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let (a, b, c, d) = (
+        f64_vec(mean1, "mean1")?,
+        f64_vec(logvar1, "logvar1")?,
+        f64_vec(mean2, "mean2")?,
+        f64_vec(logvar2, "logvar2")?,
+    );
+    if b.len() != a.len() || c.len() != a.len() || d.len() != a.len() {
+        return Err(PyValueError::new_err(
+            "normal_kl arguments must broadcast to one shape",
+        ));
+    }
+    Ok((0..a.len())
+        .map(|i| likelihood::normal_kl(a[i], b[i], c[i], d[i]))
+        .collect::<Vec<_>>()
+        .into_pyarray(py))
+}
+
+/// The tanh approximation of the standard normal CDF, elementwise.
+#[pyfunction]
+fn _approx_standard_normal_cdf<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    Ok(f64_vec(x, "x")?
+        .into_iter()
+        .map(likelihood::approx_standard_normal_cdf)
+        .collect::<Vec<_>>()
+        .into_pyarray(py))
+}
+
+/// Log-likelihood of data on a grid of `bins` levels in [-1, 1] under a discretized Gaussian.
+#[pyfunction]
+#[pyo3(signature = (x, means, log_scales, bins=256))]
+fn _discretized_gaussian_log_likelihood<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    means: &Bound<'py, PyAny>,
+    log_scales: &Bound<'py, PyAny>,
+    bins: u32,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let (xv, mv, sv) = (
+        f64_vec(x, "x")?,
+        f64_vec(means, "means")?,
+        f64_vec(log_scales, "log_scales")?,
+    );
+    if mv.len() != xv.len() || sv.len() != xv.len() {
+        return Err(PyValueError::new_err(
+            "x, means and log_scales must broadcast to one shape",
+        ));
+    }
+    if bins < 2 {
+        return Err(PyValueError::new_err(format!(
+            "bins must be at least 2, got {bins}"
+        )));
+    }
+    if let Some(v) = xv.iter().find(|v| v.is_nan() || v.abs() > 1.0 + 1e-6) {
+        return Err(PyValueError::new_err(format!(
+            "x must lie in [-1, 1] for a discretized likelihood, got {v}"
+        )));
+    }
+    Ok((0..xv.len())
+        .map(|i| likelihood::discretized_gaussian_log_likelihood(xv[i], mv[i], sv[i], bins))
+        .collect::<std::result::Result<Vec<_>, String>>()
+        .map_err(PyValueError::new_err)?
+        .into_pyarray(py))
+}
+
+fn bpd_config(
+    prediction: &str,
+    variance: &str,
+    bins: u32,
+    seed: u64,
+    clip_denoised: bool,
+) -> PyResult<BpdConfig> {
+    if bins < 2 {
+        return Err(PyValueError::new_err(format!(
+            "bins must be at least 2, got {bins}"
+        )));
+    }
+    Ok(BpdConfig {
+        prediction: Prediction::parse(prediction)?,
+        variance: VarianceType::parse(variance)?,
+        bins,
+        seed,
+        clip_denoised,
+    })
+}
+
+/// The bound's term at each row's timestep, in bits/dim ([B] float64): KL(q(x_{t-1}|x_t, x0) ||
+/// p(x_{t-1}|x_t)) for t > 0 and the decoder's negative log-likelihood at t = 0, with the model's
+/// distribution formed from `model_output` (2C channels for "learned_range").
+#[pyfunction]
+#[pyo3(signature = (schedule, x0, x_t, t, model_output, *, prediction="epsilon", variance="fixed_small", bins=256, clip_denoised=true))]
+#[allow(clippy::too_many_arguments)]
+fn vb_terms_bpd<'py>(
+    py: Python<'py>,
+    schedule: &PySchedule,
+    x0: &Bound<'py, PyAny>,
+    x_t: &Bound<'py, PyAny>,
+    t: &Bound<'py, PyAny>,
+    model_output: &Bound<'py, PyAny>,
+    prediction: &str,
+    variance: &str,
+    bins: u32,
+    clip_denoised: bool,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let config = bpd_config(prediction, variance, bins, 0, clip_denoised)?;
+    let (a, xt, m) = (
+        f32_array(x0, "x0")?,
+        f32_array(x_t, "x_t")?,
+        f32_array(model_output, "model_output")?,
+    );
+    let shape = a.shape().to_vec();
+    same_shape(xt.shape(), "x_t", &shape, "x0")?;
+    let batch = batch_of(&shape, "x0")?;
+    let ts = timesteps_arg(t, batch)?;
+    let (row_len, stride) = model_output_layout(&shape, m.shape())?;
+    let s = &schedule.inner;
+    let (ar, xr, mr) = (a.readonly(), xt.readonly(), m.readonly());
+    let (av, xv, mv) = (ar.as_slice()?, xr.as_slice()?, mr.as_slice()?);
+    let out = py.detach(|| -> Result<Vec<f64>> {
+        let n = av.len();
+        let (mut mean, mut lv, mut eps) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        loss::p_mean_log_variance(
+            s, xv, &ts, mv, row_len, stride, &config, &mut mean, &mut lv, &mut eps,
+        )?;
+        let rows: Vec<likelihood::VbRow> = ts
+            .iter()
+            .map(|&ti| {
+                let i = ti as usize;
+                likelihood::VbRow {
+                    t: i,
+                    posterior_mean_coef1: s.posterior_mean_coef1[i],
+                    posterior_mean_coef2: s.posterior_mean_coef2[i],
+                    posterior_log_variance_clipped: s.posterior_log_variance_clipped[i],
+                }
+            })
+            .collect();
+        likelihood::vb_terms_bpd(av, xv, row_len, &rows, &mean, &lv, bins)
+            .map_err(crate::Error::Value)
+    })?;
+    Ok(out.into_pyarray(py))
+}
+
+/// The prior term KL(q(x_T | x0) || N(0, I)) in bits/dim per sample.
+#[pyfunction]
+fn prior_bpd<'py>(
+    py: Python<'py>,
+    schedule: &PySchedule,
+    x0: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let a = f32_array(x0, "x0")?;
+    let shape = a.shape().to_vec();
+    let batch = batch_of(&shape, "x0")?;
+    let row_len = if batch == 0 {
+        0
+    } else {
+        shape[1..].iter().product()
+    };
+    let abar = *schedule.inner.alphas_cumprod.last().unwrap_or(&0.0);
+    let r = a.readonly();
+    let v = r.as_slice()?;
+    Ok(likelihood::prior_bpd(v, row_len, abar)
+        .map_err(PyValueError::new_err)?
+        .into_pyarray(py))
+}
+
+/// Per-sample results of `bits_per_dim`: `total` [B], `prior` [B], `terms` [B, T] (t = 0 is the
+/// decoder term), `mse` [B, T] (ε error at each t).
+#[pyclass(name = "BitsPerDim", module = "ferrodiff.likelihood", frozen)]
+pub struct PyBitsPerDim {
+    #[pyo3(get)]
+    total: Py<PyAny>,
+    #[pyo3(get)]
+    prior: Py<PyAny>,
+    #[pyo3(get)]
+    terms: Py<PyAny>,
+    #[pyo3(get)]
+    mse: Py<PyAny>,
+}
+
+#[pymethods]
+impl PyBitsPerDim {
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let mean = self
+            .total
+            .bind(py)
+            .call_method0("mean")
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        format!("BitsPerDim(mean total = {mean} bits/dim)")
+    }
+}
+
+struct CallableDenoiser<'py> {
+    f: Bound<'py, PyAny>,
+}
+
+impl Denoiser for CallableDenoiser<'_> {
+    fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
+        let py = self.f.py();
+        let run = || -> PyResult<ModelOutput> {
+            let xa = super::arrays::vec_to_array(py, x.to_vec(), shape)?;
+            let r = self.f.call1((xa, t.to_vec().into_pyarray(py)))?;
+            let arr = f32_array(&r, "the denoiser's output")?;
+            Ok(ModelOutput {
+                shape: arr.shape().to_vec(),
+                data: arr.readonly().as_slice()?.to_vec(),
+            })
+        };
+        run().map_err(callback_error)
+    }
+}
+
+struct BpdHooks<'py> {
+    py: Python<'py>,
+    progress: Option<Bound<'py, PyAny>>,
+}
+
+impl LoopHooks for BpdHooks<'_> {
+    fn after_step(&mut self, _i: usize, _t: i64, _x: &[f32], _p: &[f32]) -> Result<()> {
+        self.py.check_signals().map_err(callback_error)?;
+        if let Some(p) = &self.progress {
+            p.call_method1("update", (1,)).map_err(callback_error)?;
+        }
+        Ok(())
+    }
+}
+
+/// The variational bound of `denoiser(x, t)` on data `x0` ([B, ...] in [-1, 1]) in bits/dim,
+/// over every timestep (OpenAI's `calc_bpd_loop`): the noise at timestep t is `randn` with
+/// `seed` and stream t. `bins` is the number of data levels (256 for 8-bit images).
+#[pyfunction]
+#[pyo3(signature = (denoiser, schedule, x0, *, prediction="epsilon", variance="fixed_small", bins=256, seed=0, clip_denoised=true, progress=false))]
+#[allow(clippy::too_many_arguments)]
+fn bits_per_dim<'py>(
+    py: Python<'py>,
+    denoiser: &Bound<'py, PyAny>,
+    schedule: &PySchedule,
+    x0: &Bound<'py, PyAny>,
+    prediction: &str,
+    variance: &str,
+    bins: u32,
+    seed: u64,
+    clip_denoised: bool,
+    progress: bool,
+) -> PyResult<PyBitsPerDim> {
+    if !denoiser.is_callable() {
+        return Err(PyTypeError::new_err(format!(
+            "denoiser must be callable as denoiser(x, t), got {}",
+            type_name(denoiser)
+        )));
+    }
+    let config = bpd_config(prediction, variance, bins, seed, clip_denoised)?;
+    let a = f32_array(x0, "x0")?;
+    let shape = a.shape().to_vec();
+    let batch = batch_of(&shape, "x0")?;
+    let data = a.readonly().as_slice()?.to_vec();
+    let t_total = schedule.inner.len();
+    let progress = if progress {
+        Some(
+            py.import("ferrodiff._progress")?
+                .call_method1("progress_bar", (t_total, "bits/dim"))?,
+        )
+    } else {
+        None
+    };
+    let mut hooks = BpdHooks { py, progress };
+    let mut d = CallableDenoiser {
+        f: denoiser.clone(),
+    };
+    let r = loss::bits_per_dim(&mut d, &schedule.inner, &data, &shape, config, &mut hooks);
+    if let Some(p) = &hooks.progress {
+        let _ = p.call_method0("close");
+    }
+    let r = r?;
+    let bt = [batch, t_total];
+    Ok(PyBitsPerDim {
+        total: r.total.into_pyarray(py).into_any().unbind(),
+        prior: r.prior.into_pyarray(py).into_any().unbind(),
+        terms: r.terms.into_pyarray(py).reshape(bt)?.into_any().unbind(),
+        mse: r.mse.into_pyarray(py).reshape(bt)?.into_any().unbind(),
+    })
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(training_target, m)?)?;
+    m.add_function(wrap_pyfunction!(loss_weight, m)?)?;
+    m.add_function(wrap_pyfunction!(simple_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(_normal_kl, m)?)?;
+    m.add_function(wrap_pyfunction!(_approx_standard_normal_cdf, m)?)?;
+    m.add_function(wrap_pyfunction!(_discretized_gaussian_log_likelihood, m)?)?;
+    m.add_function(wrap_pyfunction!(vb_terms_bpd, m)?)?;
+    m.add_function(wrap_pyfunction!(prior_bpd, m)?)?;
+    m.add_function(wrap_pyfunction!(bits_per_dim, m)?)?;
+    m.add_class::<PyBitsPerDim>()?;
+    Ok(())
+}
