@@ -219,3 +219,69 @@ def test_learned_range_needs_twice_the_channels(rng):
         L.vb_terms_bpd(s, x, x, 100, x)
     with pytest.raises(ValueError, match="unknown loss weighting"):
         losses.loss_weight(s, 3, "snr2")
+
+
+def hybrid_inputs(rng, t):
+    s = fd.Schedule.linear(1000)
+    x0 = (rng.integers(0, 256, (3, 2, 4)) / 127.5 - 1).astype(np.float32)
+    z = rng.standard_normal(x0.shape).astype(np.float32)
+    xt = s.q_sample(x0, t, z)
+    out = np.concatenate(
+        [z + 0.3 * rng.standard_normal(z.shape), rng.uniform(-0.9, 0.9, z.shape)], axis=1
+    ).astype(np.float32)
+    return s, x0, xt, z, out
+
+
+@pytest.mark.parametrize("t", [np.array([0, 0, 0]), np.array([1, 250, 999])])
+def test_hybrid_loss_variance_gradient_against_finite_differences(rng, t):
+    # The variance channels' gradient is the derivative of the whole loss (the mean is only
+    # frozen inside the bound, and the mse does not see the variance channels).
+    s, x0, xt, z, out = hybrid_inputs(rng, t)
+    loss, grad = losses.hybrid_loss(s, x0, xt, z, t, out)
+    assert grad.shape == out.shape
+    h = 1e-2
+    for idx in [(0, 2, 1), (1, 3, 2), (2, 2, 0), (0, 3, 3), (2, 3, 1)]:
+        up, dn = out.copy(), out.copy()
+        up[idx] += h
+        dn[idx] -= h
+        f_up = losses.hybrid_loss(s, x0, xt, z, t, up)[0].sum()
+        f_dn = losses.hybrid_loss(s, x0, xt, z, t, dn)[0].sum()
+        assert grad[idx] == pytest.approx((f_up - f_dn) / (2 * h), rel=2e-2, abs=2e-6), idx
+
+
+def test_hybrid_variational_term_trains_only_the_variance_channels(rng):
+    t = np.array([3, 400, 800])
+    s, x0, xt, z, out = hybrid_inputs(rng, t)
+    loss, grad = losses.hybrid_loss(s, x0, xt, z, t, out)
+    mse = ((out[:, :2] - z) ** 2).reshape(3, -1).mean(1)
+    # The mean channels' gradient is exactly the MSE's: the bound sees a frozen mean.
+    np.testing.assert_allclose(grad[:, :2], 2 * (out[:, :2] - z) / 8, rtol=1e-5, atol=1e-7)
+    assert np.all(np.abs(grad[:, 2:]) > 0)
+    vb = L.vb_terms_bpd(s, x0, xt, t, out, variance="learned_range", clip_denoised=False)
+    np.testing.assert_allclose(loss, mse + vb, rtol=1e-5)
+    with pytest.raises(ValueError, match="twice the channels"):
+        losses.hybrid_loss(s, x0, xt, z, t, out[:, :2])
+
+
+def test_timestep_sampler_concentrates_on_large_losses_and_pickles():
+    import pickle
+
+    ts = losses.TimestepSampler(100, "loss_second_moment")
+    assert not ts.warmed_up
+    np.testing.assert_allclose(ts.probabilities(), 0.01)
+    for _ in range(10):
+        t = np.arange(100)
+        ts.update(t, np.where(t < 10, 10.0, 1.0))
+    assert ts.warmed_up
+    p = ts.probabilities()
+    assert p[:10].sum() == pytest.approx((100 * (1 - 0.001)) / (100 + 90) + 0.001 * 0.1, rel=1e-9)
+    t, w = ts.sample(20000, seed=1)
+    assert abs((t < 10).mean() - p[:10].sum()) < 0.02
+    np.testing.assert_allclose(w, 1 / (100 * p[t]))
+    restored = pickle.loads(pickle.dumps(ts))
+    np.testing.assert_array_equal(restored.probabilities(), p)
+    np.testing.assert_array_equal(restored.sample(5, seed=1)[0], ts.sample(5, seed=1)[0])
+    with pytest.raises(ValueError, match="loss_second_moment"):
+        losses.TimestepSampler(10, "importance")
+    with pytest.raises(ValueError, match="out of range"):
+        ts.update([100], [1.0])

@@ -23,6 +23,6 @@ kind               ε target            x0 target             v target
 stays finite where ᾱ = 0.)
 """
 
-from ferrodiff._core import loss_weight, simple_loss, training_target
+from ferrodiff._core import TimestepSampler, hybrid_loss, loss_weight, simple_loss, training_target
 
-__all__ = ["loss_weight", "simple_loss", "training_target"]
+__all__ = ["TimestepSampler", "hybrid_loss", "loss_weight", "simple_loss", "training_target"]

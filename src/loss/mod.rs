@@ -2,11 +2,15 @@
 //! loss with its gradient, the variational bound in bits/dim (OpenAI's conventions).
 
 mod bpd;
+mod hybrid;
 pub mod likelihood;
 pub mod simple;
+mod timestep_sampler;
 pub mod weights;
 
 pub use bpd::{bits_per_dim, p_mean_log_variance, BitsPerDim, BpdConfig};
+pub use hybrid::{hybrid_loss, HybridLoss, HYBRID_VLB_WEIGHT};
+pub use timestep_sampler::{TimestepSampler, TimestepSampling, HISTORY_PER_TERM, UNIFORM_PROB};
 
 use crate::diffusion::{self, Prediction};
 use crate::error::Result;

@@ -454,7 +454,186 @@ fn bits_per_dim<'py>(
     })
 }
 
+/// The hybrid loss of Nichol & Dhariwal (2021) for a learned-range model output [B, 2C, ...]:
+/// per sample `mse + (T/1000) · L_t` (L_t in bits/dim with the model's mean frozen, so it trains
+/// only the variance channels). Returns `(loss [B] float64, grad)` with `grad` the gradient of
+/// the summed loss with respect to `model_output`.
+#[pyfunction]
+#[pyo3(signature = (schedule, x0, x_t, noise, t, model_output, *, prediction="epsilon", bins=256))]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn hybrid_loss<'py>(
+    py: Python<'py>,
+    schedule: &PySchedule,
+    x0: &Bound<'py, PyAny>,
+    x_t: &Bound<'py, PyAny>,
+    noise: &Bound<'py, PyAny>,
+    t: &Bound<'py, PyAny>,
+    model_output: &Bound<'py, PyAny>,
+    prediction: &str,
+    bins: u32,
+) -> PyResult<(Bound<'py, PyArray1<f64>>, Bound<'py, PyArrayDyn<f32>>)> {
+    let p = Prediction::parse(prediction)?;
+    let (a, xt, z, m) = (
+        f32_array(x0, "x0")?,
+        f32_array(x_t, "x_t")?,
+        f32_array(noise, "noise")?,
+        f32_array(model_output, "model_output")?,
+    );
+    let shape = a.shape().to_vec();
+    same_shape(xt.shape(), "x_t", &shape, "x0")?;
+    same_shape(z.shape(), "noise", &shape, "x0")?;
+    let ts = timesteps_arg(t, batch_of(&shape, "x0")?)?;
+    let mshape = m.shape().to_vec();
+    let grad = new_f32(py, &mshape);
+    let r = {
+        let (ar, xr, zr, mr) = (a.readonly(), xt.readonly(), z.readonly(), m.readonly());
+        let mut gw = grad.readwrite();
+        let (av, xv, zv, mv, gv) = (
+            ar.as_slice()?,
+            xr.as_slice()?,
+            zr.as_slice()?,
+            mr.as_slice()?,
+            gw.as_slice_mut()?,
+        );
+        let s = &schedule.inner;
+        py.detach(|| loss::hybrid_loss(s, &shape, av, xv, zv, &ts, mv, &mshape, p, bins, Some(gv)))?
+    };
+    Ok((r.loss.into_pyarray(py), grad))
+}
+
+/// Draws training timesteps: "uniform", or "loss_second_moment" (Nichol & Dhariwal 2021,
+/// sec. 3.3: p_t ∝ sqrt(E[L_t²]) over the last `history` losses at t, mixed with `uniform_prob`
+/// of the uniform distribution, uniform until every t has a full history). `sample` returns the
+/// timesteps and the weights 1/(T p_t) that keep the weighted loss unbiased; `update` records
+/// observed losses. Picklable; `to_dict` / `from_dict` keep the history and the draw counter.
+#[pyclass(name = "TimestepSampler", module = "ferrodiff.losses")]
+pub struct PyTimestepSampler {
+    inner: loss::TimestepSampler,
+}
+
+#[pymethods]
+impl PyTimestepSampler {
+    #[new]
+    #[pyo3(signature = (num_timesteps, kind="uniform", history=loss::HISTORY_PER_TERM, uniform_prob=loss::UNIFORM_PROB))]
+    fn new(num_timesteps: usize, kind: &str, history: usize, uniform_prob: f64) -> PyResult<Self> {
+        let k = match kind {
+            "uniform" => loss::TimestepSampling::Uniform,
+            "loss_second_moment" => loss::TimestepSampling::LossSecondMoment,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                "unknown timestep sampler {other:?}: expected 'uniform' or 'loss_second_moment'"
+            )))
+            }
+        };
+        Ok(PyTimestepSampler {
+            inner: loss::TimestepSampler::new(k, num_timesteps, history, uniform_prob)?,
+        })
+    }
+
+    #[getter]
+    fn kind(&self) -> &'static str {
+        match self.inner.kind {
+            loss::TimestepSampling::Uniform => "uniform",
+            loss::TimestepSampling::LossSecondMoment => "loss_second_moment",
+        }
+    }
+    #[getter]
+    fn num_timesteps(&self) -> usize {
+        self.inner.num_timesteps
+    }
+    #[getter]
+    fn warmed_up(&self) -> bool {
+        self.inner.warmed_up()
+    }
+
+    /// The sampling distribution p_t, float64 [T].
+    fn probabilities<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
+        self.inner.probabilities().into_pyarray(py)
+    }
+
+    /// `(t int64 [batch], weights float64 [batch])`; the draws continue a counter, so successive
+    /// calls with one seed give fresh timesteps.
+    #[pyo3(signature = (batch, seed=0))]
+    fn sample<'py>(
+        &mut self,
+        py: Python<'py>,
+        batch: usize,
+        seed: u64,
+    ) -> (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<f64>>) {
+        let (t, w) = self.inner.sample(batch, seed);
+        (t.into_pyarray(py), w.into_pyarray(py))
+    }
+
+    /// Records per-sample losses observed at timesteps t.
+    fn update(&mut self, t: &Bound<'_, PyAny>, losses: &Bound<'_, PyAny>) -> PyResult<()> {
+        let l = f64_vec(losses, "losses")?;
+        let ts = timesteps_arg(t, l.len())?;
+        Ok(self.inner.update(&ts, &l)?)
+    }
+
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let d = pyo3::types::PyDict::new(py);
+        d.set_item("num_timesteps", self.inner.num_timesteps)?;
+        d.set_item("kind", self.kind())?;
+        d.set_item("history", self.inner.history)?;
+        d.set_item("uniform_prob", self.inner.uniform_prob)?;
+        d.set_item("losses", self.inner.losses.clone())?;
+        d.set_item("counts", self.inner.counts.clone())?;
+        d.set_item("draws", self.inner.draws)?;
+        Ok(d)
+    }
+
+    #[staticmethod]
+    fn from_dict(d: &Bound<'_, pyo3::types::PyDict>) -> PyResult<Self> {
+        let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
+            d.get_item(k)?.ok_or_else(|| {
+                PyValueError::new_err(format!("TimestepSampler dict has no {k:?} key"))
+            })
+        };
+        let mut s = PyTimestepSampler::new(
+            get("num_timesteps")?.extract()?,
+            &get("kind")?.extract::<String>()?,
+            get("history")?.extract()?,
+            get("uniform_prob")?.extract()?,
+        )?;
+        let losses: Vec<f64> = get("losses")?.extract()?;
+        let counts: Vec<usize> = get("counts")?.extract()?;
+        if losses.len() != s.inner.losses.len()
+            || counts.len() != s.inner.counts.len()
+            || counts.iter().any(|&c| c > s.inner.history)
+        {
+            return Err(PyValueError::new_err(
+                "TimestepSampler dict has a history of the wrong size",
+            ));
+        }
+        s.inner.losses = losses;
+        s.inner.counts = counts;
+        s.inner.draws = get("draws")?.extract()?;
+        Ok(s)
+    }
+
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, pyo3::types::PyDict>,))> {
+        Ok((
+            slf.get_type().getattr("from_dict")?,
+            (slf.borrow().to_dict(slf.py())?,),
+        ))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "TimestepSampler(T={}, kind={:?}, warmed_up={})",
+            self.inner.num_timesteps,
+            self.kind(),
+            self.inner.warmed_up()
+        )
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(hybrid_loss, m)?)?;
+    m.add_class::<PyTimestepSampler>()?;
     m.add_function(wrap_pyfunction!(training_target, m)?)?;
     m.add_function(wrap_pyfunction!(loss_weight, m)?)?;
     m.add_function(wrap_pyfunction!(simple_loss, m)?)?;
