@@ -21,6 +21,9 @@ pub enum Error {
     /// carried through unchanged.
     #[error("{0}")]
     Callback(Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// An error from candle (tensor shapes, devices, dtypes).
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
     /// The user interrupted a long loop.
     #[error("interrupted")]
     Interrupted,

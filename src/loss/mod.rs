@@ -5,6 +5,7 @@ mod bpd;
 mod hybrid;
 pub mod likelihood;
 pub mod simple;
+pub mod tensors;
 mod timestep_sampler;
 pub mod weights;
 

@@ -25,6 +25,7 @@ impl From<Error> for PyErr {
                 Err(other) => PyRuntimeError::new_err(other.to_string()),
             },
             Error::Interrupted => PyKeyboardInterrupt::new_err("interrupted"),
+            e @ Error::Candle(_) => PyRuntimeError::new_err(e.to_string()),
         }
     }
 }
