@@ -152,8 +152,12 @@ pub fn p_mean_log_variance(
         shape_error!("variance='learned_range' needs a model output with twice the channels of x");
     }
     let t_total = schedule.len();
-    for (b, &tb) in t.iter().enumerate() {
-        let t = schedule.check_timestep(tb)?;
+    let idx: Vec<usize> = t
+        .iter()
+        .map(|&tb| schedule.check_timestep(tb))
+        .collect::<Result<_>>()?;
+    let row = |b: usize, mean: &mut [f32], log_var: &mut [f32], eps: &mut [f32]| {
+        let t = idx[b];
         let abar = schedule.alphas_cumprod[t];
         let (ax, am) = x0_coefficients(config.prediction, abar);
         let (ex, em) = eps_coefficients(config.prediction, abar);
@@ -177,9 +181,9 @@ pub fn p_mean_log_variance(
             if config.clip_denoised {
                 x0_pred = x0_pred.clamp(-1.0, 1.0);
             }
-            mean[i] = (c1 * x0_pred + c2 * x) as f32;
-            eps[i] = (ex * x + em * m) as f32;
-            log_var[i] = match config.variance {
+            mean[j] = (c1 * x0_pred + c2 * x) as f32;
+            eps[j] = (ex * x + em * m) as f32;
+            log_var[j] = match config.variance {
                 VarianceType::FixedSmall => min_log,
                 VarianceType::FixedLarge => fixed_large_log,
                 VarianceType::LearnedRange => {
@@ -188,6 +192,25 @@ pub fn p_mean_log_variance(
                 }
             } as f32;
         }
+    };
+    if row_len == 0 {
+        return Ok(());
+    }
+    if idx.len() * row_len < crate::kernels::PARALLEL_MIN_ELEMENTS
+        || !crate::kernels::parallel_allowed()
+    {
+        mean.chunks_mut(row_len)
+            .zip(log_var.chunks_mut(row_len))
+            .zip(eps.chunks_mut(row_len))
+            .enumerate()
+            .for_each(|(b, ((m, l), e))| row(b, m, l, e));
+    } else {
+        use rayon::prelude::*;
+        mean.par_chunks_mut(row_len)
+            .zip(log_var.par_chunks_mut(row_len))
+            .zip(eps.par_chunks_mut(row_len))
+            .enumerate()
+            .for_each(|(b, ((m, l), e))| row(b, m, l, e));
     }
     Ok(())
 }
