@@ -81,46 +81,49 @@ pub fn bits_per_dim(
         let tb = vec![t as i64; batch];
         let model = denoiser.predict(&x_t, shape, &tb)?;
         let (_, stride) = model_output_layout(shape, &model.shape)?;
-        p_mean_log_variance(
-            schedule,
-            &x_t,
-            &tb,
-            &model.data,
-            row_len,
-            stride,
-            &config,
-            &mut mean,
-            &mut log_var,
-            &mut eps,
-        )?;
-        for b in 0..batch {
-            let sq: f64 = (b * row_len..(b + 1) * row_len)
-                .map(|i| (eps[i] as f64 - noise[i] as f64).powi(2))
-                .sum();
-            out.mse[b * t_total + t] = sq / row_len.max(1) as f64;
-        }
-        let (c1, c2) = (
-            schedule.posterior_mean_coef1[t],
-            schedule.posterior_mean_coef2[t],
-        );
-        let min_log = schedule.posterior_log_variance_clipped[t];
-        let rows: Vec<VbRow> = (0..batch)
-            .map(|_| VbRow {
+        let rows = vec![
+            VbRow {
                 t,
-                posterior_mean_coef1: c1,
-                posterior_mean_coef2: c2,
-                posterior_log_variance_clipped: min_log,
-            })
-            .collect();
-        let terms = vb_terms_bpd(x0, &x_t, row_len, &rows, &mean, &log_var, config.bins)
-            .map_err(Error::Value)?;
-        for (b, v) in terms.into_iter().enumerate() {
-            if !v.is_finite() {
-                return Err(Error::NonFinite { timestep: t as i64 });
+                posterior_mean_coef1: schedule.posterior_mean_coef1[t],
+                posterior_mean_coef2: schedule.posterior_mean_coef2[t],
+                posterior_log_variance_clipped: schedule.posterior_log_variance_clipped[t],
+            };
+            batch
+        ];
+        // The bound's term of this timestep: one pass that the bindings run without the GIL.
+        let (mean, log_var, eps, noise, x_t, out) =
+            (&mut mean, &mut log_var, &mut eps, &noise, &x_t, &mut out);
+        let (model, tb, config) = (&model, &tb, &config);
+        hooks.run_pass(&mut || {
+            p_mean_log_variance(
+                schedule,
+                x_t,
+                tb,
+                &model.data,
+                row_len,
+                stride,
+                config,
+                mean,
+                log_var,
+                eps,
+            )?;
+            for b in 0..batch {
+                let sq: f64 = (b * row_len..(b + 1) * row_len)
+                    .map(|i| (eps[i] as f64 - noise[i] as f64).powi(2))
+                    .sum();
+                out.mse[b * t_total + t] = sq / row_len.max(1) as f64;
             }
-            out.terms[b * t_total + t] = v;
-        }
-        hooks.after_step(step, t as i64, &x_t, &[])?;
+            let terms = vb_terms_bpd(x0, x_t, row_len, &rows, mean, log_var, config.bins)
+                .map_err(Error::Value)?;
+            for (b, v) in terms.into_iter().enumerate() {
+                if !v.is_finite() {
+                    return Err(Error::NonFinite { timestep: t as i64 });
+                }
+                out.terms[b * t_total + t] = v;
+            }
+            Ok(())
+        })?;
+        hooks.after_step(step, t as i64, x_t, &[])?;
     }
     for b in 0..batch {
         out.total[b] = out.prior[b]

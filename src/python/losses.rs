@@ -6,12 +6,12 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use super::arrays::{batch_of, f32_array, f64_vec, new_f32, timesteps_arg, type_name};
-use super::callback_error;
+use super::samplers::{PyDenoiser, PyHooks};
 use super::schedule::PySchedule;
 use crate::diffusion::Prediction;
 use crate::error::Result;
 use crate::loss::{self, likelihood, simple, weights, BpdConfig};
-use crate::sample::{model_output_layout, Denoiser, LoopHooks, ModelOutput, VarianceType};
+use crate::sample::{model_output_layout, VarianceType};
 
 fn same_shape(a: &[usize], an: &str, b: &[usize], bn: &str) -> PyResult<()> {
     if a != b {
@@ -363,41 +363,6 @@ impl PyBitsPerDim {
     }
 }
 
-struct CallableDenoiser<'py> {
-    f: Bound<'py, PyAny>,
-}
-
-impl Denoiser for CallableDenoiser<'_> {
-    fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
-        let py = self.f.py();
-        let run = || -> PyResult<ModelOutput> {
-            let xa = super::arrays::vec_to_array(py, x.to_vec(), shape)?;
-            let r = self.f.call1((xa, t.to_vec().into_pyarray(py)))?;
-            let arr = f32_array(&r, "the denoiser's output")?;
-            Ok(ModelOutput {
-                shape: arr.shape().to_vec(),
-                data: arr.readonly().as_slice()?.to_vec(),
-            })
-        };
-        run().map_err(callback_error)
-    }
-}
-
-struct BpdHooks<'py> {
-    py: Python<'py>,
-    progress: Option<Bound<'py, PyAny>>,
-}
-
-impl LoopHooks for BpdHooks<'_> {
-    fn after_step(&mut self, _i: usize, _t: i64, _x: &[f32], _p: &[f32]) -> Result<()> {
-        self.py.check_signals().map_err(callback_error)?;
-        if let Some(p) = &self.progress {
-            p.call_method1("update", (1,)).map_err(callback_error)?;
-        }
-        Ok(())
-    }
-}
-
 /// The variational bound of `denoiser(x, t)` on data `x0` ([B, ...] in [-1, 1]) in bits/dim,
 /// over every timestep (OpenAI's `calc_bpd_loop`): the noise at timestep t is `randn` with
 /// `seed` and stream t. `bins` is the number of data levels (256 for 8-bit images).
@@ -428,22 +393,12 @@ fn bits_per_dim<'py>(
     let batch = batch_of(&shape, "x0")?;
     let data = a.readonly().as_slice()?.to_vec();
     let t_total = schedule.inner.len();
-    let progress = if progress {
-        Some(
-            py.import("ferrodiff._progress")?
-                .call_method1("progress_bar", (t_total, "bits/dim"))?,
-        )
-    } else {
-        None
-    };
-    let mut hooks = BpdHooks { py, progress };
-    let mut d = CallableDenoiser {
+    let mut hooks = PyHooks::new(py, t_total, progress, None, &shape, "bits/dim")?;
+    let mut d = PyDenoiser {
         f: denoiser.clone(),
     };
     let r = loss::bits_per_dim(&mut d, &schedule.inner, &data, &shape, config, &mut hooks);
-    if let Some(p) = &hooks.progress {
-        let _ = p.call_method0("close");
-    }
+    hooks.close();
     let r = r?;
     let bt = [batch, t_total];
     Ok(PyBitsPerDim {

@@ -172,8 +172,8 @@ fn randn<'py>(
 }
 
 /// A Python callable `denoiser(x, t)` (or `denoiser(x, t, y)` later) as a Rust denoiser.
-struct PyDenoiser<'py> {
-    f: Bound<'py, PyAny>,
+pub(crate) struct PyDenoiser<'py> {
+    pub(crate) f: Bound<'py, PyAny>,
 }
 
 impl Denoiser for PyDenoiser<'_> {
@@ -199,7 +199,7 @@ impl Denoiser for PyDenoiser<'_> {
 }
 
 /// Progress bar, user callback and Ctrl-C around a Rust loop; the GIL is released during passes.
-struct PyHooks<'py> {
+pub(crate) struct PyHooks<'py> {
     py: Python<'py>,
     progress: Option<Bound<'py, PyAny>>,
     callback: Option<Bound<'py, PyAny>>,
@@ -207,7 +207,7 @@ struct PyHooks<'py> {
 }
 
 impl<'py> PyHooks<'py> {
-    fn new(
+    pub(crate) fn new(
         py: Python<'py>,
         total: usize,
         progress: bool,
@@ -231,7 +231,7 @@ impl<'py> PyHooks<'py> {
         })
     }
 
-    fn close(&self) {
+    pub(crate) fn close(&self) {
         if let Some(p) = &self.progress {
             let _ = p.call_method0("close");
         }
