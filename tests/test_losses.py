@@ -285,3 +285,35 @@ def test_timestep_sampler_concentrates_on_large_losses_and_pickles():
         losses.TimestepSampler(10, "importance")
     with pytest.raises(ValueError, match="out of range"):
         ts.update([100], [1.0])
+
+
+def test_bits_per_dim_variance_types_and_errors():
+    s = fd.Schedule.linear(50)
+    x0 = np.array([[-1.0, 1.0], [1.0, -1.0]], np.float32)
+    mix = fd.oracles.GaussianMixture([1, 1], x0.astype(np.float64), [1e-3, 1e-3])
+    den = mix.denoiser(s)
+    small = L.bits_per_dim(den, s, x0, variance="fixed_small", seed=3)
+    large = L.bits_per_dim(den, s, x0, variance="fixed_large", seed=3)
+    # learned_range with v = -1 everywhere is fixed_small exactly.
+    learned = L.bits_per_dim(
+        lambda x, t: np.concatenate([den(x, t), -np.ones_like(x)], axis=1),
+        s,
+        x0,
+        variance="learned_range",
+        seed=3,
+    )
+    np.testing.assert_allclose(learned.total, small.total, rtol=1e-5)
+    assert not np.allclose(large.total, small.total)
+
+    class Boom(Exception):
+        pass
+
+    def failing(x, t):
+        raise Boom("model failed")
+
+    with pytest.raises(Boom, match="model failed"):
+        L.bits_per_dim(failing, s, x0)
+    with pytest.raises(ValueError, match="twice the channels"):
+        L.bits_per_dim(den, s, x0, variance="learned_range")
+    with pytest.raises(ValueError, match="bins"):
+        L.bits_per_dim(den, s, x0, bins=1)
