@@ -1,6 +1,7 @@
 //! The one error type of the crate. The Python bindings map each kind to an exception class:
-//! `Value` and `Shape` -> `ValueError`, `Type` -> `TypeError`, `NonFinite` -> `FloatingPointError`,
-//! `Callback` -> the callback's own exception, unchanged; `Interrupted` -> `KeyboardInterrupt`.
+//! `Value` and `Shape` -> `ValueError`, `Type` -> `TypeError`, `NonFinite` and `NonFiniteIterate`
+//! -> `FloatingPointError`, `Callback` -> the callback's own exception, unchanged; `Interrupted` ->
+//! `KeyboardInterrupt`.
 
 /// Errors raised by ferrodiff. Messages name the argument, what was expected and what was given.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +18,13 @@ pub enum Error {
     /// A non-finite value appeared in a sampler step (usually a NaN/Inf model output).
     #[error("non-finite value (NaN or Inf) in the result of the step at timestep {timestep}: the model output or x contains NaN/Inf, or the schedule divides by zero there")]
     NonFinite { timestep: i64 },
+    /// A non-finite value appeared in a Langevin iterate (a NaN/Inf score, or a step size too
+    /// large for the score's curvature).
+    #[error("non-finite value (NaN or Inf) in the Langevin iterate after iteration {iteration}{}: the score returned NaN/Inf, or the step size is too large for it", level.map(|l| format!(" (noise level {l})")).unwrap_or_default())]
+    NonFiniteIterate {
+        iteration: usize,
+        level: Option<usize>,
+    },
     /// An error raised by a user callback (a Python denoiser, a progress callback, ...),
     /// carried through unchanged.
     #[error("{0}")]

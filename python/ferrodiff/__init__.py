@@ -9,7 +9,7 @@ arrays (float32, batch first) and, through :mod:`ferrodiff.torch`, on PyTorch te
     >>> x = sampler.sample(denoiser, shape=(16, 1, 8, 8), seed=0)   # doctest: +SKIP
 """
 
-from ferrodiff import likelihood, losses, oracles
+from ferrodiff import langevin, likelihood, losses, oracles
 from ferrodiff._core import (
     DDIM,
     DDPM,
@@ -33,6 +33,7 @@ __all__ = [
     "__version__",
     "cosine_log_snr",
     "karras_sigmas",
+    "langevin",
     "likelihood",
     "losses",
     "oracles",

@@ -341,3 +341,30 @@ class TimestepSampler:
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> TimestepSampler: ...
     def __reduce__(self) -> Any: ...
+
+# score matching and Langevin dynamics
+def sgld(
+    score_fn: Callable[[F32], ArrayLike],
+    x_init: ArrayLike,
+    step_size: float,
+    steps: int,
+    seed: int = 0,
+    *,
+    progress: bool = False,
+    callback: Callable[[int, F32], Any] | None = None,
+) -> F32: ...
+def annealed(
+    score_fn: Callable[[F32, float], ArrayLike],
+    sigmas: ArrayLike,
+    shape: Sequence[int] | None = None,
+    steps_per_level: int = 100,
+    eps: float = 2e-5,
+    seed: int = 0,
+    *,
+    x_init: ArrayLike | None = None,
+    progress: bool = False,
+) -> F32: ...
+def geometric_sigmas(sigma_max: float = 1.0, sigma_min: float = 0.01, n: int = 10) -> F64: ...
+def dsm_loss(
+    score_output: ArrayLike, x_noisy: ArrayLike, x0: ArrayLike, sigmas_per_sample: ArrayLike
+) -> tuple[F64, F32]: ...

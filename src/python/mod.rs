@@ -2,6 +2,7 @@
 //! mapping. No math here: every computation is a call into the core.
 
 mod arrays;
+mod langevin;
 mod losses;
 mod oracles;
 mod samplers;
@@ -19,7 +20,9 @@ impl From<Error> for PyErr {
         match e {
             Error::Value(m) | Error::Shape(m) => PyValueError::new_err(m),
             Error::Type(m) => PyTypeError::new_err(m),
-            e @ Error::NonFinite { .. } => PyFloatingPointError::new_err(e.to_string()),
+            e @ (Error::NonFinite { .. } | Error::NonFiniteIterate { .. }) => {
+                PyFloatingPointError::new_err(e.to_string())
+            }
             Error::Callback(inner) => match inner.downcast::<PyErr>() {
                 Ok(py_err) => *py_err,
                 Err(other) => PyRuntimeError::new_err(other.to_string()),
@@ -42,5 +45,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     samplers::register(m)?;
     oracles::register(m)?;
     losses::register(m)?;
+    langevin::register(m)?;
     Ok(())
 }

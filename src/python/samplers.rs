@@ -204,9 +204,18 @@ pub(crate) struct PyHooks<'py> {
     progress: Option<Bound<'py, PyAny>>,
     callback: Option<Bound<'py, PyAny>>,
     shape: Vec<usize>,
+    /// Call the callback as `callback(i, x)` (iterative samplers such as Langevin dynamics)
+    /// instead of the samplers' `callback(i, t, x, pred_x0)`.
+    iterate_callback: bool,
 }
 
 impl<'py> PyHooks<'py> {
+    /// The same hooks with the callback called as `callback(i, x)`.
+    pub(crate) fn with_iterate_callback(mut self) -> Self {
+        self.iterate_callback = true;
+        self
+    }
+
     pub(crate) fn new(
         py: Python<'py>,
         total: usize,
@@ -228,6 +237,7 @@ impl<'py> PyHooks<'py> {
             progress,
             callback,
             shape: shape.to_vec(),
+            iterate_callback: false,
         })
     }
 
@@ -243,7 +253,7 @@ impl LoopHooks for PyHooks<'_> {
         self.py.detach(pass)
     }
     fn wants_pred_x0(&self) -> bool {
-        self.callback.is_some()
+        self.callback.is_some() && !self.iterate_callback
     }
     fn after_step(&mut self, i: usize, t: i64, x: &[f32], pred_x0: &[f32]) -> Result<()> {
         let py = self.py;
@@ -253,6 +263,10 @@ impl LoopHooks for PyHooks<'_> {
         }
         if let Some(cb) = &self.callback {
             let xa = vec_to_array(py, x.to_vec(), &self.shape).map_err(callback_error)?;
+            if self.iterate_callback {
+                cb.call1((i, xa)).map_err(callback_error)?;
+                return Ok(());
+            }
             let pa: Py<PyAny> = if pred_x0.is_empty() {
                 py.None()
             } else {

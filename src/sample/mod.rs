@@ -4,6 +4,7 @@
 mod ddim;
 mod ddpm;
 mod denoiser;
+pub mod langevin;
 
 pub use ddim::{Ddim, DdimConfig};
 pub use ddpm::{Ddpm, DdpmConfig, VarianceType};
