@@ -299,3 +299,11 @@ def test_randn_into_a_buffer_equals_the_allocating_call():
     np.testing.assert_array_equal(buf, fd.randn((3, 1000), seed=9))
     with pytest.raises(ValueError, match="shape"):
         fd.randn((3, 999), seed=9, out=buf)
+
+
+def test_eps_from_score_inverts_score(linear, rng):
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    eps = rng.standard_normal((3, 5)).astype(np.float32)
+    t = np.array([1, 500, 999])
+    score = linear.score(x, t, eps)
+    np.testing.assert_allclose(linear.eps_from_score(score, t), eps, rtol=1e-5, atol=1e-6)

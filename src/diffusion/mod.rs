@@ -257,6 +257,20 @@ pub fn score(
     Ok(())
 }
 
+/// ε from a score of the noised marginal: ε = -sqrt(1-ᾱ_t) ∇ log q(x_t) (the inverse of `score`
+/// for ε-prediction).
+pub fn eps_from_score(
+    s: &Schedule,
+    shape: &[usize],
+    score: &[f32],
+    t: &[i64],
+    out: &mut [f32],
+) -> Result<()> {
+    let ab = row_alpha_bars(s, shape, t)?;
+    apply(shape, |a| (-(1.0 - a).sqrt(), 0.0), &ab, score, score, out);
+    Ok(())
+}
+
 /// Checks that two arrays of a binary operation have the same shape.
 pub fn check_shapes(name_a: &str, a: &[usize], name_b: &str, b: &[usize]) -> Result<()> {
     check_same(name_a, a, name_b, b)

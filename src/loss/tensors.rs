@@ -338,6 +338,40 @@ pub fn predict_eps(
         + model_output.broadcast_mul(&per_row(&em, x_t)?)?)?)
 }
 
+/// Denoising score matching over a σ ladder (Song & Ermon 2019, eq. 2 with λ(σ) = σ²): per
+/// sample ½ σ² · mean over dims of (s + (x̃ - x0)/σ²)², `sigmas` one per sample; the twin of
+/// `sample::langevin::dsm_loss`.
+pub fn dsm_loss(
+    score_output: &Tensor,
+    x_noisy: &Tensor,
+    x0: &Tensor,
+    sigmas: &[f64],
+) -> Result<Tensor> {
+    if score_output.dims() != x0.dims() || x_noisy.dims() != x0.dims() {
+        shape_error!(
+            "score_output {:?}, x_noisy {:?} and x0 {:?} must have one shape",
+            score_output.dims(),
+            x_noisy.dims(),
+            x0.dims()
+        );
+    }
+    if sigmas.len() != x0.dims().first().copied().unwrap_or(0) {
+        shape_error!(
+            "sigmas has {} entries but the batch has {:?} rows",
+            sigmas.len(),
+            x0.dims().first()
+        );
+    }
+    if let Some(s) = sigmas.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+        value_error!("sigmas must be positive and finite, got {s}");
+    }
+    let inv_var: Vec<f64> = sigmas.iter().map(|s| 1.0 / (s * s)).collect();
+    let residual = (score_output + (x_noisy - x0)?.broadcast_mul(&per_row(&inv_var, x0)?)?)?;
+    let half_var: Vec<f32> = sigmas.iter().map(|s| (0.5 * s * s) as f32).collect();
+    let half_var = Tensor::from_vec(half_var, sigmas.len(), x0.device())?.to_dtype(x0.dtype())?;
+    Ok((mean_flat(&residual.sqr()?)? * half_var)?)
+}
+
 /// f32 data of a tensor, for tests and bindings.
 pub fn to_vec_f32(x: &Tensor) -> Result<Vec<f32>> {
     Ok(x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)

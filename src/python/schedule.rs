@@ -356,6 +356,22 @@ impl PySchedule {
         )
     }
 
+    /// ε from a score ∇ log q(x_t): ε = -sqrt(1-ᾱ_t) · score (the inverse of `score`).
+    fn eps_from_score<'py>(
+        &self,
+        py: Python<'py>,
+        score: &Bound<'py, PyAny>,
+        t: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        self.unary(
+            py,
+            (score, "score"),
+            (score, "score"),
+            t,
+            |s, sh, a, ts, _, o| diffusion::eps_from_score(s, sh, a, ts, o),
+        )
+    }
+
     /// The posterior q(x_{t-1} | x_t, x0): `(mean, variance, log_variance)`, the last two of
     /// shape [B, 1, ...] (broadcastable), log variance clipped at t = 0 as OpenAI's code.
     #[allow(clippy::type_complexity)]

@@ -266,3 +266,33 @@ fn loss_weights_and_targets_match_the_slice_versions() {
         1e-6,
     );
 }
+
+#[test]
+fn dsm_loss_value_and_gradient_match_the_slice_version() {
+    let dev = Device::Cpu;
+    let (score, x0, z) = (normal(24, 31), normal(24, 32), normal(24, 33));
+    let sigmas = [1.0f64, 0.1, 0.01];
+    let x_noisy: Vec<f32> = (0..24)
+        .map(|i| x0[i] + sigmas[i / 8] as f32 * z[i])
+        .collect();
+    let sv = Var::from_vec(score.clone(), (3, 8), &dev).unwrap();
+    let t = |v: &[f32]| Tensor::from_vec(v.to_vec(), (3, 8), &dev).unwrap();
+    let loss = dsm_loss(sv.as_tensor(), &t(&x_noisy), &t(&x0), &sigmas).unwrap();
+    let grads = loss.sum_all().unwrap().backward().unwrap();
+    let g = to_vec_f32(
+        grads
+            .get(sv.as_tensor())
+            .expect("score output gets a gradient"),
+    )
+    .unwrap();
+    let mut g_ref = vec![0f32; 24];
+    let want = crate::sample::langevin::dsm_loss(&score, &x_noisy, &x0, &sigmas, Some(&mut g_ref))
+        .unwrap();
+    close(&to_vec_f32(&loss).unwrap(), &want, 1e-4, 1e-6);
+    close(
+        &g,
+        &g_ref.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        1e-4,
+        1e-6,
+    );
+}
