@@ -90,13 +90,6 @@ pub fn row_alpha_bars(schedule: &Schedule, shape: &[usize], t: &[i64]) -> Result
         .collect()
 }
 
-fn check_same(name_a: &str, a: &[usize], name_b: &str, b: &[usize]) -> Result<()> {
-    if a != b {
-        shape_error!("{name_a} has shape {a:?} but {name_b} has shape {b:?}");
-    }
-    Ok(())
-}
-
 fn apply(
     shape: &[usize],
     coefs: impl Fn(f64) -> (f64, f64),
@@ -273,5 +266,8 @@ pub fn eps_from_score(
 
 /// Checks that two arrays of a binary operation have the same shape.
 pub fn check_shapes(name_a: &str, a: &[usize], name_b: &str, b: &[usize]) -> Result<()> {
-    check_same(name_a, a, name_b, b)
+    if a != b {
+        shape_error!("{name_a} has shape {a:?} but {name_b} has shape {b:?}");
+    }
+    Ok(())
 }

@@ -13,15 +13,6 @@ use crate::error::Result;
 use crate::loss::{self, likelihood, simple, weights, BpdConfig};
 use crate::sample::{model_output_layout, VarianceType};
 
-fn same_shape(a: &[usize], an: &str, b: &[usize], bn: &str) -> PyResult<()> {
-    if a != b {
-        return Err(PyValueError::new_err(format!(
-            "{an} has shape {a:?} but {bn} has shape {b:?}"
-        )));
-    }
-    Ok(())
-}
-
 /// The regression target for x_t = q_sample(x0, t, noise) of a model predicting
 /// `prediction`: "epsilon" → noise, "x0" → x0, "v" → sqrt(ᾱ_t) noise - sqrt(1-ᾱ_t) x0.
 #[pyfunction]
@@ -37,7 +28,7 @@ fn training_target<'py>(
     let p = Prediction::parse(prediction)?;
     let (a, z) = (f32_array(x0, "x0")?, f32_array(noise, "noise")?);
     let shape = a.shape().to_vec();
-    same_shape(z.shape(), "noise", &shape, "x0")?;
+    crate::diffusion::check_shapes("noise", z.shape(), "x0", &shape)?;
     let ts = timesteps_arg(t, batch_of(&shape, "x0")?)?;
     let out = new_f32(py, &shape);
     {
@@ -133,7 +124,7 @@ fn simple_loss<'py>(
         f32_array(target, "target")?,
     );
     let shape = o.shape().to_vec();
-    same_shape(y.shape(), "target", &shape, "model_output")?;
+    crate::diffusion::check_shapes("target", y.shape(), "model_output", &shape)?;
     let batch = batch_of(&shape, "model_output")?;
     let row_len = shape[1..].iter().product::<usize>();
     let w = match weights {
@@ -282,7 +273,7 @@ fn vb_terms_bpd<'py>(
         f32_array(model_output, "model_output")?,
     );
     let shape = a.shape().to_vec();
-    same_shape(xt.shape(), "x_t", &shape, "x0")?;
+    crate::diffusion::check_shapes("x_t", xt.shape(), "x0", &shape)?;
     let batch = batch_of(&shape, "x0")?;
     let ts = timesteps_arg(t, batch)?;
     let (row_len, stride) = model_output_layout(&shape, m.shape())?;
@@ -435,8 +426,8 @@ fn hybrid_loss<'py>(
         f32_array(model_output, "model_output")?,
     );
     let shape = a.shape().to_vec();
-    same_shape(xt.shape(), "x_t", &shape, "x0")?;
-    same_shape(z.shape(), "noise", &shape, "x0")?;
+    crate::diffusion::check_shapes("x_t", xt.shape(), "x0", &shape)?;
+    crate::diffusion::check_shapes("noise", z.shape(), "x0", &shape)?;
     let ts = timesteps_arg(t, batch_of(&shape, "x0")?)?;
     let mshape = m.shape().to_vec();
     let grad = new_f32(py, &mshape);

@@ -21,14 +21,13 @@ pub struct PyGaussianMixture {
 fn rows_2d(x: &Bound<'_, PyAny>, name: &str, dim: usize) -> PyResult<(Vec<f32>, Vec<usize>)> {
     let a = f32_array(x, name)?;
     let sh = a.shape().to_vec();
-    let b = batch_of(&sh, name)?;
+    batch_of(&sh, name)?;
     let row: usize = sh[1..].iter().product();
     if row != dim {
         return Err(PyValueError::new_err(format!(
             "{name} rows have {row} elements (shape {sh:?}) but the mixture has dimension {dim}"
         )));
     }
-    let _ = b;
     Ok((a.readonly().as_slice()?.to_vec(), sh))
 }
 

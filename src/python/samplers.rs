@@ -12,7 +12,7 @@ use super::arrays::{batch_of, f32_array, new_f32, timesteps_arg, type_name, vec_
 use super::callback_error;
 use super::schedule::{config_json, spacing_arg, PySchedule};
 use crate::diffusion::Prediction;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernels::Noise;
 use crate::sample::{
     self, invert_loop, sample_loop, Ddim, DdimConfig, Ddpm, DdpmConfig, Denoiser, DynamicThreshold,
@@ -575,7 +575,6 @@ fn from_dict_impl<'py>(
     cls: &Bound<'py, pyo3::types::PyType>,
     d: &Bound<'py, PyDict>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let py = cls.py();
     let kw = d.copy()?;
     let _ = kw.del_item("type");
     let sched = kw
@@ -599,7 +598,6 @@ fn from_dict_impl<'py>(
             kw.set_item("threshold", PyDynamicThreshold::new(ratio, mv)?)?;
         }
     }
-    let _ = py;
     cls.call((), Some(&kw))
 }
 
@@ -1080,6 +1078,5 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDdpm>()?;
     m.add_class::<PyDdim>()?;
     m.add_function(wrap_pyfunction!(randn, m)?)?;
-    let _ = Error::Interrupted;
     Ok(())
 }
