@@ -217,3 +217,183 @@ pub fn p_mean_log_variance(
     }
     Ok(())
 }
+
+/// The bound's term at each row's timestep in bits/dim (see `likelihood::vb_terms_bpd`),
+/// straight from the model output. Rows with a fixed variance and t > 0 take one fused pass:
+/// the posterior means differ only through x0, so the mean gap is coef1 · (x0 - x̂0) and the
+/// variance terms are one value per row. Decoder rows (t = 0) and learned variances go through
+/// `p_mean_log_variance` and `likelihood::vb_terms_bpd` row by row.
+#[allow(clippy::too_many_arguments)]
+pub fn vb_terms_from_output(
+    schedule: &Schedule,
+    x0: &[f32],
+    x_t: &[f32],
+    t: &[i64],
+    model_output: &[f32],
+    row_len: usize,
+    stride: usize,
+    config: &BpdConfig,
+) -> Result<Vec<f64>> {
+    if x0.len() != t.len() * row_len
+        || x_t.len() != x0.len()
+        || model_output.len() != t.len() * stride
+    {
+        shape_error!(
+            "x0, x_t and model_output do not fit {} rows of {row_len} elements",
+            t.len()
+        );
+    }
+    let idx: Vec<usize> = t
+        .iter()
+        .map(|&tb| schedule.check_timestep(tb))
+        .collect::<Result<_>>()?;
+    let row = |b: usize| -> Result<f64> {
+        let ti = idx[b];
+        let span = b * row_len..(b + 1) * row_len;
+        let model = &model_output[b * stride..(b + 1) * stride];
+        if ti == 0 || config.variance == VarianceType::LearnedRange {
+            let (mut mean, mut log_var, mut eps) = (
+                vec![0f32; row_len],
+                vec![0f32; row_len],
+                vec![0f32; row_len],
+            );
+            p_mean_log_variance(
+                schedule,
+                &x_t[span.clone()],
+                &t[b..b + 1],
+                model,
+                row_len,
+                stride,
+                config,
+                &mut mean,
+                &mut log_var,
+                &mut eps,
+            )?;
+            let vb_row = VbRow {
+                t: ti,
+                posterior_mean_coef1: schedule.posterior_mean_coef1[ti],
+                posterior_mean_coef2: schedule.posterior_mean_coef2[ti],
+                posterior_log_variance_clipped: schedule.posterior_log_variance_clipped[ti],
+            };
+            let r = vb_terms_bpd(
+                &x0[span.clone()],
+                &x_t[span],
+                row_len,
+                &[vb_row],
+                &mean,
+                &log_var,
+                config.bins,
+            );
+            return r.map(|v| v[0]).map_err(Error::Value);
+        }
+        let abar = schedule.alphas_cumprod[ti];
+        let (ax, am) = x0_coefficients(config.prediction, abar);
+        let c1 = schedule.posterior_mean_coef1[ti];
+        let lq = schedule.posterior_log_variance_clipped[ti];
+        // t > 0 here, so fixed_large is plain log β_t (its t = 0 exception is a decoder row).
+        let lv = match config.variance {
+            VarianceType::FixedSmall => lq,
+            _ => schedule.betas[ti].ln(),
+        };
+        // normal_kl(μq, lq, μp, lv) = ½ (expm1(lq - lv) - (lq - lv) + (μq - μp)² e^{-lv}).
+        let log_ratio = lq - lv;
+        let variance_part = log_ratio.exp_m1() - log_ratio;
+        let scale = c1 * c1 * (-lv).exp();
+        let mut sq = 0.0;
+        for ((&x, &xs), &m) in x0[span.clone()]
+            .iter()
+            .zip(&x_t[span])
+            .zip(&model[..row_len])
+        {
+            let mut x0_pred = ax * xs as f64 + am * m as f64;
+            if config.clip_denoised {
+                x0_pred = x0_pred.clamp(-1.0, 1.0);
+            }
+            let d = x as f64 - x0_pred;
+            sq += d * d;
+        }
+        let nats = 0.5 * (variance_part + scale * sq / row_len.max(1) as f64);
+        Ok(nats / std::f64::consts::LN_2)
+    };
+    if t.len() * row_len < crate::kernels::PARALLEL_MIN_ELEMENTS
+        || !crate::kernels::parallel_allowed()
+    {
+        (0..t.len()).map(row).collect()
+    } else {
+        use rayon::prelude::*;
+        (0..t.len()).into_par_iter().map(row).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_vb_terms_equal_the_general_path_for_every_variance_type() {
+        let s = Schedule::linear(1000, 1e-4, 0.02, false).unwrap();
+        let (b, l) = (5usize, 6usize);
+        let t = [0i64, 1, 10, 600, 999];
+        let mut state = 11u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let x0: Vec<f32> = (0..b * l)
+            .map(|_| (next() * 127.5).round() / 127.5)
+            .collect();
+        let x_t: Vec<f32> = (0..b * l).map(|_| next() * 2.0).collect();
+        let out: Vec<f32> = (0..2 * b * l).map(|_| next() * 0.9).collect();
+        for variance in [
+            VarianceType::FixedSmall,
+            VarianceType::FixedLarge,
+            VarianceType::LearnedRange,
+        ] {
+            for clip_denoised in [true, false] {
+                let config = BpdConfig {
+                    prediction: Prediction::Epsilon,
+                    variance,
+                    bins: 256,
+                    seed: 0,
+                    clip_denoised,
+                };
+                let fused =
+                    vb_terms_from_output(&s, &x0, &x_t, &t, &out, l, 2 * l, &config).unwrap();
+                let n = b * l;
+                let (mut mean, mut lv, mut eps) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+                p_mean_log_variance(
+                    &s,
+                    &x_t,
+                    &t,
+                    &out,
+                    l,
+                    2 * l,
+                    &config,
+                    &mut mean,
+                    &mut lv,
+                    &mut eps,
+                )
+                .unwrap();
+                let rows: Vec<VbRow> = t
+                    .iter()
+                    .map(|&ti| VbRow {
+                        t: ti as usize,
+                        posterior_mean_coef1: s.posterior_mean_coef1[ti as usize],
+                        posterior_mean_coef2: s.posterior_mean_coef2[ti as usize],
+                        posterior_log_variance_clipped: s.posterior_log_variance_clipped
+                            [ti as usize],
+                    })
+                    .collect();
+                let general = vb_terms_bpd(&x0, &x_t, l, &rows, &mean, &lv, 256).unwrap();
+                for (f, g) in fused.iter().zip(&general) {
+                    assert!(
+                        (f - g).abs() <= 1e-4 * g.abs() + 1e-9,
+                        "{variance:?} clip={clip_denoised}: {f} vs {g}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -9,7 +9,7 @@ pub mod tensors;
 mod timestep_sampler;
 pub mod weights;
 
-pub use bpd::{bits_per_dim, p_mean_log_variance, BitsPerDim, BpdConfig};
+pub use bpd::{bits_per_dim, p_mean_log_variance, vb_terms_from_output, BitsPerDim, BpdConfig};
 pub use hybrid::{hybrid_loss, HybridLoss, HYBRID_VLB_WEIGHT};
 pub use timestep_sampler::{TimestepSampler, TimestepSampling, HISTORY_PER_TERM, UNIFORM_PROB};
 

@@ -280,27 +280,8 @@ fn vb_terms_bpd<'py>(
     let s = &schedule.inner;
     let (ar, xr, mr) = (a.readonly(), xt.readonly(), m.readonly());
     let (av, xv, mv) = (ar.as_slice()?, xr.as_slice()?, mr.as_slice()?);
-    let out = py.detach(|| -> Result<Vec<f64>> {
-        let n = av.len();
-        let (mut mean, mut lv, mut eps) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        loss::p_mean_log_variance(
-            s, xv, &ts, mv, row_len, stride, &config, &mut mean, &mut lv, &mut eps,
-        )?;
-        let rows: Vec<likelihood::VbRow> = ts
-            .iter()
-            .map(|&ti| {
-                let i = ti as usize;
-                likelihood::VbRow {
-                    t: i,
-                    posterior_mean_coef1: s.posterior_mean_coef1[i],
-                    posterior_mean_coef2: s.posterior_mean_coef2[i],
-                    posterior_log_variance_clipped: s.posterior_log_variance_clipped[i],
-                }
-            })
-            .collect();
-        likelihood::vb_terms_bpd(av, xv, row_len, &rows, &mean, &lv, bins)
-            .map_err(crate::Error::Value)
-    })?;
+    let out =
+        py.detach(|| loss::vb_terms_from_output(s, av, xv, &ts, mv, row_len, stride, &config))?;
     Ok(out.into_pyarray(py))
 }
 
