@@ -350,12 +350,8 @@ fn step_impl<'py, S: Sampler>(
     let in_place = std::ptr::eq(out_arr.data(), xa.data()) && !shape.contains(&0);
     if !in_place && out.is_some() {
         // A partial overlap of out with x or model_output would read values already overwritten.
-        let n_out = shape.iter().product::<usize>();
-        let span = |p: *mut f32, n: usize| (p as usize, p as usize + n * 4);
-        let (o0, o1) = span(out_arr.data(), n_out);
-        for (arr, n, name) in [(xa.data(), n_out, "x"), (m.data(), m.len(), "model_output")] {
-            let (a0, a1) = span(arr, n);
-            if n_out > 0 && n > 0 && o0 < a1 && a0 < o1 {
+        for (arr, name) in [(&xa, "x"), (&m, "model_output")] {
+            if overlaps(&out_arr, arr) {
                 return Err(PyValueError::new_err(format!("out overlaps {name} without being the same array: pass x itself for an in-place step, or a separate buffer")));
             }
         }
@@ -416,6 +412,16 @@ fn step_impl<'py, S: Sampler>(
     })
 }
 
+/// Whether the memory of two non-empty C-contiguous float32 arrays intersects.
+fn overlaps(a: &Bound<'_, PyArrayDyn<f32>>, b: &Bound<'_, PyArrayDyn<f32>>) -> bool {
+    let span = |arr: &Bound<'_, PyArrayDyn<f32>>| {
+        let start = arr.data() as usize;
+        (start, start + std::mem::size_of::<f32>() * arr.len())
+    };
+    let ((a0, a1), (b0, b1)) = (span(a), span(b));
+    a1 > a0 && b1 > b0 && a0 < b1 && b0 < a1
+}
+
 /// Checks a caller's `pred_x0_out`: C-contiguous float32 of x's shape, overlapping nothing else.
 fn pred_x0_out_arg<'py>(
     p: &Bound<'py, PyAny>,
@@ -434,13 +440,8 @@ fn pred_x0_out_arg<'py>(
             a.shape()
         )));
     }
-    let span = |arr: &Bound<'py, PyArrayDyn<f32>>| {
-        (arr.data() as usize, arr.data() as usize + 4 * arr.len())
-    };
-    let (p0, p1) = span(a);
     for o in others {
-        let (o0, o1) = span(o);
-        if p1 > p0 && o1 > o0 && p0 < o1 && o0 < p1 {
+        if overlaps(a, o) {
             return Err(PyValueError::new_err(
                 "pred_x0_out must not overlap out, x or model_output",
             ));
