@@ -32,12 +32,33 @@ pub enum Error {
     /// An error from candle (tensor shapes, devices, dtypes).
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A file could not be read or written (checkpoints, datasets).
+    #[error("{path}: {message}")]
+    Io {
+        path: String,
+        message: String,
+        not_found: bool,
+    },
+    /// A file exists but is not what it should be (a corrupt or foreign checkpoint).
+    #[error("{path}: {message}")]
+    BadFile { path: String, message: String },
     /// The user interrupted a long loop.
     #[error("interrupted")]
     Interrupted,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: &std::path::Path, e: std::io::Error) -> Self {
+        Error::Io {
+            path: path.display().to_string(),
+            not_found: e.kind() == std::io::ErrorKind::NotFound,
+            message: e.to_string(),
+        }
+    }
+}
 
 /// Shorthand for `Err(Error::Value(format!(...)))`.
 #[macro_export]

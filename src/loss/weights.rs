@@ -47,6 +47,25 @@ pub enum Weighting {
 }
 
 impl Weighting {
+    /// Parses "uniform", "snr", "min_snr" (with `gamma`), "truncated_snr", "vlb".
+    pub fn parse(kind: &str, gamma: f64) -> crate::Result<Self> {
+        Ok(match kind {
+            "uniform" => Weighting::Uniform,
+            "snr" => Weighting::Snr,
+            "min_snr" => {
+                if !(gamma.is_finite() && gamma > 0.0) {
+                    crate::value_error!("gamma must be positive and finite, got {gamma}");
+                }
+                Weighting::MinSnr { gamma }
+            }
+            "truncated_snr" => Weighting::TruncatedSnr,
+            "vlb" => Weighting::Vlb,
+            other => crate::value_error!(
+                "unknown loss weighting {other:?}: expected one of 'uniform', 'snr', 'min_snr', 'truncated_snr', 'vlb'"
+            ),
+        })
+    }
+
     /// Min-SNR weighting with the paper's γ = 5.
     pub fn min_snr() -> Self {
         Weighting::MinSnr {

@@ -42,23 +42,7 @@ fn training_target<'py>(
 }
 
 fn weighting(kind: &str, gamma: f64) -> PyResult<weights::Weighting> {
-    Ok(match kind {
-        "uniform" => weights::Weighting::Uniform,
-        "snr" => weights::Weighting::Snr,
-        "min_snr" => {
-            if !(gamma.is_finite() && gamma > 0.0) {
-                return Err(PyValueError::new_err(format!("gamma must be positive and finite, got {gamma}")));
-            }
-            weights::Weighting::MinSnr { gamma }
-        }
-        "truncated_snr" => weights::Weighting::TruncatedSnr,
-        "vlb" => weights::Weighting::Vlb,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown loss weighting {other:?}: expected one of 'uniform', 'snr', 'min_snr', 'truncated_snr', 'vlb'"
-            )))
-        }
-    })
+    Ok(weights::Weighting::parse(kind, gamma)?)
 }
 
 fn target_of(p: Prediction) -> weights::Target {

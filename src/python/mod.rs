@@ -4,12 +4,14 @@
 mod arrays;
 mod langevin;
 mod losses;
+mod metrics;
 mod oracles;
 mod samplers;
 mod schedule;
 
 use pyo3::exceptions::{
-    PyFloatingPointError, PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError,
+    PyFileNotFoundError, PyFloatingPointError, PyKeyboardInterrupt, PyOSError, PyRuntimeError,
+    PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
 
@@ -27,6 +29,11 @@ impl From<Error> for PyErr {
                 Ok(py_err) => *py_err,
                 Err(other) => PyRuntimeError::new_err(other.to_string()),
             },
+            e @ Error::Io {
+                not_found: true, ..
+            } => PyFileNotFoundError::new_err(e.to_string()),
+            e @ Error::Io { .. } => PyOSError::new_err(e.to_string()),
+            e @ Error::BadFile { .. } => PyValueError::new_err(e.to_string()),
             Error::Interrupted => PyKeyboardInterrupt::new_err("interrupted"),
             e @ Error::Candle(_) => PyRuntimeError::new_err(e.to_string()),
         }
@@ -46,5 +53,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     oracles::register(m)?;
     losses::register(m)?;
     langevin::register(m)?;
+    metrics::register(m)?;
     Ok(())
 }

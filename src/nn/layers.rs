@@ -1,0 +1,347 @@
+//! Building blocks written from candle's differentiable primitives only (no fused LayerNorm,
+//! softmax or attention kernels: in candle 0.11 those drop gradients). Parameter names follow
+//! diffusers' (`weight`, `bias`, `to_q`, `norm1`, ...).
+
+use std::cell::Cell;
+
+use candle_core::{Device, Tensor, D};
+
+use super::params::{uniforms, Init, Path};
+use crate::error::Result;
+use crate::value_error;
+
+/// Per-forward state: training mode (dropout on) and the generator position of the masks.
+pub struct Ctx {
+    pub train: bool,
+    seed: u64,
+    /// Each dropout call takes the next stream, so masks differ between layers and steps.
+    stream: Cell<u64>,
+}
+
+/// Stream domain of dropout masks (the step index lives in the high 32 bits).
+const DROPOUT_STREAM: u64 = 0xD50_0000_0000_0000;
+
+impl Ctx {
+    /// Inference: no dropout.
+    pub fn eval() -> Self {
+        Ctx {
+            train: false,
+            seed: 0,
+            stream: Cell::new(0),
+        }
+    }
+
+    /// Training step `step` of a run seeded with `seed`.
+    pub fn train(seed: u64, step: u64) -> Self {
+        Ctx {
+            train: true,
+            seed,
+            stream: Cell::new(DROPOUT_STREAM ^ (step << 24)),
+        }
+    }
+
+    /// Inverted dropout with probability `p` (identity at inference or p = 0).
+    pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        if !self.train || p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let stream = self.stream.get();
+        self.stream.set(stream + 1);
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> = uniforms(self.seed, stream, x.elem_count())
+            .into_iter()
+            .map(|u| if (u as f64) < p { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
+    }
+}
+
+/// y = x Wᵀ + b over the last dimension (PyTorch's initialisation).
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn new(p: &Path, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        Self::with_init(p, in_dim, out_dim, Init::Uniform(bound))
+    }
+
+    /// Zero weights and bias: a residual branch that starts as the identity.
+    pub fn zeros(p: &Path, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Self::with_init(p, in_dim, out_dim, Init::Zeros)
+    }
+
+    fn with_init(p: &Path, in_dim: usize, out_dim: usize, init: Init) -> Result<Self> {
+        let bias_init = match init {
+            Init::Zeros => Init::Zeros,
+            _ => Init::Uniform(1.0 / (in_dim as f64).sqrt()),
+        };
+        Ok(Linear {
+            weight: p.var("weight", &[out_dim, in_dim], init)?,
+            bias: p.var("bias", &[out_dim], bias_init)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.weight.t()?;
+        let y = match x.rank() {
+            2 => x.matmul(&w)?,
+            _ => {
+                let dims = x.dims().to_vec();
+                let rows: usize = dims[..dims.len() - 1].iter().product();
+                let y = x.reshape((rows, dims[dims.len() - 1]))?.matmul(&w)?;
+                let mut out = dims;
+                let last = out.len() - 1;
+                out[last] = self.weight.dims()[0];
+                y.reshape(out)?
+            }
+        };
+        Ok(y.broadcast_add(&self.bias)?)
+    }
+}
+
+/// 2-D convolution, NCHW, square kernel, "same" padding for odd kernels.
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(p: &Path, cin: usize, cout: usize, kernel: usize, stride: usize) -> Result<Self> {
+        let bound = 1.0 / ((cin * kernel * kernel) as f64).sqrt();
+        Self::with_init(p, cin, cout, kernel, stride, Init::Uniform(bound))
+    }
+
+    /// Zero-initialised (the last layer of a residual branch; OpenAI's `zero_module`).
+    pub fn zeros(p: &Path, cin: usize, cout: usize, kernel: usize) -> Result<Self> {
+        Self::with_init(p, cin, cout, kernel, 1, Init::Zeros)
+    }
+
+    fn with_init(
+        p: &Path,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        init: Init,
+    ) -> Result<Self> {
+        let bias_init = match init {
+            Init::Zeros => Init::Zeros,
+            _ => Init::Uniform(1.0 / ((cin * kernel * kernel) as f64).sqrt()),
+        };
+        Ok(Conv2d {
+            weight: p.var("weight", &[cout, cin, kernel, kernel], init)?,
+            bias: p.var("bias", &[cout], bias_init)?,
+            stride,
+            padding: kernel / 2,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let c = self.bias.dims()[0];
+        Ok(y.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?)
+    }
+}
+
+/// Group normalisation (Wu & He 2018) from elementwise ops, with an affine transform.
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+/// GroupNorm's ε (PyTorch's default).
+pub const GROUP_NORM_EPS: f64 = 1e-5;
+
+impl GroupNorm {
+    pub fn new(p: &Path, groups: usize, channels: usize) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            value_error!("GroupNorm: {channels} channels are not divisible into {groups} groups");
+        }
+        Ok(GroupNorm {
+            weight: p.var("weight", &[channels], Init::Ones)?,
+            bias: p.var("bias", &[channels], Init::Zeros)?,
+            groups,
+            eps: GROUP_NORM_EPS,
+        })
+    }
+
+    /// The normalised x before the affine transform, as [B, C, ...].
+    fn normalize(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let per_group = dims[1..].iter().product::<usize>() / self.groups;
+        let g = x.reshape((dims[0], self.groups, per_group))?;
+        let mean = g.mean_keepdim(2)?;
+        let centred = g.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(2)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed.reshape(dims)?)
+    }
+
+    fn channel_shape(&self, x: &Tensor) -> Vec<usize> {
+        let mut s = vec![1usize; x.rank()];
+        s[1] = self.weight.dims()[0];
+        s
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let s = self.channel_shape(x);
+        let n = self.normalize(x)?;
+        Ok(n.broadcast_mul(&self.weight.reshape(s.clone())?)?
+            .broadcast_add(&self.bias.reshape(s)?)?)
+    }
+
+    /// AdaGN (Dhariwal & Nichol 2021): GroupNorm(x) · (1 + scale) + shift with per-sample
+    /// `scale`, `shift` of shape [B, C].
+    pub fn forward_scale_shift(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+    ) -> Result<Tensor> {
+        let h = self.forward(x)?;
+        let mut s = vec![1usize; x.rank()];
+        s[0] = x.dims()[0];
+        s[1] = x.dims()[1];
+        let scale = (scale.reshape(s.clone())? + 1.0)?;
+        Ok(h.broadcast_mul(&scale)?.broadcast_add(&shift.reshape(s)?)?)
+    }
+}
+
+/// A lookup table (class embeddings; the last row is the null class).
+pub struct Embedding {
+    table: Tensor,
+}
+
+impl Embedding {
+    pub fn new(p: &Path, rows: usize, dim: usize) -> Result<Self> {
+        Ok(Embedding {
+            table: p.var("weight", &[rows, dim], Init::Normal(1.0))?,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.table.dims()[0]
+    }
+
+    pub fn forward(&self, ids: &[u32]) -> Result<Tensor> {
+        let rows = self.rows() as u32;
+        if let Some(&bad) = ids.iter().find(|&&i| i >= rows) {
+            value_error!("label {bad} is out of range: the model has {rows} class rows");
+        }
+        let idx = Tensor::from_vec(ids.to_vec(), ids.len(), self.table.device())?;
+        Ok(self.table.index_select(&idx, 0)?)
+    }
+}
+
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.silu()?)
+}
+
+/// Softmax over the last dimension from differentiable ops (candle's fused
+/// `softmax_last_dim` has no backward); the max is a constant shift and carries no gradient.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?)
+}
+
+/// Sinusoidal embedding of (possibly fractional) timesteps, [B] -> [B, dim]: the frequencies
+/// are exp(-ln(max_period) · i / half) and the output is [cos, sin] (diffusers'
+/// `flip_sin_to_cos=True`, `downscale_freq_shift=0`; OpenAI's `timestep_embedding`).
+pub fn timestep_embedding(t: &[f32], dim: usize, device: &Device) -> Result<Tensor> {
+    const MAX_PERIOD: f64 = 10_000.0;
+    let half = dim / 2;
+    let mut out = vec![0f32; t.len() * dim];
+    for (row, &ti) in out.chunks_mut(dim).zip(t) {
+        for i in 0..half {
+            let freq = (-(MAX_PERIOD.ln()) * i as f64 / half as f64).exp();
+            let arg = ti as f64 * freq;
+            row[i] = arg.cos() as f32;
+            row[half + i] = arg.sin() as f32;
+        }
+    }
+    Ok(Tensor::from_vec(out, (t.len(), dim), device)?)
+}
+
+/// Self-attention over the spatial positions of [B, C, H, W] with a residual connection
+/// (diffusers' `Attention` names: group_norm, to_q, to_k, to_v, to_out.0).
+pub struct AttentionBlock {
+    norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    skip_rescale: bool,
+}
+
+impl AttentionBlock {
+    pub fn new(
+        p: &Path,
+        channels: usize,
+        heads: usize,
+        groups: usize,
+        skip_rescale: bool,
+    ) -> Result<Self> {
+        if heads == 0 || channels % heads != 0 {
+            value_error!("attention: {channels} channels do not split into {heads} heads");
+        }
+        Ok(AttentionBlock {
+            norm: GroupNorm::new(&p.pp("group_norm"), groups, channels)?,
+            to_q: Linear::new(&p.pp("to_q"), channels, channels)?,
+            to_k: Linear::new(&p.pp("to_k"), channels, channels)?,
+            to_v: Linear::new(&p.pp("to_v"), channels, channels)?,
+            to_out: Linear::zeros(&p.pp("to_out").pp(0), channels, channels)?,
+            heads,
+            skip_rescale,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let n = h * w;
+        let d = c / self.heads;
+        let tokens = self
+            .norm
+            .forward(x)?
+            .reshape((b, c, n))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, n, self.heads, d))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = split(self.to_q.forward(&tokens)?)?;
+        let k = split(self.to_k.forward(&tokens)?)?;
+        let v = split(self.to_v.forward(&tokens)?)?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
+        let attn = softmax_last(&scores)?;
+        let o = attn
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, n, c))?;
+        let o = self
+            .to_out
+            .forward(&o)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, c, h, w))?;
+        let y = (x + o)?;
+        Ok(if self.skip_rescale {
+            (y * std::f64::consts::FRAC_1_SQRT_2)?
+        } else {
+            y
+        })
+    }
+}

@@ -1,0 +1,221 @@
+//! Candle denoisers: an MLP for low-dimensional data and a U-Net for images, both built from
+//! a serialisable [`ModelConfig`] and seeded, differentiable end to end. A [`Model`] is also a
+//! [`Denoiser`], so every sampler runs it without leaving Rust.
+
+pub mod layers;
+pub mod mlp;
+pub mod params;
+pub mod unet;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub use layers::Ctx;
+pub use mlp::MlpConfig;
+pub use params::ParamStore;
+pub use unet::UNetConfig;
+
+use crate::error::Result;
+use crate::sample::{Denoiser, ModelOutput};
+use crate::{shape_error, value_error};
+
+/// Which network, with its settings; round-trips through JSON (`{"type": "mlp", ...}`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ModelConfig {
+    Mlp(MlpConfig),
+    Unet(UNetConfig),
+}
+
+impl ModelConfig {
+    pub fn num_classes(&self) -> usize {
+        match self {
+            ModelConfig::Mlp(c) => c.num_classes,
+            ModelConfig::Unet(c) => c.num_classes,
+        }
+    }
+
+    pub fn learn_sigma(&self) -> bool {
+        match self {
+            ModelConfig::Mlp(c) => c.learn_sigma,
+            ModelConfig::Unet(c) => c.learn_sigma,
+        }
+    }
+
+    /// One training sample's shape.
+    pub fn data_shape(&self) -> Vec<usize> {
+        match self {
+            ModelConfig::Mlp(c) => c.data_shape.clone(),
+            ModelConfig::Unet(c) => vec![c.in_channels, c.image_size, c.image_size],
+        }
+    }
+}
+
+enum Net {
+    Mlp(mlp::Mlp),
+    Unet(unet::UNet),
+}
+
+/// A network with its parameters.
+pub struct Model {
+    config: ModelConfig,
+    params: ParamStore,
+    net: Net,
+}
+
+impl Model {
+    /// A freshly initialised model; the same `seed` gives the same weights everywhere.
+    pub fn new(config: ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        Self::new_in(config, seed, device, DType::F32)
+    }
+
+    /// As [`Model::new`] with parameters of type `dtype` (inputs must match it).
+    pub fn new_in(config: ModelConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
+        let params = ParamStore::new(seed, device.clone(), dtype);
+        let root = params.root();
+        let net = match &config {
+            ModelConfig::Mlp(c) => Net::Mlp(mlp::Mlp::new(&root, c)?),
+            ModelConfig::Unet(c) => Net::Unet(unet::UNet::new(&root, c)?),
+        };
+        Ok(Model {
+            config,
+            params,
+            net,
+        })
+    }
+
+    /// A model of the same configuration holding `weights` (e.g. the EMA weights).
+    pub fn with_weights(&self, weights: &HashMap<String, Tensor>) -> Result<Model> {
+        let m = Model::new(self.config.clone(), 0, self.params.device())?;
+        m.params.load(weights, "the weights")?;
+        Ok(m)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    pub fn device(&self) -> &Device {
+        self.params.device()
+    }
+
+    /// Checks an input shape [B, ...] against the model.
+    pub fn check_input(&self, shape: &[usize]) -> Result<()> {
+        match &self.net {
+            Net::Mlp(_) => {
+                let want = self.config.data_shape();
+                if shape.len() != want.len() + 1 || shape[1..] != want[..] {
+                    shape_error!(
+                        "x has shape {shape:?} but the model takes [B, {}]",
+                        join(&want)
+                    );
+                }
+                Ok(())
+            }
+            Net::Unet(u) => u.check_input(shape),
+        }
+    }
+
+    fn check_labels(&self, labels: Option<&[u32]>, batch: usize) -> Result<()> {
+        let classes = self.config.num_classes();
+        match labels {
+            Some(_) if classes == 0 => {
+                value_error!("labels were given but the model is unconditional (num_classes = 0)")
+            }
+            Some(y) if y.len() != batch => {
+                shape_error!(
+                    "labels have {} entries but the batch has {batch} rows",
+                    y.len()
+                )
+            }
+            Some(y) => {
+                if let Some(bad) = y.iter().find(|&&v| v as usize > classes) {
+                    value_error!(
+                        "label {bad} is out of range: classes are 0..{} and {classes} is the null class",
+                        classes - 1
+                    );
+                }
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The model output for x [B, ...] at (possibly fractional) timesteps t [B]; `labels`
+    /// [B] for class-conditional models (`num_classes` = the null class, also used when
+    /// `labels` is None).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        labels: Option<&[u32]>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        self.check_input(x.dims())?;
+        let batch = x.dims()[0];
+        if t.len() != batch {
+            shape_error!("t has {} entries but x has {batch} rows", t.len());
+        }
+        self.check_labels(labels, batch)?;
+        let null;
+        let labels = match labels {
+            None if self.config.num_classes() > 0 => {
+                null = vec![self.config.num_classes() as u32; batch];
+                Some(null.as_slice())
+            }
+            other => other,
+        };
+        match &self.net {
+            Net::Mlp(m) => m.forward(x, t, labels, ctx),
+            Net::Unet(u) => u.forward(x, t, labels, ctx),
+        }
+    }
+
+    /// Inference on host data: x [B, ...] as a flat slice, integer timesteps.
+    pub fn predict_host(
+        &self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[i64],
+        labels: Option<&[u32]>,
+    ) -> Result<ModelOutput> {
+        self.check_input(shape)?;
+        let xt = Tensor::from_slice(x, shape, self.device())?.to_dtype(self.params.dtype())?;
+        let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
+        let y = self.forward(&xt, &tf, labels, &Ctx::eval())?;
+        let out_shape = y.dims().to_vec();
+        let data = y.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        Ok(ModelOutput {
+            data,
+            shape: out_shape,
+        })
+    }
+}
+
+fn join(v: &[usize]) -> String {
+    v.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A model as a sampler's denoiser, with fixed labels for conditional models.
+pub struct ModelDenoiser<'a> {
+    pub model: &'a Model,
+    pub labels: Option<Vec<u32>>,
+}
+
+impl Denoiser for ModelDenoiser<'_> {
+    fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
+        self.model.predict_host(x, shape, t, self.labels.as_deref())
+    }
+}
+
+#[cfg(test)]
+mod tests;

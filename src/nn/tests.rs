@@ -1,0 +1,316 @@
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::layers::{softmax_last, timestep_embedding, Ctx};
+use super::*;
+
+fn mlp_config() -> ModelConfig {
+    ModelConfig::Mlp(MlpConfig {
+        data_shape: vec![3],
+        hidden: 16,
+        blocks: 2,
+        time_embed_dim: 8,
+        num_classes: 3,
+        dropout: 0.1,
+        learn_sigma: false,
+        skip_rescale: true,
+    })
+}
+
+fn unet_config(resblock_updown: bool, scale_shift: bool) -> ModelConfig {
+    ModelConfig::Unet(UNetConfig {
+        in_channels: 2,
+        image_size: 8,
+        base_channels: 8,
+        channel_mult: vec![1, 2],
+        num_res_blocks: 1,
+        attention_resolutions: vec![4],
+        num_heads: 2,
+        dropout: 0.1,
+        groups: 4,
+        scale_shift,
+        resblock_updown,
+        skip_rescale: resblock_updown,
+        num_classes: 3,
+        learn_sigma: true,
+    })
+}
+
+fn input(model: &Model, batch: usize) -> Tensor {
+    let mut shape = vec![batch];
+    shape.extend(model.config().data_shape());
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i * 37 % 23) as f32 / 11.5) - 1.0)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(model.params().dtype())
+        .unwrap()
+}
+
+/// A scalar loss whose gradient reaches every output element differently.
+fn probe_loss(model: &Model, x: &Tensor, ctx: &Ctx) -> Tensor {
+    let out = model.forward(x, &[3.0, 250.0], Some(&[0, 3]), ctx).unwrap();
+    let n = out.elem_count();
+    let w: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) / 3.0).collect();
+    let w = Tensor::from_vec(w, out.dims(), &Device::Cpu)
+        .unwrap()
+        .to_dtype(out.dtype())
+        .unwrap();
+    (out * w).unwrap().sum_all().unwrap()
+}
+
+/// A few SGD steps on the probe loss: zero-initialised output layers (OpenAI's
+/// `zero_module`) pass no gradient upstream until they have moved, one nesting level per step.
+fn move_zero_layers(model: &Model, x: &Tensor) {
+    for _ in 0..4 {
+        let grads = probe_loss(model, x, &Ctx::eval()).backward().unwrap();
+        for (_, v) in model.params().named_vars() {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                v.set(&(v.as_tensor() - (g * 0.05).unwrap()).unwrap())
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// Every trainable variable receives a finite, non-zero gradient once the zero-initialised
+/// output layers have moved.
+fn assert_all_gradients(config: ModelConfig) {
+    let model = Model::new(config, 1, &Device::Cpu).unwrap();
+    let x = input(&model, 2);
+    let vars = model.params().named_vars();
+    move_zero_layers(&model, &x);
+    let grads = probe_loss(&model, &x, &Ctx::train(7, 0))
+        .backward()
+        .unwrap();
+    let mut bad = Vec::new();
+    for (name, v) in &vars {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name} has no gradient"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        if !(norm.is_finite() && norm > 0.0) {
+            bad.push(format!("{name}: {norm}"));
+        }
+    }
+    assert!(bad.is_empty(), "parameters without a gradient: {bad:?}");
+}
+
+#[test]
+fn every_mlp_parameter_receives_a_gradient() {
+    assert_all_gradients(mlp_config());
+}
+
+#[test]
+fn every_unet_parameter_receives_a_gradient_with_scale_shift_and_conv_resampling() {
+    assert_all_gradients(unet_config(false, true));
+}
+
+#[test]
+fn every_unet_parameter_receives_a_gradient_with_biggan_resampling_and_additive_conditioning() {
+    assert_all_gradients(unet_config(true, false));
+}
+
+/// Central finite differences of the probe loss against autograd for a few coordinates of
+/// every parameter tensor, in f64 so rounding does not hide errors (dropout off).
+fn check_finite_differences(config: ModelConfig) {
+    let model = Model::new_in(config, 2, &Device::Cpu, DType::F64).unwrap();
+    let x = input(&model, 2);
+    let vars: Vec<(String, Var)> = model.params().named_vars();
+    move_zero_layers(&model, &x);
+    let grads = probe_loss(&model, &x, &Ctx::eval()).backward().unwrap();
+    let eps = 1e-4f64;
+    let mut checked = 0;
+    let mut bad = Vec::new();
+    for (name, v) in &vars {
+        let g: Vec<f64> = grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let base: Vec<f64> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for &i in &[0, base.len() / 2, base.len() - 1] {
+            let eval = |delta: f64| {
+                let mut p = base.clone();
+                p[i] += delta;
+                v.set(&Tensor::from_vec(p, v.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+                probe_loss(&model, &x, &Ctx::eval())
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            v.set(&Tensor::from_vec(base.clone(), v.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+            let tol = 1e-5 * fd.abs().max(g[i].abs()) + 1e-7;
+            if (fd - g[i]).abs() > tol {
+                bad.push(format!(
+                    "{name}[{i}]: autograd {} vs finite differences {fd}",
+                    g[i]
+                ));
+            }
+            checked += 1;
+        }
+    }
+    assert!(bad.is_empty(), "gradient mismatches: {bad:#?}");
+    assert!(checked >= 3 * vars.len());
+}
+
+#[test]
+fn mlp_gradients_match_finite_differences() {
+    check_finite_differences(mlp_config());
+}
+
+#[test]
+fn unet_gradients_match_finite_differences() {
+    check_finite_differences(unet_config(false, true));
+}
+
+#[test]
+fn unet_learned_variance_output_has_twice_the_channels() {
+    let model = Model::new(unet_config(true, true), 0, &Device::Cpu).unwrap();
+    let out = model
+        .forward(&input(&model, 2), &[0.0, 999.0], None, &Ctx::eval())
+        .unwrap();
+    assert_eq!(out.dims(), &[2, 4, 8, 8]);
+}
+
+#[test]
+fn same_seed_same_weights_and_different_seed_different_weights() {
+    let a = Model::new(mlp_config(), 5, &Device::Cpu)
+        .unwrap()
+        .params()
+        .tensors()
+        .unwrap();
+    let b = Model::new(mlp_config(), 5, &Device::Cpu)
+        .unwrap()
+        .params()
+        .tensors()
+        .unwrap();
+    let c = Model::new(mlp_config(), 6, &Device::Cpu)
+        .unwrap()
+        .params()
+        .tensors()
+        .unwrap();
+    let flat = |m: &HashMap<String, Tensor>, k: &str| {
+        m[k].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    for k in a.keys() {
+        assert_eq!(flat(&a, k), flat(&b, k), "{k}");
+    }
+    assert_ne!(flat(&a, "proj_in.weight"), flat(&c, "proj_in.weight"));
+}
+
+#[test]
+fn dropout_masks_depend_on_the_step_and_are_off_at_inference() {
+    let model = Model::new(mlp_config(), 0, &Device::Cpu).unwrap();
+    let x = input(&model, 2);
+    let run = |ctx: &Ctx| -> Vec<f32> {
+        model
+            .forward(&x, &[1.0, 2.0], None, ctx)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    assert_eq!(run(&Ctx::eval()), run(&Ctx::eval()));
+    assert_eq!(run(&Ctx::train(1, 4)), run(&Ctx::train(1, 4)));
+    assert_ne!(run(&Ctx::train(1, 4)), run(&Ctx::train(1, 5)));
+    assert_ne!(run(&Ctx::train(1, 4)), run(&Ctx::eval()));
+}
+
+#[test]
+fn timestep_embedding_is_cos_then_sin_of_geometric_frequencies() {
+    let e = timestep_embedding(&[0.0, 10.0], 8, &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(&e[0][..4], &[1.0; 4]);
+    assert_eq!(&e[0][4..], &[0.0; 4]);
+    for i in 0..4 {
+        let f = (-(10_000f64.ln()) * i as f64 / 4.0).exp();
+        assert!((e[1][i] as f64 - (10.0 * f).cos()).abs() < 1e-6);
+        assert!((e[1][4 + i] as f64 - (10.0 * f).sin()).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn softmax_from_primitives_matches_candle_and_has_gradients() {
+    let v: Vec<f32> = (0..24).map(|i| (i as f32 * 0.7).sin() * 5.0).collect();
+    let x = Var::from_vec(v, (2, 3, 4), &Device::Cpu).unwrap();
+    let ours = softmax_last(x.as_tensor()).unwrap();
+    let reference = candle_nn::ops::softmax_last_dim(x.as_tensor()).unwrap();
+    let d = (&ours - &reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-6, "{d}");
+    let w = Tensor::arange(0f32, 24.0, &Device::Cpu)
+        .unwrap()
+        .reshape((2, 3, 4))
+        .unwrap();
+    let g = (ours * w).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(g.get(x.as_tensor()).is_some());
+}
+
+#[test]
+fn wrong_input_shapes_and_labels_are_clear_errors() {
+    let model = Model::new(unet_config(false, true), 0, &Device::Cpu).unwrap();
+    let bad = Tensor::zeros((2, 3, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let e = model
+        .forward(&bad, &[0.0, 0.0], None, &Ctx::eval())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("[2, 3, 8, 8]") && e.contains("[B, 2, H, W]"),
+        "{e}"
+    );
+    let x = input(&model, 2);
+    let e = model
+        .forward(&x, &[0.0, 0.0], Some(&[0, 9]), &Ctx::eval())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("label 9"), "{e}");
+    let e = model
+        .forward(&x, &[0.0], None, &Ctx::eval())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("t has 1 entries"), "{e}");
+    let mlp = Model::new(mlp_config(), 0, &Device::Cpu).unwrap();
+    let e = mlp
+        .forward(&x, &[0.0, 0.0], None, &Ctx::eval())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[B, 3]"), "{e}");
+    let bad_cfg = ModelConfig::Unet(UNetConfig {
+        groups: 5,
+        ..UNetConfig::default()
+    });
+    assert!(Model::new(bad_cfg, 0, &Device::Cpu).is_err());
+}
+
+#[test]
+fn model_configs_round_trip_through_json() {
+    for c in [mlp_config(), unet_config(true, false)] {
+        let s = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<ModelConfig>(&s).unwrap(), c);
+    }
+    let e = serde_json::from_str::<ModelConfig>(r#"{"type":"mlp","hiden":3}"#);
+    assert!(e.is_err());
+}

@@ -1,0 +1,437 @@
+//! The U-Net of Ho et al. 2020 with the improvements of Nichol & Dhariwal 2021 and Dhariwal &
+//! Nichol 2021 as options: attention at chosen resolutions with several heads, scale-shift
+//! (AdaGN) time conditioning, BigGAN-style residual up/down sampling, 1/√2 skip scaling,
+//! class conditioning with a null class, and a 2C-channel output for learned variances.
+//! Parameter names follow diffusers' `UNet2DModel` (conv_in, down_blocks.i.resnets.j, ...).
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::layers::{
+    silu, timestep_embedding, AttentionBlock, Conv2d, Ctx, Embedding, GroupNorm, Linear,
+};
+use super::params::Path;
+use crate::error::Result;
+use crate::{shape_error, value_error};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UNetConfig {
+    pub in_channels: usize,
+    /// Side of the (square) training images; attention resolutions are relative to it.
+    pub image_size: usize,
+    pub base_channels: usize,
+    /// Channels of level i = base_channels · channel_mult[i]; one level per entry.
+    pub channel_mult: Vec<usize>,
+    pub num_res_blocks: usize,
+    /// Feature-map sides at which self-attention follows each residual block (e.g. [16, 8]).
+    pub attention_resolutions: Vec<usize>,
+    pub num_heads: usize,
+    pub dropout: f64,
+    /// GroupNorm groups (must divide every level's channels).
+    pub groups: usize,
+    /// AdaGN: the time embedding gives a per-channel scale and shift after the second norm.
+    pub scale_shift: bool,
+    /// Residual blocks with average-pool / nearest resampling inside instead of strided and
+    /// post-upsample convolutions (BigGAN).
+    pub resblock_updown: bool,
+    /// Scale residual sums by 1/√2.
+    pub skip_rescale: bool,
+    pub num_classes: usize,
+    pub learn_sigma: bool,
+}
+
+impl Default for UNetConfig {
+    fn default() -> Self {
+        UNetConfig {
+            in_channels: 1,
+            image_size: 8,
+            base_channels: 32,
+            channel_mult: vec![1, 2],
+            num_res_blocks: 1,
+            attention_resolutions: vec![4],
+            num_heads: 1,
+            dropout: 0.0,
+            groups: 8,
+            scale_shift: true,
+            resblock_updown: false,
+            skip_rescale: false,
+            num_classes: 0,
+            learn_sigma: false,
+        }
+    }
+}
+
+impl UNetConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.in_channels == 0 || self.base_channels == 0 || self.channel_mult.is_empty() {
+            value_error!("in_channels, base_channels and channel_mult must be non-empty/positive");
+        }
+        if self.channel_mult.contains(&0) {
+            value_error!(
+                "channel_mult entries must be positive, got {:?}",
+                self.channel_mult
+            );
+        }
+        let factor = 1usize << (self.channel_mult.len() - 1);
+        if self.image_size == 0 || self.image_size % factor != 0 {
+            value_error!(
+                "image_size {} must be divisible by 2^(levels - 1) = {factor} ({} levels)",
+                self.image_size,
+                self.channel_mult.len()
+            );
+        }
+        for m in &self.channel_mult {
+            let c = self.base_channels * m;
+            if self.groups == 0 || c % self.groups != 0 {
+                value_error!(
+                    "groups = {} must divide every level's channels ({c})",
+                    self.groups
+                );
+            }
+            if !self.attention_resolutions.is_empty()
+                && (self.num_heads == 0 || c % self.num_heads != 0)
+            {
+                value_error!(
+                    "num_heads = {} must divide every level's channels ({c})",
+                    self.num_heads
+                );
+            }
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            value_error!("dropout must be in [0, 1), got {}", self.dropout);
+        }
+        Ok(())
+    }
+
+    fn time_embed_dim(&self) -> usize {
+        4 * self.base_channels
+    }
+
+    fn out_channels(&self) -> usize {
+        if self.learn_sigma {
+            2 * self.in_channels
+        } else {
+            self.in_channels
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Resample {
+    None,
+    Up,
+    Down,
+}
+
+fn resample(x: &Tensor, r: Resample) -> Result<Tensor> {
+    Ok(match r {
+        Resample::None => x.clone(),
+        Resample::Down => x.avg_pool2d(2)?,
+        Resample::Up => {
+            let (_, _, h, w) = x.dims4()?;
+            x.upsample_nearest2d(2 * h, 2 * w)?
+        }
+    })
+}
+
+struct ResBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    resample: Resample,
+    scale_shift: bool,
+    skip_rescale: bool,
+    dropout: f64,
+}
+
+impl ResBlock {
+    fn new(p: &Path, c: &UNetConfig, cin: usize, cout: usize, resample: Resample) -> Result<Self> {
+        let emb_out = if c.scale_shift { 2 * cout } else { cout };
+        Ok(ResBlock {
+            norm1: GroupNorm::new(&p.pp("norm1"), c.groups, cin)?,
+            conv1: Conv2d::new(&p.pp("conv1"), cin, cout, 3, 1)?,
+            time_emb_proj: Linear::new(&p.pp("time_emb_proj"), c.time_embed_dim(), emb_out)?,
+            norm2: GroupNorm::new(&p.pp("norm2"), c.groups, cout)?,
+            conv2: Conv2d::zeros(&p.pp("conv2"), cout, cout, 3)?,
+            conv_shortcut: if cin != cout {
+                Some(Conv2d::new(&p.pp("conv_shortcut"), cin, cout, 1, 1)?)
+            } else {
+                None
+            },
+            resample,
+            scale_shift: c.scale_shift,
+            skip_rescale: c.skip_rescale,
+            dropout: c.dropout,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, emb: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let h = silu(&self.norm1.forward(x)?)?;
+        let h = resample(&h, self.resample)?;
+        let x = resample(x, self.resample)?;
+        let h = self.conv1.forward(&h)?;
+        let e = self.time_emb_proj.forward(emb)?;
+        let h = if self.scale_shift {
+            let cout = h.dims()[1];
+            let scale = e.narrow(1, 0, cout)?;
+            let shift = e.narrow(1, cout, cout)?;
+            self.norm2.forward_scale_shift(&h, &scale, &shift)?
+        } else {
+            let (b, c) = e.dims2()?;
+            self.norm2
+                .forward(&h.broadcast_add(&e.reshape((b, c, 1, 1))?)?)?
+        };
+        let h = ctx.dropout(&silu(&h)?, self.dropout)?;
+        let h = self.conv2.forward(&h)?;
+        let skip = match &self.conv_shortcut {
+            Some(c) => c.forward(&x)?,
+            None => x,
+        };
+        let y = (skip + h)?;
+        Ok(if self.skip_rescale {
+            (y * std::f64::consts::FRAC_1_SQRT_2)?
+        } else {
+            y
+        })
+    }
+}
+
+/// Strided-conv downsampling, or nearest upsampling followed by a conv; or a resampling
+/// residual block (`resblock_updown`).
+enum Sampler {
+    Conv(Conv2d, Resample),
+    Block(ResBlock),
+}
+
+impl Sampler {
+    fn new(p: &Path, c: &UNetConfig, ch: usize, r: Resample) -> Result<Self> {
+        Ok(if c.resblock_updown {
+            Sampler::Block(ResBlock::new(p, c, ch, ch, r)?)
+        } else {
+            let stride = if r == Resample::Down { 2 } else { 1 };
+            Sampler::Conv(Conv2d::new(&p.pp("conv"), ch, ch, 3, stride)?, r)
+        })
+    }
+
+    fn forward(&self, x: &Tensor, emb: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        match self {
+            Sampler::Block(b) => b.forward(x, emb, ctx),
+            Sampler::Conv(conv, Resample::Up) => conv.forward(&resample(x, Resample::Up)?),
+            Sampler::Conv(conv, _) => conv.forward(x),
+        }
+    }
+}
+
+struct Level {
+    resnets: Vec<ResBlock>,
+    attentions: Vec<Option<AttentionBlock>>,
+    sampler: Option<Sampler>,
+}
+
+pub struct UNet {
+    config: UNetConfig,
+    time_1: Linear,
+    time_2: Linear,
+    class_embedding: Option<Embedding>,
+    conv_in: Conv2d,
+    down: Vec<Level>,
+    mid: (ResBlock, AttentionBlock, ResBlock),
+    up: Vec<Level>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet {
+    pub fn new(p: &Path, c: &UNetConfig) -> Result<Self> {
+        c.validate()?;
+        let base = c.base_channels;
+        let emb_dim = c.time_embed_dim();
+        let attention = |p: &Path, ch: usize, res: usize| -> Result<Option<AttentionBlock>> {
+            Ok(if c.attention_resolutions.contains(&res) {
+                Some(AttentionBlock::new(
+                    p,
+                    ch,
+                    c.num_heads,
+                    c.groups,
+                    c.skip_rescale,
+                )?)
+            } else {
+                None
+            })
+        };
+        let mut ch = base * c.channel_mult[0];
+        let conv_in = Conv2d::new(&p.pp("conv_in"), c.in_channels, ch, 3, 1)?;
+        let mut skips = vec![ch];
+        let mut res = c.image_size;
+        let levels = c.channel_mult.len();
+        let mut down = Vec::with_capacity(levels);
+        for (l, m) in c.channel_mult.iter().enumerate() {
+            let lp = p.pp("down_blocks").pp(l);
+            let (mut resnets, mut attentions) = (Vec::new(), Vec::new());
+            for j in 0..c.num_res_blocks {
+                resnets.push(ResBlock::new(
+                    &lp.pp("resnets").pp(j),
+                    c,
+                    ch,
+                    base * m,
+                    Resample::None,
+                )?);
+                ch = base * m;
+                attentions.push(attention(&lp.pp("attentions").pp(j), ch, res)?);
+                skips.push(ch);
+            }
+            let sampler = if l + 1 < levels {
+                let s = Sampler::new(&lp.pp("downsamplers").pp(0), c, ch, Resample::Down)?;
+                skips.push(ch);
+                res /= 2;
+                Some(s)
+            } else {
+                None
+            };
+            down.push(Level {
+                resnets,
+                attentions,
+                sampler,
+            });
+        }
+        let mp = p.pp("mid_block");
+        let mid = (
+            ResBlock::new(&mp.pp("resnets").pp(0), c, ch, ch, Resample::None)?,
+            AttentionBlock::new(
+                &mp.pp("attentions").pp(0),
+                ch,
+                c.num_heads.max(1),
+                c.groups,
+                c.skip_rescale,
+            )?,
+            ResBlock::new(&mp.pp("resnets").pp(1), c, ch, ch, Resample::None)?,
+        );
+        let mut up = Vec::with_capacity(levels);
+        for (k, (l, m)) in c.channel_mult.iter().enumerate().rev().enumerate() {
+            let lp = p.pp("up_blocks").pp(k);
+            let (mut resnets, mut attentions) = (Vec::new(), Vec::new());
+            for j in 0..=c.num_res_blocks {
+                let skip = skips.pop().unwrap_or(0);
+                resnets.push(ResBlock::new(
+                    &lp.pp("resnets").pp(j),
+                    c,
+                    ch + skip,
+                    base * m,
+                    Resample::None,
+                )?);
+                ch = base * m;
+                attentions.push(attention(&lp.pp("attentions").pp(j), ch, res)?);
+            }
+            let sampler = if l > 0 {
+                res *= 2;
+                Some(Sampler::new(
+                    &lp.pp("upsamplers").pp(0),
+                    c,
+                    ch,
+                    Resample::Up,
+                )?)
+            } else {
+                None
+            };
+            up.push(Level {
+                resnets,
+                attentions,
+                sampler,
+            });
+        }
+        Ok(UNet {
+            config: c.clone(),
+            time_1: Linear::new(&p.pp("time_embedding").pp("linear_1"), base, emb_dim)?,
+            time_2: Linear::new(&p.pp("time_embedding").pp("linear_2"), emb_dim, emb_dim)?,
+            class_embedding: if c.num_classes > 0 {
+                Some(Embedding::new(
+                    &p.pp("class_embedding"),
+                    c.num_classes + 1,
+                    emb_dim,
+                )?)
+            } else {
+                None
+            },
+            conv_in,
+            down,
+            mid,
+            up,
+            conv_norm_out: GroupNorm::new(&p.pp("conv_norm_out"), c.groups, ch)?,
+            conv_out: Conv2d::zeros(&p.pp("conv_out"), ch, c.out_channels(), 3)?,
+        })
+    }
+
+    /// Checks an input shape [B, C, H, W] against the configuration.
+    pub fn check_input(&self, shape: &[usize]) -> Result<()> {
+        let c = &self.config;
+        let factor = 1usize << (c.channel_mult.len() - 1);
+        if shape.len() != 4
+            || shape[1] != c.in_channels
+            || shape[2] % factor != 0
+            || shape[3] % factor != 0
+        {
+            shape_error!(
+                "x has shape {shape:?} but the U-Net takes [B, {}, H, W] with H and W divisible by {factor} \
+                 (trained at {}x{})",
+                c.in_channels,
+                c.image_size,
+                c.image_size
+            );
+        }
+        Ok(())
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        labels: Option<&[u32]>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let temb =
+            timestep_embedding(t, self.config.base_channels, x.device())?.to_dtype(x.dtype())?;
+        let mut emb = self.time_2.forward(&silu(&self.time_1.forward(&temb)?)?)?;
+        if let (Some(table), Some(y)) = (&self.class_embedding, labels) {
+            emb = (emb + table.forward(y)?)?;
+        }
+        let emb = silu(&emb)?;
+        let mut h = self.conv_in.forward(x)?;
+        let mut skips = vec![h.clone()];
+        for level in &self.down {
+            for (r, a) in level.resnets.iter().zip(&level.attentions) {
+                h = r.forward(&h, &emb, ctx)?;
+                if let Some(a) = a {
+                    h = a.forward(&h)?;
+                }
+                skips.push(h.clone());
+            }
+            if let Some(s) = &level.sampler {
+                h = s.forward(&h, &emb, ctx)?;
+                skips.push(h.clone());
+            }
+        }
+        h = self.mid.0.forward(&h, &emb, ctx)?;
+        h = self.mid.1.forward(&h)?;
+        h = self.mid.2.forward(&h, &emb, ctx)?;
+        for level in &self.up {
+            for (r, a) in level.resnets.iter().zip(&level.attentions) {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| crate::Error::Value("U-Net skip stack underflow".into()))?;
+                h = r.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb, ctx)?;
+                if let Some(a) = a {
+                    h = a.forward(&h)?;
+                }
+            }
+            if let Some(s) = &level.sampler {
+                h = s.forward(&h, &emb, ctx)?;
+            }
+        }
+        let h = silu(&self.conv_norm_out.forward(&h)?)?;
+        self.conv_out.forward(&h)
+    }
+}

@@ -1,0 +1,654 @@
+//! Training candle denoisers: batches drawn from host arrays with a seeded shuffle, any loss
+//! of [`crate::loss`] (targets, weightings, the hybrid loss, importance-sampled t), AdamW with
+//! warm-up and decay, gradient-norm clipping, EMA, and checkpoints from which a run resumes
+//! bit for bit.
+//!
+//! All randomness is counter-based (Philox): the batch order, timesteps, noise, class dropout
+//! and dropout masks of step s are pure functions of (seed, s). The generator state is
+//! therefore just the step counter, which is why a resumed run ends with the same weights as
+//! one that never stopped.
+
+pub mod adamw;
+pub mod checkpoint;
+pub mod ema;
+pub mod lr;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub use adamw::{AdamW, AdamWConfig};
+pub use ema::{Ema, EmaConfig};
+pub use lr::{lr_factor, LrDecay};
+
+use crate::diffusion::{q_sample, Prediction};
+use crate::error::{Error, Result};
+use crate::kernels::rng::fill_normal;
+use crate::loss::tensors as lt;
+use crate::loss::weights::{Target, Weighting};
+use crate::loss::{TimestepSampler, TimestepSampling, HISTORY_PER_TERM, UNIFORM_PROB};
+use crate::nn::params::uniforms;
+use crate::nn::{Ctx, Model, ModelConfig};
+use crate::schedule::Schedule;
+use crate::{shape_error, value_error};
+
+/// Generator streams of the training randomness (far from the samplers' timestep streams).
+const NOISE_STREAM: u64 = 1 << 62;
+const SHUFFLE_STREAM: u64 = (1 << 62) + (1 << 61);
+const CLASS_DROP_STREAM: u64 = (1 << 62) + (1 << 60);
+
+/// File name of the checkpoint inside a run folder.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// Human-readable copy of the configuration inside a run folder.
+pub const CONFIG_FILE: &str = "config.json";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    pub lr: f64,
+    pub lr_schedule: LrDecay,
+    pub warmup_steps: u64,
+    /// The step at which linear / cosine decay reaches zero.
+    pub total_steps: u64,
+    /// Clip the global gradient norm to this (None: no clipping).
+    pub grad_clip: Option<f64>,
+    pub optimizer: AdamWConfig,
+    pub ema: EmaConfig,
+    /// "epsilon", "x0" or "v".
+    pub prediction: String,
+    /// "mse" (the simple loss, weighted) or "hybrid" (learned variances: mse + λ L_vlb).
+    pub loss: String,
+    /// Weighting of the mse: "uniform", "snr", "min_snr", "truncated_snr", "vlb".
+    pub weighting: String,
+    pub min_snr_gamma: f64,
+    /// "uniform" or "loss_second_moment" (importance sampling of t).
+    pub timestep_sampling: String,
+    /// Probability of replacing a label by the null class (classifier-free guidance).
+    pub class_dropout: f64,
+    /// Bins of the discretized decoder of the hybrid loss (256 for 8-bit data).
+    pub bins: u32,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch_size: 128,
+            lr: 1e-3,
+            lr_schedule: LrDecay::Constant,
+            warmup_steps: 0,
+            total_steps: 0,
+            grad_clip: Some(1.0),
+            optimizer: AdamWConfig::default(),
+            ema: EmaConfig::default(),
+            prediction: "epsilon".into(),
+            loss: "mse".into(),
+            weighting: "uniform".into(),
+            min_snr_gamma: crate::loss::weights::MIN_SNR_GAMMA,
+            timestep_sampling: "uniform".into(),
+            class_dropout: 0.0,
+            bins: 256,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum LossKind {
+    Mse,
+    Hybrid,
+}
+
+/// Parsed, validated settings.
+struct Settings {
+    prediction: Prediction,
+    weighting: Weighting,
+    loss: LossKind,
+    sampling: TimestepSampling,
+}
+
+impl TrainConfig {
+    fn settings(&self, model: &ModelConfig) -> Result<Settings> {
+        if self.batch_size == 0 {
+            value_error!("batch_size must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            value_error!("lr must be positive and finite, got {}", self.lr);
+        }
+        if let Some(c) = self.grad_clip {
+            if !(c > 0.0) {
+                value_error!("grad_clip must be positive (or None), got {c}");
+            }
+        }
+        if self.lr_schedule != LrDecay::Constant && self.total_steps <= self.warmup_steps {
+            value_error!(
+                "a {:?} learning-rate decay needs total_steps ({}) > warmup_steps ({})",
+                self.lr_schedule,
+                self.total_steps,
+                self.warmup_steps
+            );
+        }
+        if !(0.0..1.0).contains(&self.class_dropout) {
+            value_error!(
+                "class_dropout must be in [0, 1), got {}",
+                self.class_dropout
+            );
+        }
+        if self.class_dropout > 0.0 && model.num_classes() == 0 {
+            value_error!("class_dropout needs a class-conditional model (num_classes > 0)");
+        }
+        self.optimizer.validate()?;
+        self.ema.validate()?;
+        let loss = match self.loss.as_str() {
+            "mse" | "simple" => LossKind::Mse,
+            "hybrid" => LossKind::Hybrid,
+            other => value_error!("loss must be 'mse' or 'hybrid', got {other:?}"),
+        };
+        match (loss, model.learn_sigma()) {
+            (LossKind::Mse, true) => value_error!(
+                "the model learns variances (learn_sigma): train it with loss='hybrid', which trains both halves"
+            ),
+            (LossKind::Hybrid, false) => {
+                value_error!("loss='hybrid' trains learned variances: build the model with learn_sigma=True")
+            }
+            _ => {}
+        }
+        let sampling = match self.timestep_sampling.as_str() {
+            "uniform" => TimestepSampling::Uniform,
+            "loss_second_moment" => TimestepSampling::LossSecondMoment,
+            other => value_error!(
+                "timestep_sampling must be 'uniform' or 'loss_second_moment', got {other:?}"
+            ),
+        };
+        Ok(Settings {
+            prediction: Prediction::parse(&self.prediction)?,
+            weighting: Weighting::parse(&self.weighting, self.min_snr_gamma)?,
+            loss,
+            sampling,
+        })
+    }
+}
+
+/// What a training loop's caller does around each step (progress, callbacks, Ctrl-C, the GIL).
+pub trait TrainHooks {
+    fn run_step(&mut self, step: &mut (dyn FnMut() -> Result<f32> + Send)) -> Result<f32> {
+        step()
+    }
+    fn after_step(&mut self, _trainer: &Trainer, _loss: f32) -> Result<()> {
+        Ok(())
+    }
+}
+
+pub struct NoTrainHooks;
+impl TrainHooks for NoTrainHooks {}
+
+/// Training state beside the tensors, saved as JSON in the checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TrainState {
+    step: u64,
+    optimizer_steps: u64,
+    ema_steps: u64,
+    sampler_losses: Vec<f64>,
+    sampler_counts: Vec<usize>,
+    sampler_draws: u64,
+    losses: Vec<f32>,
+    data_count: usize,
+    data_shape: Vec<usize>,
+    extra: serde_json::Value,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ScheduleRecord {
+    name: String,
+    betas: Vec<f64>,
+    alphas_cumprod: Vec<f64>,
+}
+
+pub struct Trainer {
+    pub config: TrainConfig,
+    settings: Settings,
+    schedule: Schedule,
+    model: Model,
+    optimizer: AdamW,
+    ema: Ema,
+    timestep_sampler: TimestepSampler,
+    data: Vec<f32>,
+    data_shape: Vec<usize>,
+    count: usize,
+    labels: Option<Vec<u32>>,
+    permutation: Option<(u64, Vec<u32>)>,
+    /// Optimisation steps taken.
+    pub step: u64,
+    /// The training loss of every step.
+    pub losses: Vec<f32>,
+    /// Caller's metadata saved with checkpoints (the CLI records its dataset here).
+    pub extra: serde_json::Value,
+}
+
+impl Trainer {
+    /// A trainer over `data` (`count` samples of `data_shape`, row-major) with optional
+    /// class labels.
+    pub fn new(
+        model: Model,
+        schedule: Schedule,
+        config: TrainConfig,
+        data: Vec<f32>,
+        data_shape: Vec<usize>,
+        labels: Option<Vec<u32>>,
+    ) -> Result<Self> {
+        let settings = config.settings(model.config())?;
+        let want = model.config().data_shape();
+        let per: usize = data_shape.iter().product();
+        if per == 0 || data.is_empty() || data.len() % per != 0 {
+            shape_error!(
+                "data holds {} values, not a whole number of samples of shape {data_shape:?}",
+                data.len()
+            );
+        }
+        let count = data.len() / per;
+        let mut probe = vec![count];
+        probe.extend_from_slice(&data_shape);
+        model.check_input(&probe).map_err(|_| {
+            Error::Shape(format!(
+                "data has shape {probe:?} but the model is configured for samples of shape {want:?}"
+            ))
+        })?;
+        if let Some(bad) = data.iter().position(|v| !v.is_finite()) {
+            value_error!("data contains a non-finite value at flat index {bad}");
+        }
+        let classes = model.config().num_classes();
+        match (&labels, classes) {
+            (Some(_), 0) => {
+                value_error!("labels were given but the model is unconditional (num_classes = 0)")
+            }
+            (None, c) if c > 0 => {
+                value_error!(
+                    "the model is class-conditional ({c} classes) but no labels were given"
+                )
+            }
+            (Some(l), c) => {
+                if l.len() != count {
+                    shape_error!(
+                        "labels have {} entries but data has {count} samples",
+                        l.len()
+                    );
+                }
+                if let Some(bad) = l.iter().find(|&&y| y as usize >= c) {
+                    value_error!("label {bad} is out of range for a model with {c} classes");
+                }
+            }
+            _ => {}
+        }
+        let params = model.params().named_vars();
+        let optimizer = AdamW::new(params.clone(), config.optimizer)?;
+        let ema = Ema::new(&params, config.ema)?;
+        let timestep_sampler = TimestepSampler::new(
+            settings.sampling,
+            schedule.len(),
+            HISTORY_PER_TERM,
+            UNIFORM_PROB,
+        )?;
+        Ok(Trainer {
+            config,
+            settings,
+            schedule,
+            model,
+            optimizer,
+            ema,
+            timestep_sampler,
+            data,
+            data_shape,
+            count,
+            labels,
+            permutation: None,
+            step: 0,
+            losses: Vec::new(),
+            extra: serde_json::Value::Null,
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// A copy of the model holding the EMA weights (what sampling uses by default).
+    pub fn ema_model(&self) -> Result<Model> {
+        self.model.with_weights(&self.ema.tensors())
+    }
+
+    /// The learning rate of the next step.
+    pub fn current_lr(&self) -> f64 {
+        let c = &self.config;
+        c.lr * lr_factor(c.lr_schedule, c.warmup_steps, c.total_steps, self.step)
+    }
+
+    /// Sample index at position `k` of the stream of shuffled epochs.
+    fn sample_index(&mut self, k: u64) -> usize {
+        let n = self.count as u64;
+        let (epoch, pos) = (k / n, (k % n) as usize);
+        let fresh = !matches!(&self.permutation, Some((e, _)) if *e == epoch);
+        if fresh {
+            // Fisher–Yates driven by the counter-based generator.
+            let mut perm: Vec<u32> = (0..self.count as u32).collect();
+            let u = uniforms(self.config.seed, SHUFFLE_STREAM ^ epoch, self.count);
+            for i in (1..self.count).rev() {
+                let j = ((u[i] as f64 * (i + 1) as f64) as usize).min(i);
+                perm.swap(i, j);
+            }
+            self.permutation = Some((epoch, perm));
+        }
+        self.permutation
+            .as_ref()
+            .map_or(0, |(_, p)| p[pos] as usize)
+    }
+
+    /// One optimisation step; returns the batch's loss.
+    pub fn step(&mut self) -> Result<f32> {
+        let b = self.config.batch_size;
+        let s = self.step;
+        let seed = self.config.seed;
+        let per: usize = self.data_shape.iter().product();
+        let mut x0 = Vec::with_capacity(b * per);
+        let mut labels = self.labels.as_ref().map(|_| Vec::with_capacity(b));
+        for k in 0..b as u64 {
+            let i = self.sample_index(s * b as u64 + k);
+            x0.extend_from_slice(&self.data[i * per..(i + 1) * per]);
+            if let (Some(out), Some(all)) = (labels.as_mut(), self.labels.as_ref()) {
+                out.push(all[i]);
+            }
+        }
+        if let Some(l) = labels.as_mut() {
+            if self.config.class_dropout > 0.0 {
+                let null = self.model.config().num_classes() as u32;
+                let u = uniforms(seed, CLASS_DROP_STREAM ^ s, b);
+                for (y, &ui) in l.iter_mut().zip(&u) {
+                    if (ui as f64) < self.config.class_dropout {
+                        *y = null;
+                    }
+                }
+            }
+        }
+        let (t, importance) = self
+            .timestep_sampler
+            .sample(b, seed ^ s.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut noise = vec![0f32; b * per];
+        fill_normal(seed, NOISE_STREAM + s, 0, &mut noise);
+        let mut shape = vec![b];
+        shape.extend_from_slice(&self.data_shape);
+        let mut x_t = vec![0f32; b * per];
+        q_sample(&self.schedule, &shape, &x0, &t, &noise, &mut x_t)?;
+
+        let dev = self.model.device().clone();
+        let x0 = Tensor::from_vec(x0, shape.as_slice(), &dev)?;
+        let noise = Tensor::from_vec(noise, shape.as_slice(), &dev)?;
+        let x_t = Tensor::from_vec(x_t, shape.as_slice(), &dev)?;
+        let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
+        let out = self
+            .model
+            .forward(&x_t, &tf, labels.as_deref(), &Ctx::train(seed, s))?;
+        let per_sample = match self.settings.loss {
+            LossKind::Mse => {
+                let p = self.settings.prediction;
+                let target = lt::training_target(&self.schedule, &x0, &noise, &t, p)?;
+                let target_kind = match p {
+                    Prediction::Epsilon => Target::Epsilon,
+                    Prediction::X0 => Target::X0,
+                    Prediction::V => Target::V,
+                };
+                let w = match self.settings.weighting {
+                    Weighting::Uniform => None,
+                    ref kind => Some(lt::loss_weights(
+                        &self.schedule,
+                        &t,
+                        kind,
+                        target_kind,
+                        &x0,
+                    )?),
+                };
+                lt::simple_loss(&out, &target, w.as_ref())?
+            }
+            LossKind::Hybrid => lt::hybrid_loss(
+                &self.schedule,
+                &x0,
+                &x_t,
+                &noise,
+                &t,
+                &out,
+                self.settings.prediction,
+                self.config.bins,
+            )?,
+        };
+        let iw: Vec<f32> = importance.iter().map(|&w| w as f32).collect();
+        let loss = (&per_sample * Tensor::from_vec(iw, b, &dev)?)?.mean_all()?;
+        let value = loss.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            value_error!(
+                "the training loss is {value} at step {s}: lower the learning rate or check the data \
+                 (the step was not applied)"
+            );
+        }
+        let grads = loss.backward()?;
+        if self.settings.sampling == TimestepSampling::LossSecondMoment {
+            let l: Vec<f64> = per_sample
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
+            self.timestep_sampler.update(&t, &l)?;
+        }
+        let scale = match self.config.grad_clip {
+            Some(max) => {
+                let norm = self.optimizer.grad_norm(&grads)?;
+                if norm > max {
+                    max / (norm + 1e-6)
+                } else {
+                    1.0
+                }
+            }
+            None => 1.0,
+        };
+        let lr = self.current_lr();
+        self.optimizer.step(&grads, lr, scale)?;
+        self.ema.update(&self.model.params().named_vars())?;
+        self.step += 1;
+        self.losses.push(value);
+        Ok(value)
+    }
+
+    /// Runs `steps` steps; with `checkpoint = Some((path, every))` saves every `every` steps
+    /// and at the end.
+    pub fn train(
+        &mut self,
+        steps: u64,
+        checkpoint: Option<(&Path, u64)>,
+        hooks: &mut dyn TrainHooks,
+    ) -> Result<()> {
+        for _ in 0..steps {
+            let loss = hooks.run_step(&mut || self.step())?;
+            if let Some((path, every)) = checkpoint {
+                if every > 0 && self.step % every == 0 {
+                    self.save(path)?;
+                }
+            }
+            hooks.after_step(self, loss)?;
+        }
+        if let Some((path, _)) = checkpoint {
+            self.save(path)?;
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> TrainState {
+        TrainState {
+            step: self.step,
+            optimizer_steps: self.optimizer.steps,
+            ema_steps: self.ema.optimization_step,
+            sampler_losses: self.timestep_sampler.losses.clone(),
+            sampler_counts: self.timestep_sampler.counts.clone(),
+            sampler_draws: self.timestep_sampler.draws,
+            losses: self.losses.clone(),
+            data_count: self.count,
+            data_shape: self.data_shape.clone(),
+            extra: self.extra.clone(),
+        }
+    }
+
+    /// Saves a checkpoint: to `path` if it names a `.safetensors` file, else into the run
+    /// folder `path` (`checkpoint.safetensors` + `config.json`).
+    pub fn save(&self, path: &Path) -> Result<PathBuf> {
+        let (file, folder) = checkpoint_path(path);
+        let mut tensors = HashMap::new();
+        checkpoint::add_prefixed(&mut tensors, "model", self.model.params().tensors()?);
+        checkpoint::add_prefixed(&mut tensors, "ema", self.ema.tensors());
+        checkpoint::add_prefixed(&mut tensors, "optimizer", self.optimizer.state_tensors());
+        let schedule = ScheduleRecord {
+            name: self.schedule.name.clone(),
+            betas: self.schedule.betas.clone(),
+            alphas_cumprod: self.schedule.alphas_cumprod.clone(),
+        };
+        let mut meta = HashMap::new();
+        meta.insert(
+            "model".to_string(),
+            checkpoint::to_json(self.model.config())?,
+        );
+        meta.insert("train".to_string(), checkpoint::to_json(&self.config)?);
+        meta.insert("state".to_string(), checkpoint::to_json(&self.state())?);
+        meta.insert("schedule".to_string(), checkpoint::to_json(&schedule)?);
+        checkpoint::save(&file, &tensors, meta)?;
+        if let Some(folder) = folder {
+            let summary = serde_json::json!({
+                "model": self.model.config(),
+                "train": self.config,
+                "step": self.step,
+                "schedule": {"name": self.schedule.name, "num_train_timesteps": self.schedule.len()},
+                "extra": self.extra,
+            });
+            let text = serde_json::to_string_pretty(&summary)
+                .map_err(|e| Error::Value(format!("cannot serialise the config: {e}")))?;
+            checkpoint::write_atomic(&folder.join(CONFIG_FILE), text.as_bytes())?;
+        }
+        Ok(file)
+    }
+
+    /// Restores a trainer from a checkpoint and the same data it was trained on; training
+    /// continues exactly where it stopped.
+    pub fn resume(
+        path: &Path,
+        data: Vec<f32>,
+        data_shape: Vec<usize>,
+        labels: Option<Vec<u32>>,
+        device: &Device,
+    ) -> Result<Self> {
+        let (file, _) = checkpoint_path(path);
+        let (tensors, meta) = checkpoint::load(&file, device)?;
+        let model_config: ModelConfig = checkpoint::json_entry(&file, &meta, "model")?;
+        let config: TrainConfig = checkpoint::json_entry(&file, &meta, "train")?;
+        let state: TrainState = checkpoint::json_entry(&file, &meta, "state")?;
+        let sched: ScheduleRecord = checkpoint::json_entry(&file, &meta, "schedule")?;
+        let schedule = Schedule::from_parts(&sched.name, sched.betas, sched.alphas_cumprod)?;
+        let model = Model::new(model_config, 0, device)?;
+        model.params().load(
+            &checkpoint::with_prefix(&tensors, "model"),
+            &file.display().to_string(),
+        )?;
+        let per: usize = data_shape.iter().product();
+        let count = if per == 0 { 0 } else { data.len() / per };
+        if data_shape != state.data_shape || count != state.data_count {
+            shape_error!(
+                "{} was trained on {} samples of shape {:?}, but the data given has {count} samples of \
+                 shape {data_shape:?}: resume with the same data",
+                file.display(),
+                state.data_count,
+                state.data_shape
+            );
+        }
+        let mut trainer = Trainer::new(model, schedule, config, data, data_shape, labels)?;
+        trainer.optimizer.load_state(
+            &checkpoint::with_prefix(&tensors, "optimizer"),
+            state.optimizer_steps,
+        )?;
+        trainer
+            .ema
+            .load(&checkpoint::with_prefix(&tensors, "ema"), state.ema_steps)?;
+        let ts = &mut trainer.timestep_sampler;
+        if state.sampler_losses.len() != ts.losses.len()
+            || state.sampler_counts.len() != ts.counts.len()
+        {
+            return Err(Error::BadFile {
+                path: file.display().to_string(),
+                message: "the timestep sampler's history does not match the schedule".into(),
+            });
+        }
+        ts.losses = state.sampler_losses;
+        ts.counts = state.sampler_counts;
+        ts.draws = state.sampler_draws;
+        trainer.step = state.step;
+        trainer.losses = state.losses;
+        trainer.extra = state.extra;
+        Ok(trainer)
+    }
+}
+
+/// (checkpoint file, run folder if `path` is one).
+pub fn checkpoint_path(path: &Path) -> (PathBuf, Option<PathBuf>) {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        (path.to_path_buf(), None)
+    } else {
+        (path.join(CHECKPOINT_FILE), Some(path.to_path_buf()))
+    }
+}
+
+/// The configuration, schedule and extra metadata stored in a checkpoint.
+pub fn read_checkpoint_info(path: &Path) -> Result<(ModelConfig, Schedule, serde_json::Value)> {
+    let (file, _) = checkpoint_path(path);
+    let (_, meta) = checkpoint::load(&file, &Device::Cpu)?;
+    let model: ModelConfig = checkpoint::json_entry(&file, &meta, "model")?;
+    let schedule = match meta.get("schedule") {
+        Some(_) => {
+            let s: ScheduleRecord = checkpoint::json_entry(&file, &meta, "schedule")?;
+            Schedule::from_parts(&s.name, s.betas, s.alphas_cumprod)?
+        }
+        None => Schedule::linear(1000, 1e-4, 0.02, false)?,
+    };
+    let extra = match meta.get("state") {
+        Some(_) => checkpoint::json_entry::<TrainState>(&file, &meta, "state")?.extra,
+        None => serde_json::Value::Null,
+    };
+    Ok((model, schedule, extra))
+}
+
+/// Saves a model's weights alone (`model.*` tensors and its configuration).
+pub fn save_model(model: &Model, path: &Path) -> Result<()> {
+    let mut tensors = HashMap::new();
+    checkpoint::add_prefixed(&mut tensors, "model", model.params().tensors()?);
+    let mut meta = HashMap::new();
+    meta.insert("model".to_string(), checkpoint::to_json(model.config())?);
+    checkpoint::save(path, &tensors, meta)
+}
+
+/// Loads a model from a model file or a training checkpoint (a run folder or its file); from
+/// a checkpoint, `ema` picks the EMA weights (the default for sampling).
+pub fn load_model(path: &Path, device: &Device, ema: bool) -> Result<Model> {
+    let (file, _) = checkpoint_path(path);
+    let (tensors, meta) = checkpoint::load(&file, device)?;
+    let config: ModelConfig = checkpoint::json_entry(&file, &meta, "model")?;
+    let model = Model::new(config, 0, device)?;
+    let ema_weights = checkpoint::with_prefix(&tensors, "ema");
+    let weights = if ema && !ema_weights.is_empty() {
+        ema_weights
+    } else {
+        checkpoint::with_prefix(&tensors, "model")
+    };
+    model.params().load(&weights, &file.display().to_string())?;
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests;
