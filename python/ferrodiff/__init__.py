@@ -9,13 +9,14 @@ arrays (float32, batch first) and, through :mod:`ferrodiff.torch`, on PyTorch te
     >>> x = sampler.sample(denoiser, shape=(16, 1, 8, 8), seed=0)   # doctest: +SKIP
 """
 
-from ferrodiff import langevin, likelihood, losses, oracles
+from ferrodiff import datasets, langevin, likelihood, losses, metrics, nn, notebook, oracles
 from ferrodiff._core import (
     DDIM,
     DDPM,
     DynamicThreshold,
     Schedule,
     StepOutput,
+    Trainer,
     __version__,
     cosine_log_snr,
     karras_sigmas,
@@ -30,12 +31,17 @@ __all__ = [
     "DynamicThreshold",
     "Schedule",
     "StepOutput",
+    "Trainer",
     "__version__",
     "cosine_log_snr",
+    "datasets",
     "karras_sigmas",
     "langevin",
     "likelihood",
     "losses",
+    "metrics",
+    "nn",
+    "notebook",
     "oracles",
     "randn",
     "space_timesteps",

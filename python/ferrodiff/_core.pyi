@@ -17,10 +17,12 @@ I64: TypeAlias = npt.NDArray[np.int64]
 Timesteps: TypeAlias = int | npt.ArrayLike
 Spacing: TypeAlias = str | Sequence[int] | npt.NDArray[np.integer[Any]]
 Config: TypeAlias = Mapping[str, Any] | str | os.PathLike[str] | Any
-Denoiser: TypeAlias = Callable[[F32, I64], ArrayLike]
+Denoiser: TypeAlias = Callable[..., ArrayLike] | Model | Trainer
 Callback: TypeAlias = Callable[[int, int, F32, F32 | None], Any]
 
 class Schedule:
+    @staticmethod
+    def from_checkpoint(path: str | os.PathLike[str]) -> Schedule: ...
     @staticmethod
     def linear(
         num_train_timesteps: int = 1000,
@@ -168,6 +170,7 @@ class DDPM:
         progress: bool = False,
         callback: Callback | None = None,
         check_finite: bool = True,
+        labels: Timesteps | None = None,
     ) -> F32: ...
     def to_dict(self) -> dict[str, Any]: ...
     def __reduce__(self) -> Any: ...
@@ -224,6 +227,7 @@ class DDIM:
         progress: bool = False,
         callback: Callback | None = None,
         check_finite: bool = True,
+        labels: Timesteps | None = None,
     ) -> F32: ...
     def invert(
         self,
@@ -233,6 +237,7 @@ class DDIM:
         progress: bool = False,
         callback: Callback | None = None,
         check_finite: bool = True,
+        labels: Timesteps | None = None,
     ) -> F32: ...
     def to_dict(self) -> dict[str, Any]: ...
     def __reduce__(self) -> Any: ...
@@ -369,3 +374,109 @@ def geometric_sigmas(sigma_max: float = 1.0, sigma_min: float = 0.01, n: int = 1
 def dsm_loss(
     score_output: ArrayLike, x_noisy: ArrayLike, x0: ArrayLike, sigmas_per_sample: ArrayLike
 ) -> tuple[F64, F32]: ...
+def mmd(x: ArrayLike, y: ArrayLike, bandwidths: float | Sequence[float] | None = None) -> float: ...
+def frechet_distance(x: ArrayLike, y: ArrayLike) -> float: ...
+def gaussian_stats(x: ArrayLike) -> tuple[F64, F64]: ...
+def frechet_distance_from_stats(
+    mu1: ArrayLike, cov1: ArrayLike, mu2: ArrayLike, cov2: ArrayLike
+) -> float: ...
+
+class Model:
+    def __init__(self, config: Mapping[str, Any], seed: int = 0) -> None: ...
+    def __call__(self, x: ArrayLike, t: Timesteps, y: Timesteps | None = None) -> F32: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+    @property
+    def num_parameters(self) -> int: ...
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def learn_sigma(self) -> bool: ...
+    @property
+    def data_shape(self) -> list[int]: ...
+    def state_dict(self) -> dict[str, F32]: ...
+    def load_state_dict(self, state: Mapping[str, ArrayLike]) -> None: ...
+    def save(self, path: str | os.PathLike[str]) -> None: ...
+    @staticmethod
+    def load(path: str | os.PathLike[str], ema: bool = True) -> Model: ...
+    def __reduce__(self) -> Any: ...
+
+def _model_from_bytes(data: bytes) -> Model: ...
+
+class Trainer:
+    def __init__(
+        self,
+        model: Model,
+        schedule: Schedule,
+        data: ArrayLike,
+        labels: ArrayLike | None = None,
+        *,
+        batch_size: int = 128,
+        lr: float = 0.001,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+        total_steps: int = 0,
+        grad_clip: float | None = 1.0,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-08,
+        ema_decay: float = 0.9999,
+        ema_power: float = 0.75,
+        ema_warmup: bool = True,
+        ema_update_after_step: int = 0,
+        prediction: str = "epsilon",
+        loss: str = "mse",
+        weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        timestep_sampling: str = "uniform",
+        class_dropout: float = 0.0,
+        bins: int = 256,
+        seed: int = 0,
+    ) -> None: ...
+    def train(
+        self,
+        steps: int,
+        *,
+        progress: bool = True,
+        callback: Callable[[int, float], Any] | None = None,
+        callback_every: int = 100,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 0,
+    ) -> None: ...
+    def save(self, path: str | os.PathLike[str]) -> str: ...
+    @staticmethod
+    def resume(path: str | os.PathLike[str], data: ArrayLike, labels: ArrayLike | None = None) -> Trainer: ...
+    @property
+    def model(self) -> Model: ...
+    def ema_model(self) -> Model: ...
+    @property
+    def schedule(self) -> Schedule: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def losses(self) -> F32: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+    @property
+    def extra(self) -> Any: ...
+    @extra.setter
+    def extra(self, value: Any) -> None: ...
+
+class Classifier:
+    def __init__(self, in_dim: int, hidden: Sequence[int], num_classes: int, seed: int = 0) -> None: ...
+    def fit(
+        self,
+        data: ArrayLike,
+        labels: ArrayLike,
+        *,
+        steps: int = 2000,
+        batch_size: int = 128,
+        lr: float = 0.003,
+        seed: int = 0,
+    ) -> F32: ...
+    def features(self, x: ArrayLike) -> F32: ...
+    def predict_proba(self, x: ArrayLike) -> F32: ...
+    @property
+    def num_classes(self) -> int: ...

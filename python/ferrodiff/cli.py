@@ -1,8 +1,18 @@
 """The ``ferrodiff`` command line.
 
-``ferrodiff demo [--out DIR]``: samples the eight-Gaussians mixture with its exact denoiser
-(:mod:`ferrodiff.oracles`) through DDPM (1000 steps) and DDIM (50 steps), and writes a scatter
-plot, the samples and the energy distance of each sampler to the truth into ``./ferrodiff-demo/``.
+- ``ferrodiff demo [--out DIR]``: trains the default model on the bundled handwritten digits (about
+  two minutes on a 2-core CPU), samples it with DDIM and writes ``samples.png`` (a grid),
+  ``samples.npy`` (float32 [N, 1, 8, 8] in [-1, 1]), ``loss.png``, ``metrics.json`` and the run's
+  checkpoint (``run/``) into ``./ferrodiff-demo/``.
+- ``ferrodiff train --data NAME [--path P] --out RUN``: trains on a dataset of
+  :mod:`ferrodiff.datasets`, checkpointing into the run folder; ``--resume RUN`` continues a
+  stopped run exactly where it stopped.
+- ``ferrodiff sample --checkpoint RUN --sampler {ddpm,ddim} --steps S --n N --out FILE.{npy,png}``.
+- ``ferrodiff oracle-demo``: samples the eight-Gaussians mixture with its exact denoiser through
+  DDPM and DDIM and reports the energy distance of each to the truth.
+
+Every file is written to a temporary file and renamed, so an interrupted command never leaves a
+truncated output where a good one was.
 """
 
 from __future__ import annotations
@@ -73,7 +83,93 @@ def _scatter(path: Path, panels: list[tuple[str, np.ndarray]]) -> bool:
     return True
 
 
-def demo(out: Path, n: int, seed: int, progress: bool) -> dict:
+# The demo's model and training: a class-conditional residual MLP on the flattened 8x8 digits,
+# sized so training takes about two minutes on a 2-core CPU (see BENCHMARKS.md).
+DEMO_MODEL = dict(hidden=256, blocks=3, time_embed_dim=128)
+DEMO_TRAIN = dict(batch_size=128, lr=1e-3, lr_schedule="cosine", warmup_steps=100)
+DEMO_STEPS = 5000
+DEMO_SAMPLER_STEPS = 50
+
+
+def _plot_loss(path: Path, losses: np.ndarray) -> bool:
+    try:
+        from ferrodiff.notebook import plot_loss, save_figure
+
+        fig = plot_loss(losses, title="training loss")
+    except ImportError:
+        print(
+            "matplotlib is not installed: skipping loss.png (pip install 'ferrodiff[plot]')", file=sys.stderr
+        )
+        return False
+    save_figure(fig, path)
+    return True
+
+
+def _save_samples(path: Path, x: np.ndarray) -> None:
+    if path.suffix == ".npy":
+        _save_npy(path, x)
+    elif path.suffix == ".png":
+        from ferrodiff.notebook import image_grid
+
+        if x.ndim == 2 and x.shape[1] == 2:
+            from ferrodiff.notebook import save_figure, scatter
+
+            save_figure(scatter(x), path)
+        else:
+            image_grid(x).save(path)
+    else:
+        raise ValueError(f"--out must end in .npy or .png, got {path}")
+
+
+def demo(out: Path, steps: int, n: int, seed: int, progress: bool) -> dict:
+    """Trains the demo model on digits, samples it, writes the outputs; returns the metrics."""
+    import ferrodiff as fd
+
+    train = fd.datasets.digits(split="train", seed=seed)
+    held_out = fd.datasets.digits(split="test", seed=seed)
+    schedule = fd.Schedule.cosine(1000)
+    model = fd.nn.MLP(data_shape=(1, 8, 8), num_classes=10, seed=seed, **DEMO_MODEL)
+    trainer = fd.Trainer(
+        model, schedule, train.data, train.labels, total_steps=steps, seed=seed, **DEMO_TRAIN
+    )
+    trainer.extra = {"data": "digits", "steps": steps}
+    start = time.perf_counter()
+    trainer.train(steps, progress=progress)
+    train_seconds = time.perf_counter() - start
+    trainer.save(out / "run")
+    labels = np.arange(n) % 10
+    start = time.perf_counter()
+    x = fd.DDIM(schedule, steps=DEMO_SAMPLER_STEPS, clip_sample=1.0).sample(
+        trainer, (n, 1, 8, 8), seed=seed, labels=labels, progress=progress
+    )
+    sample_seconds = time.perf_counter() - start
+    _save_npy(out / "samples.npy", x)
+    _save_npy(out / "labels.npy", labels.astype(np.int64))
+    fd.notebook.image_grid(x[: min(n, 100)], nrow=10).save(out / "samples.png")
+    _plot_loss(out / "loss.png", trainer.losses)
+    metrics = {
+        "data": "digits (scikit-learn, 8x8)",
+        "model": model.config,
+        "parameters": model.num_parameters,
+        "train_steps": steps,
+        "train_seconds": train_seconds,
+        "final_loss_mean_last_100": float(np.mean(trainer.losses[-100:])),
+        "sampler": f"DDIM {DEMO_SAMPLER_STEPS} steps, eta 0, EMA weights, clip 1",
+        "samples": n,
+        "sample_seconds": sample_seconds,
+        "frechet_digits_features_samples_vs_held_out": fd.metrics.frechet_distance(
+            fd.metrics.digits_features(x), fd.metrics.digits_features(held_out.data)
+        ),
+        "frechet_digits_features_train_vs_held_out": fd.metrics.frechet_distance(
+            fd.metrics.digits_features(train.data), fd.metrics.digits_features(held_out.data)
+        ),
+        "seed": seed,
+    }
+    _save_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def oracle_demo(out: Path, n: int, seed: int, progress: bool) -> dict:
     import ferrodiff as fd
 
     mixture = fd.oracles.eight_gaussians()
@@ -102,28 +198,220 @@ def demo(out: Path, n: int, seed: int, progress: bool) -> dict:
     return results
 
 
+TOYS = ("swissroll", "moons", "eight_gaussians", "checkerboard", "circles")
+
+
+def _load_data(name: str, path: str | None, conditional: bool):
+    import ferrodiff as fd
+
+    ds = fd.datasets.load(name, path)
+    labels = ds.labels if conditional else None
+    return ds, labels
+
+
+def _build_model(kind: str, ds, conditional: bool, hidden: int, channels: int, seed: int):
+    import ferrodiff as fd
+
+    num_classes = ds.num_classes if conditional else 0
+    shape = tuple(ds.shape)
+    if kind == "auto":
+        kind = "mlp" if len(shape) == 1 or int(np.prod(shape)) <= 64 else "unet"
+    if kind == "mlp":
+        return fd.nn.MLP(data_shape=shape, hidden=hidden, num_classes=num_classes, seed=seed)
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise ValueError(f"--model unet needs square images [C, H, W], the data has samples of shape {shape}")
+    levels = 2 if shape[1] <= 16 else 3
+    attention = (shape[1] // 2 ** (levels - 1),)
+    return fd.nn.UNet(
+        in_channels=shape[0],
+        image_size=shape[1],
+        base_channels=channels,
+        channel_mult=(1, 2, 2)[:levels],
+        attention_resolutions=attention,
+        num_classes=num_classes,
+        seed=seed,
+    )
+
+
+def train_command(args) -> int:
+    import ferrodiff as fd
+
+    out = Path(args.out)
+    if args.resume:
+        run = Path(args.resume)
+        info_path = run / "config.json"
+        if not info_path.exists():
+            raise FileNotFoundError(
+                f"{info_path}: no run to resume (expected a folder written by ferrodiff train)"
+            )
+        extra = json.loads(info_path.read_text())["extra"]
+        ds, labels = _load_data(extra["data"], extra.get("path"), extra.get("conditional", False))
+        trainer = fd.Trainer.resume(run, ds.data, labels)
+        total = int(extra["steps"])
+        out = run
+        print(f"resuming {run} at step {trainer.step} of {total}")
+    else:
+        ds, labels = _load_data(args.data, args.path, args.conditional)
+        model = _build_model(args.model, ds, args.conditional, args.hidden, args.channels, args.seed)
+        schedule = (
+            fd.Schedule.cosine(args.timesteps)
+            if args.schedule == "cosine"
+            else fd.Schedule.linear(args.timesteps)
+        )
+        trainer = fd.Trainer(
+            model,
+            schedule,
+            ds.data,
+            labels,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            lr_schedule=args.lr_schedule,
+            warmup_steps=min(args.warmup_steps, max(args.steps - 1, 0)),
+            total_steps=args.steps,
+            seed=args.seed,
+        )
+        total = args.steps
+        trainer.extra = {
+            "data": args.data,
+            "path": args.path,
+            "conditional": args.conditional,
+            "steps": total,
+        }
+    remaining = max(total - trainer.step, 0)
+    if args.max_steps_this_run is not None:
+        remaining = min(remaining, args.max_steps_this_run)
+    every = args.checkpoint_every or max(total // 10, 1)
+    trainer.train(remaining, progress=not args.no_progress, checkpoint=out, checkpoint_every=every)
+    _save_npy(out / "losses.npy", np.asarray(trainer.losses))
+    _plot_loss(out / "loss.png", trainer.losses)
+    print(f"step {trainer.step}/{total}: checkpoint in {out}/checkpoint.safetensors")
+    return 0
+
+
+def sample_command(args) -> int:
+    import ferrodiff as fd
+
+    run = Path(args.checkpoint)
+    model = fd.nn.Model.load(run, ema=not args.no_ema)
+    schedule = fd.Schedule.from_checkpoint(run)
+    if args.sampler == "ddim":
+        sampler = fd.DDIM(schedule, steps=args.steps, eta=args.eta, clip_sample=args.clip)
+    else:
+        sampler = fd.DDPM(schedule, steps=args.steps, clip_sample=args.clip)
+    shape = (args.n, *model.data_shape)
+    labels = None
+    if model.num_classes > 0:
+        labels = (
+            np.full(args.n, args.label) if args.label is not None else np.arange(args.n) % model.num_classes
+        )
+    x = sampler.sample(model, shape, seed=args.seed, labels=labels, progress=not args.no_progress)
+    _save_samples(Path(args.out), x)
+    print(f"wrote {args.out} ({args.n} samples, {args.sampler} {args.steps} steps)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ferrodiff", description="Diffusion models with a Rust core.")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="sample a 2-D Gaussian mixture with its exact denoiser (DDPM and DDIM)")
+
+    d = sub.add_parser("demo", help="train a small model on handwritten digits, sample it, plot it")
     d.add_argument(
         "--out", type=Path, default=Path("ferrodiff-demo"), help="output folder (default ./ferrodiff-demo)"
     )
-    d.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
+    d.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps (default {DEMO_STEPS})")
+    d.add_argument("--n", type=int, default=100, help="samples to draw, at least 64 (default 100)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    o = sub.add_parser("oracle-demo", help="sample a 2-D Gaussian mixture with its exact denoiser")
+    o.add_argument("--out", type=Path, default=Path("ferrodiff-oracle-demo"))
+    o.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--no-progress", action="store_true")
+
+    t = sub.add_parser("train", help="train a denoiser on a dataset; checkpoints into --out")
+    t.add_argument("--data", help="dataset: " + ", ".join(_dataset_names()))
+    t.add_argument("--path", help="file or folder of the dataset (mnist, fashion_mnist, cifar10, folder)")
+    t.add_argument("--out", help="run folder (checkpoint.safetensors, config.json, loss.png)")
+    t.add_argument("--resume", help="continue the run in this folder where it stopped")
+    t.add_argument("--model", choices=["auto", "mlp", "unet"], default="auto")
+    t.add_argument("--conditional", action="store_true", help="condition on the dataset's labels")
+    t.add_argument("--steps", type=int, default=5000, help="total training steps (default 5000)")
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default="cosine")
+    t.add_argument("--warmup-steps", type=int, default=100)
+    t.add_argument("--hidden", type=int, default=256, help="MLP width (default 256)")
+    t.add_argument("--channels", type=int, default=32, help="U-Net base channels (default 32)")
+    t.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
+    t.add_argument("--timesteps", type=int, default=1000)
+    t.add_argument(
+        "--checkpoint-every", type=int, default=0, help="steps between checkpoints (default: steps/10)"
+    )
+    t.add_argument(
+        "--max-steps-this-run",
+        type=int,
+        default=None,
+        help="stop after this many steps in this invocation (checkpointed; continue with --resume)",
+    )
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("sample", help="sample a trained checkpoint")
+    s.add_argument("--checkpoint", required=True, help="run folder or .safetensors file")
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    s.add_argument("--clip", type=float, default=None, help="clip predicted x0 to [-CLIP, CLIP]")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument(
+        "--label", type=int, default=None, help="class of every sample (default: cycle through classes)"
+    )
+    s.add_argument("--out", required=True, help="FILE.npy or FILE.png")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("--no-progress", action="store_true")
+
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        if args.n < 2:
-            parser.error("--n must be at least 2")
-        r = demo(args.out, args.n, args.seed, not args.no_progress)
-        print(f"wrote {args.out}/: scatter.png, samples_ddpm_1000.npy, samples_ddim_50.npy, metrics.json")
-        for k in ("ddpm_1000", "ddim_50"):
+    try:
+        if args.command == "demo":
+            if args.n < 64:
+                parser.error("--n must be at least 64")
+            if args.steps < 1:
+                parser.error("--steps must be at least 1")
+            m = demo(args.out, args.steps, args.n, args.seed, not args.no_progress)
+            print(f"wrote {args.out}/: samples.png, samples.npy, loss.png, metrics.json, run/")
             print(
-                f"  {k}: energy distance to the truth {r[k]['energy_distance']:.4f} ({r[k]['seconds']:.2f} s)"
+                f"  trained {m['train_steps']} steps in {m['train_seconds']:.0f} s; "
+                f"sampled {m['samples']} digits in {m['sample_seconds']:.1f} s"
             )
-        print(f"  noise floor (two true samples): {r['noise_floor_energy_distance']:.4f}")
+        elif args.command == "oracle-demo":
+            if args.n < 2:
+                parser.error("--n must be at least 2")
+            r = oracle_demo(args.out, args.n, args.seed, not args.no_progress)
+            for k in ("ddpm_1000", "ddim_50"):
+                print(
+                    f"  {k}: energy distance to the truth {r[k]['energy_distance']:.4f} ({r[k]['seconds']:.2f} s)"
+                )
+            print(f"  noise floor (two true samples): {r['noise_floor_energy_distance']:.4f}")
+        elif args.command == "train":
+            if not args.resume and (not args.data or not args.out):
+                parser.error("train needs --data and --out (or --resume RUN)")
+            return train_command(args)
+        elif args.command == "sample":
+            if Path(args.out).suffix not in (".npy", ".png"):
+                parser.error("--out must end in .npy or .png")
+            return sample_command(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"ferrodiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _dataset_names() -> tuple[str, ...]:
+    from ferrodiff.datasets import NAMES
+
+    return NAMES
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ impl Ctx {
 }
 
 /// y = x Wᵀ + b over the last dimension (PyTorch's initialisation).
+#[derive(Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Tensor,
@@ -104,6 +105,7 @@ impl Linear {
 }
 
 /// 2-D convolution, NCHW, square kernel, "same" padding for odd kernels.
+#[derive(Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Tensor,
@@ -150,6 +152,7 @@ impl Conv2d {
 }
 
 /// Group normalisation (Wu & He 2018) from elementwise ops, with an affine transform.
+#[derive(Clone)]
 pub struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
@@ -216,6 +219,7 @@ impl GroupNorm {
 }
 
 /// A lookup table (class embeddings; the last row is the null class).
+#[derive(Clone)]
 pub struct Embedding {
     table: Tensor,
 }
@@ -274,6 +278,7 @@ pub fn timestep_embedding(t: &[f32], dim: usize, device: &Device) -> Result<Tens
 
 /// Self-attention over the spatial positions of [B, C, H, W] with a residual connection
 /// (diffusers' `Attention` names: group_norm, to_q, to_k, to_v, to_out.0).
+#[derive(Clone)]
 pub struct AttentionBlock {
     norm: GroupNorm,
     to_q: Linear,

@@ -76,12 +76,14 @@ impl MlpConfig {
     }
 }
 
+#[derive(Clone)]
 struct Block {
     linear_1: Linear,
     emb_proj: Linear,
     linear_2: Linear,
 }
 
+#[derive(Clone)]
 pub struct Mlp {
     config: MlpConfig,
     time_1: Linear,

@@ -2,6 +2,7 @@
 //! a serialisable [`ModelConfig`] and seeded, differentiable end to end. A [`Model`] is also a
 //! [`Denoiser`], so every sampler runs it without leaving Rust.
 
+pub mod classifier;
 pub mod layers;
 pub mod mlp;
 pub mod params;
@@ -12,6 +13,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use classifier::Classifier;
 pub use layers::Ctx;
 pub use mlp::MlpConfig;
 pub use params::ParamStore;
@@ -53,12 +55,14 @@ impl ModelConfig {
     }
 }
 
+#[derive(Clone)]
 enum Net {
     Mlp(mlp::Mlp),
     Unet(unet::UNet),
 }
 
 /// A network with its parameters.
+#[derive(Clone)]
 pub struct Model {
     config: ModelConfig,
     params: ParamStore,

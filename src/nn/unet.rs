@@ -135,6 +135,7 @@ fn resample(x: &Tensor, r: Resample) -> Result<Tensor> {
     })
 }
 
+#[derive(Clone)]
 struct ResBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
@@ -202,6 +203,7 @@ impl ResBlock {
 
 /// Strided-conv downsampling, or nearest upsampling followed by a conv; or a resampling
 /// residual block (`resblock_updown`).
+#[derive(Clone)]
 enum Sampler {
     Conv(Conv2d, Resample),
     Block(ResBlock),
@@ -226,12 +228,14 @@ impl Sampler {
     }
 }
 
+#[derive(Clone)]
 struct Level {
     resnets: Vec<ResBlock>,
     attentions: Vec<Option<AttentionBlock>>,
     sampler: Option<Sampler>,
 }
 
+#[derive(Clone)]
 pub struct UNet {
     config: UNetConfig,
     time_1: Linear,

@@ -2,11 +2,11 @@
 //! with its gradient, the variational bound in bits/dim.
 
 use numpy::{IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use super::arrays::{batch_of, f32_array, f64_vec, new_f32, timesteps_arg, type_name};
-use super::samplers::{PyDenoiser, PyHooks};
+use super::arrays::{batch_of, f32_array, f64_vec, new_f32, timesteps_arg};
+use super::samplers::{denoiser_for, PyHooks};
 use super::schedule::PySchedule;
 use crate::diffusion::Prediction;
 use crate::error::Result;
@@ -337,12 +337,6 @@ fn bits_per_dim<'py>(
     clip_denoised: bool,
     progress: bool,
 ) -> PyResult<PyBitsPerDim> {
-    if !denoiser.is_callable() {
-        return Err(PyTypeError::new_err(format!(
-            "denoiser must be callable as denoiser(x, t), got {}",
-            type_name(denoiser)
-        )));
-    }
     let config = bpd_config(prediction, variance, bins, seed, clip_denoised)?;
     let a = f32_array(x0, "x0")?;
     let shape = a.shape().to_vec();
@@ -350,10 +344,15 @@ fn bits_per_dim<'py>(
     let data = a.readonly().as_slice()?.to_vec();
     let t_total = schedule.inner.len();
     let mut hooks = PyHooks::new(py, t_total, progress, None, &shape, "bits/dim")?;
-    let mut d = PyDenoiser {
-        f: denoiser.clone(),
-    };
-    let r = loss::bits_per_dim(&mut d, &schedule.inner, &data, &shape, config, &mut hooks);
+    let mut d = denoiser_for(denoiser, None, shape[0])?;
+    let r = loss::bits_per_dim(
+        d.as_mut(),
+        &schedule.inner,
+        &data,
+        &shape,
+        config,
+        &mut hooks,
+    );
     hooks.close();
     let r = r?;
     let bt = [batch, t_total];

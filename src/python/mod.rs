@@ -5,6 +5,7 @@ mod arrays;
 mod langevin;
 mod losses;
 mod metrics;
+mod nn;
 mod oracles;
 mod samplers;
 mod schedule;
@@ -54,5 +55,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     losses::register(m)?;
     langevin::register(m)?;
     metrics::register(m)?;
+    nn::register(m)?;
     Ok(())
 }

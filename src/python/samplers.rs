@@ -171,9 +171,46 @@ fn randn<'py>(
     }
 }
 
-/// A Python callable `denoiser(x, t)` (or `denoiser(x, t, y)` later) as a Rust denoiser.
+/// A Python callable `denoiser(x, t)`, or `denoiser(x, t, y)` with class labels, as a Rust
+/// denoiser.
 pub(crate) struct PyDenoiser<'py> {
     pub(crate) f: Bound<'py, PyAny>,
+    pub(crate) labels: Option<Bound<'py, PyAny>>,
+}
+
+/// The denoiser for a sampler's `denoiser` argument: a ferrodiff model or trainer (run in
+/// Rust; a trainer with its EMA weights) or any callable; `labels` [B] for conditional ones.
+pub(crate) fn denoiser_for<'py>(
+    obj: &Bound<'py, PyAny>,
+    labels: Option<&Bound<'py, PyAny>>,
+    batch: usize,
+) -> PyResult<Box<dyn Denoiser + 'py>> {
+    let py = obj.py();
+    if let Some(model) = super::nn::model_of(obj)? {
+        let labels = match labels {
+            Some(l) => Some(super::nn::labels_arg(
+                l,
+                batch,
+                model.config().num_classes(),
+            )?),
+            None => None,
+        };
+        return Ok(Box::new(super::nn::PyModelDenoiser { py, model, labels }));
+    }
+    if !obj.is_callable() {
+        return Err(PyTypeError::new_err(format!(
+            "denoiser must be a ferrodiff model or callable as denoiser(x, t), got {}",
+            type_name(obj)
+        )));
+    }
+    let labels = match labels {
+        Some(l) => Some(timesteps_arg(l, batch)?.into_pyarray(py).into_any()),
+        None => None,
+    };
+    Ok(Box::new(PyDenoiser {
+        f: obj.clone(),
+        labels,
+    }))
 }
 
 impl Denoiser for PyDenoiser<'_> {
@@ -182,7 +219,10 @@ impl Denoiser for PyDenoiser<'_> {
         let run = || -> PyResult<ModelOutput> {
             let xa = vec_to_array(py, x.to_vec(), shape)?;
             let ta = t.to_vec().into_pyarray(py);
-            let r = self.f.call1((xa, ta))?;
+            let r = match &self.labels {
+                Some(y) => self.f.call1((xa, ta, y))?,
+                None => self.f.call1((xa, ta))?,
+            };
             let arr = f32_array(&r, "the denoiser's output").map_err(|e| {
                 PyTypeError::new_err(format!(
                     "the denoiser must return a float array of x's shape, got {} ({})",
@@ -495,14 +535,9 @@ fn sample_impl<'py, S: Sampler>(
     progress: bool,
     callback: Option<Bound<'py, PyAny>>,
     check_finite: bool,
+    labels: Option<&Bound<'py, PyAny>>,
     desc: &str,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-    if !denoiser.is_callable() {
-        return Err(PyTypeError::new_err(format!(
-            "denoiser must be callable as denoiser(x, t), got {}",
-            type_name(denoiser)
-        )));
-    }
     if let Some(cb) = &callback {
         if !cb.is_callable() {
             return Err(PyTypeError::new_err(
@@ -512,11 +547,9 @@ fn sample_impl<'py, S: Sampler>(
     }
     let seed = seed.unwrap_or_else(fresh_seed);
     let (x, sh) = initial_noise(py, shape, x_t, seed)?;
+    let mut d = denoiser_for(denoiser, labels, sh[0])?;
     let mut hooks = PyHooks::new(py, sampler.timesteps().len(), progress, callback, &sh, desc)?;
-    let mut d = PyDenoiser {
-        f: denoiser.clone(),
-    };
-    let r = sample_loop(sampler, &mut d, x, &sh, seed, check_finite, &mut hooks);
+    let r = sample_loop(sampler, d.as_mut(), x, &sh, seed, check_finite, &mut hooks);
     hooks.close();
     vec_to_array(py, r?, &sh)
 }
@@ -757,7 +790,7 @@ impl PyDdpm {
 
     /// Runs the whole reverse process with `denoiser(x, t)` (any callable taking a float32
     /// array and an int64 array [B]); starts from `x_T` or `fd.randn(shape, seed)`.
-    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true))]
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
     fn sample<'py>(
         &self,
@@ -769,6 +802,7 @@ impl PyDdpm {
         progress: bool,
         callback: Option<Bound<'py, PyAny>>,
         check_finite: bool,
+        labels: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         sample_impl(
             &self.inner,
@@ -780,6 +814,7 @@ impl PyDdpm {
             progress,
             callback,
             check_finite,
+            labels,
             "DDPM",
         )
     }
@@ -953,7 +988,7 @@ impl PyDdim {
     }
 
     /// Runs the sampler with `denoiser(x, t)`; starts from `x_T` or `fd.randn(shape, seed)`.
-    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true))]
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
     fn sample<'py>(
         &self,
@@ -965,6 +1000,7 @@ impl PyDdim {
         progress: bool,
         callback: Option<Bound<'py, PyAny>>,
         check_finite: bool,
+        labels: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         sample_impl(
             &self.inner,
@@ -976,6 +1012,7 @@ impl PyDdim {
             progress,
             callback,
             check_finite,
+            labels,
             "DDIM",
         )
     }
@@ -983,7 +1020,8 @@ impl PyDdim {
     /// DDIM inversion (η = 0 run forwards): encodes clean `x0` into the x at the first of
     /// `.timesteps`, from which `sample(denoiser, x_T=...)` returns approximately x0. Useful for
     /// encoding and interpolating real data.
-    #[pyo3(signature = (denoiser, x0, *, progress=false, callback=None, check_finite=true))]
+    #[pyo3(signature = (denoiser, x0, *, progress=false, callback=None, check_finite=true, labels=None))]
+    #[allow(clippy::too_many_arguments)]
     fn invert<'py>(
         &self,
         py: Python<'py>,
@@ -992,16 +1030,12 @@ impl PyDdim {
         progress: bool,
         callback: Option<Bound<'py, PyAny>>,
         check_finite: bool,
+        labels: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        if !denoiser.is_callable() {
-            return Err(PyTypeError::new_err(format!(
-                "denoiser must be callable as denoiser(x, t), got {}",
-                type_name(denoiser)
-            )));
-        }
         let a = f32_array(x0, "x0")?;
         let sh = a.shape().to_vec();
-        batch_of(&sh, "x0")?;
+        let batch = batch_of(&sh, "x0")?;
+        let mut d = denoiser_for(denoiser, labels, batch)?;
         let v = a.readonly().as_slice()?.to_vec();
         let mut hooks = PyHooks::new(
             py,
@@ -1011,10 +1045,7 @@ impl PyDdim {
             &sh,
             "DDIM inversion",
         )?;
-        let mut d = PyDenoiser {
-            f: denoiser.clone(),
-        };
-        let r = invert_loop(&self.inner, &mut d, v, &sh, check_finite, &mut hooks);
+        let r = invert_loop(&self.inner, d.as_mut(), v, &sh, check_finite, &mut hooks);
         hooks.close();
         vec_to_array(py, r?, &sh)
     }

@@ -95,6 +95,14 @@ impl PySchedule {
 
 #[pymethods]
 impl PySchedule {
+    /// The schedule a model was trained with, from its training checkpoint (a run folder or
+    /// its .safetensors file).
+    #[staticmethod]
+    fn from_checkpoint(path: std::path::PathBuf) -> PyResult<Self> {
+        let (_, schedule, _) = crate::train::read_checkpoint_info(&path)?;
+        Ok(PySchedule { inner: schedule })
+    }
+
     /// diffusers' linear schedule `linspace(beta_start, beta_end, T)`; with `scale_with_T=True`,
     /// OpenAI's form that multiplies both ends by 1000/T.
     #[staticmethod]

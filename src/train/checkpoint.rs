@@ -57,8 +57,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn save(
     path: &Path,
     tensors: &HashMap<String, Tensor>,
-    mut metadata: HashMap<String, String>,
+    metadata: HashMap<String, String>,
 ) -> Result<()> {
+    write_atomic(path, &to_bytes(tensors, metadata)?)
+}
+
+/// The bytes of a safetensors file holding `tensors` and `metadata` (plus the format tag).
+pub fn to_bytes(
+    tensors: &HashMap<String, Tensor>,
+    mut metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
     metadata.insert(FORMAT_KEY.into(), FORMAT.into());
     let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
@@ -66,12 +74,11 @@ pub fn save(
         .into_iter()
         .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
         .collect::<Result<_>>()?;
-    let bytes = safetensors::tensor::serialize(
+    safetensors::tensor::serialize(
         contiguous.iter().map(|(k, t)| (k.as_str(), t)),
         Some(metadata),
     )
-    .map_err(|e| Error::Value(format!("cannot serialise the checkpoint: {e}")))?;
-    write_atomic(path, &bytes)
+    .map_err(|e| Error::Value(format!("cannot serialise the checkpoint: {e}")))
 }
 
 /// Loads tensors and metadata; a file that is not a ferrodiff safetensors checkpoint is an
@@ -81,7 +88,16 @@ pub fn load(
     device: &Device,
 ) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+    from_bytes(&bytes, path, device)
+}
+
+/// Parses checkpoint bytes; `path` names their source in errors.
+pub fn from_bytes(
+    bytes: &[u8],
+    path: &Path,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| bad(path, format!("not a readable safetensors file ({e})")))?;
     let metadata = meta.metadata().clone().unwrap_or_default();
     if metadata.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
@@ -90,7 +106,7 @@ pub fn load(
             "a safetensors file, but not one written by ferrodiff (no format tag)",
         ));
     }
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+    let tensors = candle_core::safetensors::load_buffer(bytes, device)
         .map_err(|e| bad(path, format!("corrupt tensor data ({e})")))?;
     Ok((tensors, metadata))
 }

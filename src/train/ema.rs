@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use super::adamw::host_values;
 use crate::error::Result;
 use crate::value_error;
 
@@ -70,7 +71,9 @@ impl EmaConfig {
 
 pub struct Ema {
     pub config: EmaConfig,
-    shadow: Vec<(String, Tensor)>,
+    /// (name, shape, values) of the averaged weights, on the host.
+    shadow: Vec<(String, Vec<usize>, Vec<f32>)>,
+    device: candle_core::Device,
     /// Updates made so far.
     pub optimization_step: u64,
 }
@@ -80,11 +83,15 @@ impl Ema {
         config.validate()?;
         let shadow = params
             .iter()
-            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+            .map(|(n, v)| Ok((n.clone(), v.dims().to_vec(), host_values(v.as_tensor())?)))
             .collect::<Result<_>>()?;
+        let device = params
+            .first()
+            .map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
         Ok(Ema {
             config,
             shadow,
+            device,
             optimization_step: 0,
         })
     }
@@ -92,16 +99,26 @@ impl Ema {
     /// shadow ← shadow - (1 - decay)(shadow - θ).
     pub fn update(&mut self, params: &[(String, Var)]) -> Result<()> {
         self.optimization_step += 1;
-        let one_minus = 1.0 - self.config.decay(self.optimization_step);
-        for ((_, s), (_, v)) in self.shadow.iter_mut().zip(params) {
-            let theta = v.as_tensor().detach();
-            *s = (&*s - ((&*s - &theta)? * one_minus)?)?;
+        let one_minus = (1.0 - self.config.decay(self.optimization_step)) as f32;
+        for ((_, _, s), (_, v)) in self.shadow.iter_mut().zip(params) {
+            let theta = host_values(v.as_tensor())?;
+            for (sj, tj) in s.iter_mut().zip(&theta) {
+                *sj -= one_minus * (*sj - tj);
+            }
         }
         Ok(())
     }
 
-    pub fn tensors(&self) -> HashMap<String, Tensor> {
-        self.shadow.iter().cloned().collect()
+    pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
+        self.shadow
+            .iter()
+            .map(|(n, shape, v)| {
+                Ok((
+                    n.clone(),
+                    Tensor::from_slice(v, shape.as_slice(), &self.device)?,
+                ))
+            })
+            .collect()
     }
 
     pub fn load(
@@ -109,20 +126,20 @@ impl Ema {
         tensors: &HashMap<String, Tensor>,
         optimization_step: u64,
     ) -> Result<()> {
-        for (name, s) in self.shadow.iter_mut() {
+        for (name, shape, s) in self.shadow.iter_mut() {
             let t = tensors.get(name).ok_or_else(|| {
                 crate::Error::Shape(format!(
                     "the checkpoint's EMA weights have no parameter {name}"
                 ))
             })?;
-            if t.dims() != s.dims() {
+            if t.dims() != shape.as_slice() {
                 crate::shape_error!(
                     "the checkpoint's EMA weight {name} has shape {:?}, expected {:?}",
                     t.dims(),
-                    s.dims()
+                    shape
                 );
             }
-            *s = t.to_device(s.device())?;
+            *s = host_values(t)?;
         }
         self.optimization_step = optimization_step;
         Ok(())

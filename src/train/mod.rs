@@ -320,7 +320,7 @@ impl Trainer {
 
     /// A copy of the model holding the EMA weights (what sampling uses by default).
     pub fn ema_model(&self) -> Result<Model> {
-        self.model.with_weights(&self.ema.tensors())
+        self.model.with_weights(&self.ema.tensors()?)
     }
 
     /// The learning rate of the next step.
@@ -506,8 +506,8 @@ impl Trainer {
         let (file, folder) = checkpoint_path(path);
         let mut tensors = HashMap::new();
         checkpoint::add_prefixed(&mut tensors, "model", self.model.params().tensors()?);
-        checkpoint::add_prefixed(&mut tensors, "ema", self.ema.tensors());
-        checkpoint::add_prefixed(&mut tensors, "optimizer", self.optimizer.state_tensors());
+        checkpoint::add_prefixed(&mut tensors, "ema", self.ema.tensors()?);
+        checkpoint::add_prefixed(&mut tensors, "optimizer", self.optimizer.state_tensors()?);
         let schedule = ScheduleRecord {
             name: self.schedule.name.clone(),
             betas: self.schedule.betas.clone(),
@@ -596,6 +596,51 @@ impl Trainer {
     }
 }
 
+/// Fits a classifier on `data` (rows of `classifier.in_dim()` values) with AdamW and
+/// minibatches drawn by the counter-based generator; returns the loss of every step.
+pub fn fit_classifier(
+    classifier: &crate::nn::Classifier,
+    data: &[f32],
+    labels: &[u32],
+    steps: u64,
+    batch_size: usize,
+    lr: f64,
+    seed: u64,
+) -> Result<Vec<f32>> {
+    let d = classifier.in_dim();
+    let n = labels.len();
+    if n == 0 || data.len() != n * d {
+        shape_error!(
+            "data holds {} values but {n} labels of {d} values each were expected",
+            data.len()
+        );
+    }
+    if batch_size == 0 || !(lr > 0.0) {
+        value_error!("batch_size and lr must be positive");
+    }
+    let mut opt = AdamW::new(classifier.params().named_vars(), AdamWConfig::default())?;
+    let mut losses = Vec::with_capacity(steps as usize);
+    for s in 0..steps {
+        let u = uniforms(seed, SHUFFLE_STREAM ^ s, batch_size);
+        let idx: Vec<usize> = u
+            .iter()
+            .map(|&v| ((v as f64 * n as f64) as usize).min(n - 1))
+            .collect();
+        let mut x = Vec::with_capacity(batch_size * d);
+        let mut y = Vec::with_capacity(batch_size);
+        for &i in &idx {
+            x.extend_from_slice(&data[i * d..(i + 1) * d]);
+            y.push(labels[i]);
+        }
+        let x = Tensor::from_vec(x, (batch_size, d), &Device::Cpu)?;
+        let loss = classifier.cross_entropy(&x, &y)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, lr * lr_factor(LrDecay::Cosine, 0, steps, s), 1.0)?;
+        losses.push(loss.to_scalar::<f32>()?);
+    }
+    Ok(losses)
+}
+
 /// (checkpoint file, run folder if `path` is one).
 pub fn checkpoint_path(path: &Path) -> (PathBuf, Option<PathBuf>) {
     if path.extension().is_some_and(|e| e == "safetensors") {
@@ -624,20 +669,32 @@ pub fn read_checkpoint_info(path: &Path) -> Result<(ModelConfig, Schedule, serde
     Ok((model, schedule, extra))
 }
 
-/// Saves a model's weights alone (`model.*` tensors and its configuration).
-pub fn save_model(model: &Model, path: &Path) -> Result<()> {
+/// A model's weights alone (`model.*` tensors and its configuration) as safetensors bytes.
+pub fn model_to_bytes(model: &Model) -> Result<Vec<u8>> {
     let mut tensors = HashMap::new();
     checkpoint::add_prefixed(&mut tensors, "model", model.params().tensors()?);
     let mut meta = HashMap::new();
     meta.insert("model".to_string(), checkpoint::to_json(model.config())?);
-    checkpoint::save(path, &tensors, meta)
+    checkpoint::to_bytes(&tensors, meta)
+}
+
+/// Saves a model's weights alone, atomically.
+pub fn save_model(model: &Model, path: &Path) -> Result<()> {
+    checkpoint::write_atomic(path, &model_to_bytes(model)?)
 }
 
 /// Loads a model from a model file or a training checkpoint (a run folder or its file); from
 /// a checkpoint, `ema` picks the EMA weights (the default for sampling).
 pub fn load_model(path: &Path, device: &Device, ema: bool) -> Result<Model> {
     let (file, _) = checkpoint_path(path);
-    let (tensors, meta) = checkpoint::load(&file, device)?;
+    let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
+    model_from_bytes(&bytes, &file, device, ema)
+}
+
+/// [`load_model`] from bytes; `source` names them in errors.
+pub fn model_from_bytes(bytes: &[u8], source: &Path, device: &Device, ema: bool) -> Result<Model> {
+    let file = source;
+    let (tensors, meta) = checkpoint::from_bytes(bytes, file, device)?;
     let config: ModelConfig = checkpoint::json_entry(&file, &meta, "model")?;
     let model = Model::new(config, 0, device)?;
     let ema_weights = checkpoint::with_prefix(&tensors, "ema");

@@ -1,0 +1,631 @@
+//! `ferrodiff.nn` models and `ferrodiff.Trainer`: candle networks driven from numpy.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use super::arrays::{batch_of, f32_array, timesteps_arg, type_name, vec_to_array};
+use super::callback_error;
+use super::schedule::PySchedule;
+use crate::error::{Error, Result};
+use crate::nn::{Model, ModelConfig};
+use crate::sample::{Denoiser, ModelOutput};
+use crate::train::{self, AdamWConfig, EmaConfig, LrDecay, TrainConfig, TrainHooks, Trainer};
+
+fn json_dumps(obj: &Bound<'_, PyAny>) -> PyResult<String> {
+    obj.py()
+        .import("json")?
+        .call_method1("dumps", (obj,))?
+        .extract()
+}
+
+fn json_loads<'py>(py: Python<'py>, s: &str) -> PyResult<Bound<'py, PyAny>> {
+    py.import("json")?.call_method1("loads", (s,))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> PyResult<String> {
+    serde_json::to_string(v).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// Class labels as model rows: ints in [0, num_classes), or -1 / num_classes for the null class.
+pub(crate) fn labels_arg(
+    obj: &Bound<'_, PyAny>,
+    batch: usize,
+    num_classes: usize,
+) -> PyResult<Vec<u32>> {
+    if num_classes == 0 {
+        return Err(PyValueError::new_err(
+            "labels were given but the model is unconditional (num_classes = 0)",
+        ));
+    }
+    let t = timesteps_arg(obj, batch).map_err(|e| {
+        let py = obj.py();
+        PyTypeError::new_err(
+            format!("labels: {}", e.value(py))
+                .replace("t must", "labels must")
+                .replace("timesteps", "class labels"),
+        )
+    })?;
+    t.iter()
+        .map(|&y| {
+            if y == -1 || y == num_classes as i64 {
+                Ok(num_classes as u32)
+            } else if (0..num_classes as i64).contains(&y) {
+                Ok(y as u32)
+            } else {
+                Err(PyValueError::new_err(format!(
+                    "label {y} is out of range: classes are 0..{} (-1 or {num_classes} is the null class)",
+                    num_classes - 1
+                )))
+            }
+        })
+        .collect()
+}
+
+/// Data [N, ...] as (values, per-sample shape).
+fn data_arg(obj: &Bound<'_, PyAny>) -> PyResult<(Vec<f32>, Vec<usize>)> {
+    let a = f32_array(obj, "data")?;
+    let shape = a.shape().to_vec();
+    let n = batch_of(&shape, "data")?;
+    if n == 0 || shape.len() < 2 {
+        return Err(PyValueError::new_err(format!(
+            "data must be [N, ...] with at least one sample and one feature, got shape {shape:?}"
+        )));
+    }
+    Ok((a.readonly().as_slice()?.to_vec(), shape[1..].to_vec()))
+}
+
+/// A candle denoiser network (MLP or U-Net) with its weights. Call it as `model(x, t, y=None)`
+/// on numpy arrays; samplers run it without leaving Rust.
+#[pyclass(name = "Model", module = "ferrodiff.nn", frozen)]
+pub struct PyModel {
+    pub(crate) inner: Model,
+}
+
+#[pymethods]
+impl PyModel {
+    /// A new model from a configuration dict (`{"type": "mlp" | "unet", ...}`); the same
+    /// `seed` gives the same initial weights on every machine.
+    #[new]
+    #[pyo3(signature = (config, seed=0))]
+    fn new(config: &Bound<'_, PyAny>, seed: u64) -> PyResult<Self> {
+        let text = json_dumps(config)?;
+        let cfg: ModelConfig = serde_json::from_str(&text)
+            .map_err(|e| PyValueError::new_err(format!("invalid model config: {e}")))?;
+        Ok(PyModel {
+            inner: Model::new(cfg, seed, &Device::Cpu)?,
+        })
+    }
+
+    /// The model output for x [B, ...] at integer timesteps t (int or [B]); `y`: class labels
+    /// for class-conditional models (-1 = the null class; None = all null).
+    #[pyo3(signature = (x, t, y=None))]
+    fn __call__<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        t: &Bound<'py, PyAny>,
+        y: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let a = f32_array(x, "x")?;
+        let shape = a.shape().to_vec();
+        let batch = batch_of(&shape, "x")?;
+        let ts = timesteps_arg(t, batch)?;
+        let labels = match y {
+            Some(y) => Some(labels_arg(y, batch, self.inner.config().num_classes())?),
+            None => None,
+        };
+        let ro = a.readonly();
+        let data = ro.as_slice()?;
+        let m = &self.inner;
+        let out = py.detach(|| m.predict_host(data, &shape, &ts, labels.as_deref()))?;
+        vec_to_array(py, out.data, &out.shape)
+    }
+
+    /// The configuration as a dict (`Model(model.config)` rebuilds the architecture).
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        json_loads(py, &to_json(self.inner.config())?)
+    }
+
+    #[getter]
+    fn num_parameters(&self) -> usize {
+        self.inner.params().num_parameters()
+    }
+
+    #[getter]
+    fn num_classes(&self) -> usize {
+        self.inner.config().num_classes()
+    }
+
+    #[getter]
+    fn learn_sigma(&self) -> bool {
+        self.inner.config().learn_sigma()
+    }
+
+    /// One sample's shape.
+    #[getter]
+    fn data_shape(&self) -> Vec<usize> {
+        self.inner.config().data_shape()
+    }
+
+    /// The weights as {name: float32 array} (copies).
+    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (name, t) in self.inner.params().tensors()? {
+            let v = t
+                .flatten_all()
+                .map_err(Error::from)?
+                .to_vec1::<f32>()
+                .map_err(Error::from)?;
+            d.set_item(name, vec_to_array(py, v, t.dims())?)?;
+        }
+        Ok(d)
+    }
+
+    /// Loads weights from {name: array} holding exactly this model's names and shapes.
+    fn load_state_dict(&self, state: &Bound<'_, PyDict>) -> PyResult<()> {
+        let mut map = std::collections::HashMap::new();
+        for (k, v) in state.iter() {
+            let name: String = k.extract()?;
+            let a = f32_array(&v, &name)?;
+            let t =
+                candle_core::Tensor::from_slice(a.readonly().as_slice()?, a.shape(), &Device::Cpu)
+                    .map_err(Error::from)?;
+            map.insert(name, t);
+        }
+        Ok(self.inner.params().load(&map, "the state dict")?)
+    }
+
+    /// Saves the weights and configuration to a safetensors file (atomically).
+    fn save(&self, path: PathBuf) -> PyResult<()> {
+        Ok(train::save_model(&self.inner, &path)?)
+    }
+
+    /// Loads a model file, or a training checkpoint (a run folder or its .safetensors file);
+    /// from a checkpoint `ema=True` takes the EMA weights.
+    #[staticmethod]
+    #[pyo3(signature = (path, ema=true))]
+    fn load(path: PathBuf, ema: bool) -> PyResult<Self> {
+        Ok(PyModel {
+            inner: train::load_model(&path, &Device::Cpu, ema)?,
+        })
+    }
+
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+        let py = slf.py();
+        let bytes = train::model_to_bytes(&slf.get().inner)?;
+        let ctor = py.import("ferrodiff._core")?.getattr("_model_from_bytes")?;
+        Ok((ctor, (PyBytes::new(py, &bytes),)))
+    }
+
+    fn __repr__(&self) -> String {
+        let kind = match self.inner.config() {
+            ModelConfig::Mlp(_) => "MLP",
+            ModelConfig::Unet(_) => "UNet",
+        };
+        format!(
+            "ferrodiff.nn.Model({kind}, data_shape={:?}, {} parameters)",
+            self.inner.config().data_shape(),
+            self.inner.params().num_parameters()
+        )
+    }
+}
+
+#[pyfunction]
+fn _model_from_bytes(data: &[u8]) -> PyResult<PyModel> {
+    Ok(PyModel {
+        inner: train::model_from_bytes(
+            data,
+            std::path::Path::new("<pickle>"),
+            &Device::Cpu,
+            false,
+        )?,
+    })
+}
+
+/// A model as a sampler's denoiser: each call runs the network with the GIL released.
+pub(crate) struct PyModelDenoiser<'py> {
+    pub(crate) py: Python<'py>,
+    pub(crate) model: Model,
+    pub(crate) labels: Option<Vec<u32>>,
+}
+
+impl Denoiser for PyModelDenoiser<'_> {
+    fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
+        let (m, labels) = (&self.model, self.labels.as_deref());
+        self.py.detach(|| m.predict_host(x, shape, t, labels))
+    }
+}
+
+/// The model a sampler should run for `obj`, if it is a ferrodiff model or trainer (a
+/// trainer samples with its EMA weights).
+pub(crate) fn model_of(obj: &Bound<'_, PyAny>) -> PyResult<Option<Model>> {
+    if let Ok(m) = obj.cast::<PyModel>() {
+        return Ok(Some(m.get().inner.clone()));
+    }
+    if let Ok(t) = obj.cast::<PyTrainer>() {
+        let t = t.borrow();
+        return Ok(Some(t.inner.ema_model()?));
+    }
+    Ok(None)
+}
+
+/// Progress bar with the loss, periodic callback and Ctrl-C around the training loop.
+struct PyTrainHooks<'py> {
+    py: Python<'py>,
+    progress: Option<Bound<'py, PyAny>>,
+    callback: Option<Bound<'py, PyAny>>,
+    callback_every: u64,
+    shows_postfix: bool,
+}
+
+impl TrainHooks for PyTrainHooks<'_> {
+    fn run_step(&mut self, step: &mut (dyn FnMut() -> Result<f32> + Send)) -> Result<f32> {
+        self.py.detach(step)
+    }
+
+    fn after_step(&mut self, trainer: &Trainer, loss: f32) -> Result<()> {
+        self.py.check_signals().map_err(callback_error)?;
+        if let Some(p) = &self.progress {
+            p.call_method1("update", (1,)).map_err(callback_error)?;
+            if self.shows_postfix && trainer.step % 10 == 0 {
+                let kw = PyDict::new(self.py);
+                kw.set_item("loss", format!("{loss:.4}"))
+                    .map_err(callback_error)?;
+                kw.set_item("refresh", false).map_err(callback_error)?;
+                p.call_method("set_postfix", (), Some(&kw))
+                    .map_err(callback_error)?;
+            }
+        }
+        if let Some(cb) = &self.callback {
+            if self.callback_every > 0 && trainer.step % self.callback_every == 0 {
+                cb.call1((trainer.step, loss)).map_err(callback_error)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Trains a model on numpy data: AdamW, learning-rate warm-up and decay, gradient clipping,
+/// EMA, any loss of `ferrodiff.losses`, checkpoints that resume exactly.
+#[pyclass(name = "Trainer", module = "ferrodiff")]
+pub struct PyTrainer {
+    inner: Trainer,
+}
+
+#[pymethods]
+impl PyTrainer {
+    #[new]
+    #[pyo3(signature = (model, schedule, data, labels=None, *, batch_size=128, lr=1e-3, lr_schedule="constant", warmup_steps=0, total_steps=0, grad_clip=Some(1.0), weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, ema_decay=0.9999, ema_power=0.75, ema_warmup=true, ema_update_after_step=0, prediction="epsilon", loss="mse", weighting="uniform", min_snr_gamma=5.0, timestep_sampling="uniform", class_dropout=0.0, bins=256, seed=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        model: &Bound<'_, PyModel>,
+        schedule: &Bound<'_, PySchedule>,
+        data: &Bound<'_, PyAny>,
+        labels: Option<&Bound<'_, PyAny>>,
+        batch_size: usize,
+        lr: f64,
+        lr_schedule: &str,
+        warmup_steps: u64,
+        total_steps: u64,
+        grad_clip: Option<f64>,
+        weight_decay: f64,
+        betas: (f64, f64),
+        eps: f64,
+        ema_decay: f64,
+        ema_power: f64,
+        ema_warmup: bool,
+        ema_update_after_step: u64,
+        prediction: &str,
+        loss: &str,
+        weighting: &str,
+        min_snr_gamma: f64,
+        timestep_sampling: &str,
+        class_dropout: f64,
+        bins: u32,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let config = TrainConfig {
+            batch_size,
+            lr,
+            lr_schedule: LrDecay::parse(lr_schedule)?,
+            warmup_steps,
+            total_steps,
+            grad_clip,
+            optimizer: AdamWConfig {
+                beta1: betas.0,
+                beta2: betas.1,
+                eps,
+                weight_decay,
+            },
+            ema: EmaConfig {
+                max_decay: ema_decay,
+                power: ema_power,
+                use_warmup: ema_warmup,
+                update_after_step: ema_update_after_step,
+                ..EmaConfig::default()
+            },
+            prediction: prediction.into(),
+            loss: loss.into(),
+            weighting: weighting.into(),
+            min_snr_gamma,
+            timestep_sampling: timestep_sampling.into(),
+            class_dropout,
+            bins,
+            seed,
+        };
+        let (values, shape) = data_arg(data)?;
+        let model = model.get().inner.clone();
+        let per: usize = shape.iter().product();
+        let labels = match labels {
+            Some(l) => Some(labels_arg(
+                l,
+                values.len() / per,
+                model.config().num_classes(),
+            )?),
+            None => None,
+        };
+        Ok(PyTrainer {
+            inner: Trainer::new(
+                model,
+                schedule.get().inner.clone(),
+                config,
+                values,
+                shape,
+                labels,
+            )?,
+        })
+    }
+
+    /// Runs `steps` optimisation steps with a progress bar showing the loss; calls
+    /// `callback(step, loss)` every `callback_every` steps (an exception stops training after
+    /// that step); with `checkpoint=PATH` saves every `checkpoint_every` steps and at the end.
+    #[pyo3(signature = (steps, *, progress=true, callback=None, callback_every=100, checkpoint=None, checkpoint_every=0))]
+    fn train(
+        &mut self,
+        py: Python<'_>,
+        steps: u64,
+        progress: bool,
+        callback: Option<Bound<'_, PyAny>>,
+        callback_every: u64,
+        checkpoint: Option<PathBuf>,
+        checkpoint_every: u64,
+    ) -> PyResult<()> {
+        if let Some(cb) = &callback {
+            if !cb.is_callable() {
+                return Err(PyTypeError::new_err(format!(
+                    "callback must be callable as callback(step, loss), got {}",
+                    type_name(cb)
+                )));
+            }
+        }
+        let progress = if progress {
+            Some(
+                py.import("ferrodiff._progress")?
+                    .call_method1("progress_bar", (steps, "training"))?,
+            )
+        } else {
+            None
+        };
+        let shows_postfix = progress
+            .as_ref()
+            .is_some_and(|p| p.hasattr("set_postfix").unwrap_or(false));
+        let mut hooks = PyTrainHooks {
+            py,
+            progress,
+            callback,
+            callback_every,
+            shows_postfix,
+        };
+        let ck = checkpoint.as_deref().map(|p| (p, checkpoint_every));
+        let r = self.inner.train(steps, ck, &mut hooks);
+        if let Some(p) = &hooks.progress {
+            let _ = p.call_method0("close");
+        }
+        Ok(r?)
+    }
+
+    /// Saves a checkpoint (weights, EMA, optimizer, step, generator position) to a run folder
+    /// (`checkpoint.safetensors` + `config.json`) or to a `.safetensors` file; returns the file.
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<PathBuf> {
+        let t = &self.inner;
+        Ok(py.detach(|| t.save(&path))?)
+    }
+
+    /// Continues a run from its checkpoint with the same data (and labels) it was trained on.
+    #[staticmethod]
+    #[pyo3(signature = (path, data, labels=None))]
+    fn resume(
+        path: PathBuf,
+        data: &Bound<'_, PyAny>,
+        labels: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let (values, shape) = data_arg(data)?;
+        let labels = match labels {
+            Some(l) => {
+                let (model, _, _) = train::read_checkpoint_info(&path)?;
+                let per: usize = shape.iter().product();
+                Some(labels_arg(l, values.len() / per, model.num_classes())?)
+            }
+            None => None,
+        };
+        Ok(PyTrainer {
+            inner: Trainer::resume(&path, values, shape, labels, &Device::Cpu)?,
+        })
+    }
+
+    /// The trained model (its weights are the trainer's, live).
+    #[getter]
+    fn model(&self) -> PyModel {
+        PyModel {
+            inner: self.inner.model().clone(),
+        }
+    }
+
+    /// A copy of the model with the EMA weights (what sampling should use).
+    fn ema_model(&self) -> PyResult<PyModel> {
+        Ok(PyModel {
+            inner: self.inner.ema_model()?,
+        })
+    }
+
+    #[getter]
+    fn schedule(&self) -> PySchedule {
+        PySchedule {
+            inner: self.inner.schedule().clone(),
+        }
+    }
+
+    /// Optimisation steps taken.
+    #[getter]
+    fn step(&self) -> u64 {
+        self.inner.step
+    }
+
+    /// The loss of every step so far (float32 [step]).
+    #[getter]
+    fn losses<'py>(&self, py: Python<'py>) -> Bound<'py, numpy::PyArray1<f32>> {
+        self.inner.losses.clone().into_pyarray(py)
+    }
+
+    /// The learning rate of the next step.
+    #[getter]
+    fn lr(&self) -> f64 {
+        self.inner.current_lr()
+    }
+
+    /// The training settings as a dict.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        json_loads(py, &to_json(&self.inner.config)?)
+    }
+
+    /// JSON-able metadata saved with checkpoints (the CLI records its dataset here).
+    #[getter]
+    fn get_extra<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        json_loads(py, &to_json(&self.inner.extra)?)
+    }
+
+    #[setter]
+    fn set_extra(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        let text = json_dumps(value)?;
+        self.inner.extra =
+            serde_json::from_str(&text).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ferrodiff.Trainer(step={}, batch_size={}, lr={})",
+            self.inner.step, self.inner.config.batch_size, self.inner.config.lr
+        )
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyModel>()?;
+    m.add_class::<PyTrainer>()?;
+    m.add_class::<PyClassifier>()?;
+    m.add_function(wrap_pyfunction!(_model_from_bytes, m)?)?;
+    Ok(())
+}
+
+/// A small MLP classifier on flattened inputs (the digits feature extractor of
+/// `ferrodiff.metrics`).
+#[pyclass(name = "Classifier", module = "ferrodiff.nn", frozen)]
+pub struct PyClassifier {
+    inner: crate::nn::Classifier,
+}
+
+fn rows_tensor(x: &Bound<'_, PyAny>) -> PyResult<candle_core::Tensor> {
+    let a = f32_array(x, "x")?;
+    let shape = a.shape().to_vec();
+    batch_of(&shape, "x")?;
+    Ok(
+        candle_core::Tensor::from_slice(a.readonly().as_slice()?, shape, &Device::Cpu)
+            .map_err(Error::from)?,
+    )
+}
+
+fn to_array<'py>(py: Python<'py>, t: candle_core::Tensor) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let shape = t.dims().to_vec();
+    let v = t
+        .flatten_all()
+        .map_err(Error::from)?
+        .to_vec1::<f32>()
+        .map_err(Error::from)?;
+    vec_to_array(py, v, &shape)
+}
+
+#[pymethods]
+impl PyClassifier {
+    #[new]
+    #[pyo3(signature = (in_dim, hidden, num_classes, seed=0))]
+    fn new(in_dim: usize, hidden: Vec<usize>, num_classes: usize, seed: u64) -> PyResult<Self> {
+        Ok(PyClassifier {
+            inner: crate::nn::Classifier::new(in_dim, &hidden, num_classes, seed)?,
+        })
+    }
+
+    /// Trains on `data` [N, ...] with integer `labels` [N]; returns the loss of every step.
+    #[pyo3(signature = (data, labels, *, steps=2000, batch_size=128, lr=3e-3, seed=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn fit<'py>(
+        &self,
+        py: Python<'py>,
+        data: &Bound<'py, PyAny>,
+        labels: &Bound<'py, PyAny>,
+        steps: u64,
+        batch_size: usize,
+        lr: f64,
+        seed: u64,
+    ) -> PyResult<Bound<'py, numpy::PyArray1<f32>>> {
+        let (values, shape) = data_arg(data)?;
+        let per: usize = shape.iter().product();
+        let n = values.len() / per;
+        let y = labels_arg(labels, n, self.inner.num_classes())?;
+        if y.iter().any(|&v| v as usize >= self.inner.num_classes()) {
+            return Err(PyValueError::new_err("labels must be in [0, num_classes)"));
+        }
+        let c = &self.inner;
+        let losses =
+            py.detach(|| train::fit_classifier(c, &values, &y, steps, batch_size, lr, seed))?;
+        Ok(losses.into_pyarray(py))
+    }
+
+    /// The last hidden layer's activations [N, hidden] (features for Fréchet distances).
+    fn features<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let t = rows_tensor(x)?;
+        let c = &self.inner;
+        let f = py.detach(|| c.features(&t))?;
+        to_array(py, f)
+    }
+
+    /// Class probabilities [N, num_classes].
+    fn predict_proba<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let t = rows_tensor(x)?;
+        let c = &self.inner;
+        let p = py.detach(|| -> Result<candle_core::Tensor> { Ok(c.log_probs(&t)?.exp()?) })?;
+        to_array(py, p)
+    }
+
+    #[getter]
+    fn num_classes(&self) -> usize {
+        self.inner.num_classes()
+    }
+}
