@@ -31,6 +31,8 @@ All functions take float arrays [N, D], or [N, ...] with each row flattened (ima
 work as they are), in any float dtype (computed from float32 values, accumulated in float64).
 """
 
+import functools
+
 import numpy as np
 
 from ferrodiff._core import (
@@ -58,26 +60,21 @@ __all__ = [
 # tests/test_metrics_digits.py.
 DIGITS_CLASSIFIER_HIDDEN = (128, 128)
 DIGITS_CLASSIFIER_STEPS = 1500
-_digits_classifier = None
 
 
+@functools.cache
 def digits_classifier(split: str = "all"):
-    """The digits classifier (a :class:`ferrodiff.nn.Classifier`), trained on first use.
+    """The digits classifier (a :class:`ferrodiff.nn.Classifier`), trained on first use and cached.
 
-    ``split="all"`` (the default, cached per process) trains on every bundled digit;
-    ``split="train"`` trains on the train split only (to measure held-out accuracy).
+    ``split="all"`` (the default) trains on every bundled digit; ``split="train"`` trains on the
+    train split only (to measure held-out accuracy).
     """
-    global _digits_classifier
     from ferrodiff import datasets
     from ferrodiff._core import Classifier
 
-    if split == "all" and _digits_classifier is not None:
-        return _digits_classifier
     ds = datasets.digits(split=split)
     clf = Classifier(64, list(DIGITS_CLASSIFIER_HIDDEN), 10, seed=0)
     clf.fit(ds.data, ds.labels, steps=DIGITS_CLASSIFIER_STEPS, batch_size=128, lr=3e-3, seed=0)
-    if split == "all":
-        _digits_classifier = clf
     return clf
 
 
