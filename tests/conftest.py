@@ -11,3 +11,21 @@ def linear():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`ferrodiff demo` run once per test session: the trained digits model (its checkpoint in
+    `run/`) is the shared fixture of every test that needs a trained model."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("demo")
+    r = subprocess.run(
+        [sys.executable, "-m", "ferrodiff", "demo", "--out", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    return out

@@ -306,6 +306,7 @@ def bits_per_dim(
     seed: int = 0,
     clip_denoised: bool = True,
     progress: bool = False,
+    labels: Timesteps | None = None,
 ) -> BitsPerDim: ...
 
 class BitsPerDim:

@@ -323,7 +323,7 @@ impl PyBitsPerDim {
 /// over every timestep (OpenAI's `calc_bpd_loop`): the noise at timestep t is `randn` with
 /// `seed` and stream t. `bins` is the number of data levels (256 for 8-bit images).
 #[pyfunction]
-#[pyo3(signature = (denoiser, schedule, x0, *, prediction="epsilon", variance="fixed_small", bins=256, seed=0, clip_denoised=true, progress=false))]
+#[pyo3(signature = (denoiser, schedule, x0, *, prediction="epsilon", variance="fixed_small", bins=256, seed=0, clip_denoised=true, progress=false, labels=None))]
 #[allow(clippy::too_many_arguments)]
 fn bits_per_dim<'py>(
     py: Python<'py>,
@@ -336,6 +336,7 @@ fn bits_per_dim<'py>(
     seed: u64,
     clip_denoised: bool,
     progress: bool,
+    labels: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<PyBitsPerDim> {
     let config = bpd_config(prediction, variance, bins, seed, clip_denoised)?;
     let a = f32_array(x0, "x0")?;
@@ -344,7 +345,7 @@ fn bits_per_dim<'py>(
     let data = a.readonly().as_slice()?.to_vec();
     let t_total = schedule.inner.len();
     let mut hooks = PyHooks::new(py, t_total, progress, None, &shape, "bits/dim")?;
-    let mut d = denoiser_for(denoiser, None, shape[0])?;
+    let mut d = denoiser_for(denoiser, labels, batch_of(&shape, "x0")?)?;
     let r = loss::bits_per_dim(
         d.as_mut(),
         &schedule.inner,
