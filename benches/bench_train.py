@@ -448,7 +448,9 @@ def check_architecture(kind, fmodel, tmodel):
     state = fmodel.state_dict()
     fd_shapes = {k: tuple(v.shape) for k, v in state.items()}
     th_shapes = {k: tuple(p.shape) for k, p in tmodel.named_parameters()}
-    print(f"  {kind}: parameters ferrodiff {n_fd:,} | torch {n_th:,} | {'match' if n_fd == n_th else 'DIFFER'}")
+    print(
+        f"  {kind}: parameters ferrodiff {n_fd:,} | torch {n_th:,} | {'match' if n_fd == n_th else 'DIFFER'}"
+    )
     only_fd = sorted(set(fd_shapes) - set(th_shapes))
     only_th = sorted(set(th_shapes) - set(fd_shapes))
     shape_diff = sorted(k for k in set(fd_shapes) & set(th_shapes) if fd_shapes[k] != th_shapes[k])
@@ -468,7 +470,9 @@ def check_architecture(kind, fmodel, tmodel):
 def check_outputs(kind, fmodel, tmodel, schedule):
     """Same perturbed weights in both; compares one forward pass (and a short DDIM run)."""
     rng = np.random.default_rng(SEED + 1)
-    state = {k: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for k, v in fmodel.state_dict().items()}
+    state = {
+        k: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for k, v in fmodel.state_dict().items()
+    }
     fmodel.load_state_dict(state)
     load_into_torch(tmodel, state)
     x = rng.standard_normal((4, *data_shape(kind))).astype(np.float32)
@@ -539,11 +543,15 @@ def run_case(name, schedule):
         if tmodel is not None:
             ttrainer = TorchTrainer(tmodel, schedule, data, batch)
             fns.append(lambda: ttrainer.train(chunk))
-        for fn in fns:  # warm-up
-            for _ in range(max(1, warmup // chunk)):
+        warm_calls = max(1, -(-warmup // chunk))
+        for fn in fns:
+            for _ in range(warm_calls):
                 fn()
         times = [t / chunk for t in interleaved(fns, rounds)]
-        note = f"{warmup} warm-up step(s), then {rounds} round(s) of {chunk} step(s); median time per step"
+        note = (
+            f"{warm_calls * chunk} warm-up step(s), then {rounds} round(s) of {chunk} step(s); "
+            "median time per step"
+        )
         losses = np.asarray(trainer.losses)
         assert np.all(np.isfinite(losses)), f"{name}: non-finite ferrodiff loss"
     fd_ms = times[0] * 1e3

@@ -58,6 +58,8 @@ def test_metrics_module_reexports_the_extension_functions():
     assert metrics.gaussian_stats is core.gaussian_stats
     assert metrics.frechet_distance_from_stats is core.frechet_distance_from_stats
     assert set(metrics.__all__) == {
+        "digits_classifier",
+        "digits_features",
         "energy_distance",
         "frechet_distance",
         "frechet_distance_from_stats",
@@ -274,3 +276,25 @@ def test_invalid_covariances_are_value_errors(rng):
         metrics.frechet_distance_from_stats(mu, np.full((3, 3), np.inf), mu, c)
     with pytest.raises(ValueError, match="NaN or Inf"):
         metrics.frechet_distance_from_stats(np.array([0.0, np.nan, 0.0]), c, mu, c)
+
+
+def test_digits_classifier_generalises_to_held_out_digits():
+    # Trained by ferrodiff on the train split only; judged on the test split.
+    from ferrodiff import datasets
+
+    clf = metrics.digits_classifier("train")
+    test = datasets.digits(split="test")
+    accuracy = (clf.predict_proba(test.data).argmax(1) == test.labels).mean()
+    assert accuracy >= 0.95, accuracy
+
+
+def test_digits_features_separate_real_digits_from_noise():
+    from ferrodiff import datasets
+
+    train, test = datasets.digits(split="train"), datasets.digits(split="test")
+    f_test = metrics.digits_features(test.data)
+    assert f_test.shape == (len(test.data), 128) and f_test.dtype == np.float32
+    real = metrics.frechet_distance(metrics.digits_features(train.data), f_test)
+    noise = np.random.default_rng(0).uniform(-1, 1, test.data.shape).astype(np.float32)
+    fake = metrics.frechet_distance(metrics.digits_features(noise), f_test)
+    assert real * 10 < fake, (real, fake)
