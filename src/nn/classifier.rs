@@ -19,13 +19,24 @@ pub struct Classifier {
 
 impl Classifier {
     pub fn new(in_dim: usize, hidden: &[usize], num_classes: usize, seed: u64) -> Result<Self> {
+        Self::new_in(in_dim, hidden, num_classes, seed, DType::F32)
+    }
+
+    /// As [`Classifier::new`] with parameters of type `dtype`.
+    pub fn new_in(
+        in_dim: usize,
+        hidden: &[usize],
+        num_classes: usize,
+        seed: u64,
+        dtype: DType,
+    ) -> Result<Self> {
         if in_dim == 0 || num_classes < 2 || hidden.is_empty() || hidden.contains(&0) {
             value_error!(
                 "a classifier needs in_dim > 0, at least 2 classes and positive hidden widths, got \
                  in_dim {in_dim}, {num_classes} classes, hidden {hidden:?}"
             );
         }
-        let params = ParamStore::new(seed, Device::Cpu, DType::F32);
+        let params = ParamStore::new(seed, Device::Cpu, dtype);
         let root = params.root();
         let mut layers = Vec::new();
         let mut width = in_dim;
@@ -100,7 +111,8 @@ impl Classifier {
             }
             onehot[i * self.num_classes + y as usize] = 1.0;
         }
-        let onehot = Tensor::from_vec(onehot, (n, self.num_classes), x.device())?;
+        let onehot =
+            Tensor::from_vec(onehot, (n, self.num_classes), x.device())?.to_dtype(lp.dtype())?;
         Ok((lp * onehot)?.sum_all()?.affine(-1.0 / n as f64, 0.0)?)
     }
 }

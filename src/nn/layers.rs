@@ -165,7 +165,7 @@ pub const GROUP_NORM_EPS: f64 = 1e-5;
 
 impl GroupNorm {
     pub fn new(p: &Path, groups: usize, channels: usize) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             value_error!("GroupNorm: {channels} channels are not divisible into {groups} groups");
         }
         Ok(GroupNorm {
@@ -297,7 +297,7 @@ impl AttentionBlock {
         groups: usize,
         skip_rescale: bool,
     ) -> Result<Self> {
-        if heads == 0 || channels % heads != 0 {
+        if heads == 0 || !channels.is_multiple_of(heads) {
             value_error!("attention: {channels} channels do not split into {heads} heads");
         }
         Ok(AttentionBlock {

@@ -59,7 +59,7 @@ impl MlpConfig {
                 self.blocks
             );
         }
-        if self.time_embed_dim < 2 || self.time_embed_dim % 2 != 0 {
+        if self.time_embed_dim < 2 || !self.time_embed_dim.is_multiple_of(2) {
             value_error!(
                 "time_embed_dim must be even and at least 2, got {}",
                 self.time_embed_dim

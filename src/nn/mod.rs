@@ -58,7 +58,7 @@ impl ModelConfig {
 #[derive(Clone)]
 enum Net {
     Mlp(mlp::Mlp),
-    Unet(unet::UNet),
+    Unet(Box<unet::UNet>),
 }
 
 /// A network with its parameters.
@@ -81,7 +81,7 @@ impl Model {
         let root = params.root();
         let net = match &config {
             ModelConfig::Mlp(c) => Net::Mlp(mlp::Mlp::new(&root, c)?),
-            ModelConfig::Unet(c) => Net::Unet(unet::UNet::new(&root, c)?),
+            ModelConfig::Unet(c) => Net::Unet(Box::new(unet::UNet::new(&root, c)?)),
         };
         Ok(Model {
             config,

@@ -314,3 +314,53 @@ fn model_configs_round_trip_through_json() {
     let e = serde_json::from_str::<ModelConfig>(r#"{"type":"mlp","hiden":3}"#);
     assert!(e.is_err());
 }
+
+#[test]
+fn classifier_cross_entropy_gradients_match_finite_differences() {
+    let c = Classifier::new_in(5, &[7, 6], 3, 4, DType::F64).unwrap();
+    let x: Vec<f64> = (0..20).map(|i| ((i * 7 % 11) as f64 / 5.0) - 1.0).collect();
+    let x = Tensor::from_vec(x, (4, 5), &Device::Cpu).unwrap();
+    let labels = [0u32, 2, 1, 2];
+    let grads = c.cross_entropy(&x, &labels).unwrap().backward().unwrap();
+    for (name, v) in c.params().named_vars() {
+        let g: Vec<f64> = grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let base: Vec<f64> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for i in [0, base.len() / 2, base.len() - 1] {
+            let eval = |delta: f64| {
+                let mut p = base.clone();
+                p[i] += delta;
+                v.set(&Tensor::from_vec(p, v.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+                c.cross_entropy(&x, &labels)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let fd = (eval(1e-5) - eval(-1e-5)) / 2e-5;
+            v.set(&Tensor::from_vec(base.clone(), v.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+            assert!(
+                (fd - g[i]).abs() <= 1e-6 * fd.abs().max(1.0),
+                "{name}[{i}]: {} vs {fd}",
+                g[i]
+            );
+        }
+    }
+    // The probabilities sum to one.
+    let p = c
+        .log_probs(&x)
+        .unwrap()
+        .exp()
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    assert!(p.iter().all(|s| (s - 1.0).abs() < 1e-12));
+}

@@ -74,7 +74,7 @@ impl UNetConfig {
             );
         }
         let factor = 1usize << (self.channel_mult.len() - 1);
-        if self.image_size == 0 || self.image_size % factor != 0 {
+        if self.image_size == 0 || !self.image_size.is_multiple_of(factor) {
             value_error!(
                 "image_size {} must be divisible by 2^(levels - 1) = {factor} ({} levels)",
                 self.image_size,
@@ -83,14 +83,14 @@ impl UNetConfig {
         }
         for m in &self.channel_mult {
             let c = self.base_channels * m;
-            if self.groups == 0 || c % self.groups != 0 {
+            if self.groups == 0 || !c.is_multiple_of(self.groups) {
                 value_error!(
                     "groups = {} must divide every level's channels ({c})",
                     self.groups
                 );
             }
             if !self.attention_resolutions.is_empty()
-                && (self.num_heads == 0 || c % self.num_heads != 0)
+                && (self.num_heads == 0 || !c.is_multiple_of(self.num_heads))
             {
                 value_error!(
                     "num_heads = {} must divide every level's channels ({c})",
@@ -375,8 +375,8 @@ impl UNet {
         let factor = 1usize << (c.channel_mult.len() - 1);
         if shape.len() != 4
             || shape[1] != c.in_channels
-            || shape[2] % factor != 0
-            || shape[3] % factor != 0
+            || !shape[2].is_multiple_of(factor)
+            || !shape[3].is_multiple_of(factor)
         {
             shape_error!(
                 "x has shape {shape:?} but the U-Net takes [B, {}, H, W] with H and W divisible by {factor} \

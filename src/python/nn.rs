@@ -275,7 +275,7 @@ impl TrainHooks for PyTrainHooks<'_> {
         self.py.check_signals().map_err(callback_error)?;
         if let Some(p) = &self.progress {
             p.call_method1("update", (1,)).map_err(callback_error)?;
-            if self.shows_postfix && trainer.step % 10 == 0 {
+            if self.shows_postfix && trainer.step.is_multiple_of(10) {
                 let kw = PyDict::new(self.py);
                 kw.set_item("loss", format!("{loss:.4}"))
                     .map_err(callback_error)?;
@@ -285,7 +285,7 @@ impl TrainHooks for PyTrainHooks<'_> {
             }
         }
         if let Some(cb) = &self.callback {
-            if self.callback_every > 0 && trainer.step % self.callback_every == 0 {
+            if self.callback_every > 0 && trainer.step.is_multiple_of(self.callback_every) {
                 cb.call1((trainer.step, loss)).map_err(callback_error)?;
             }
         }
@@ -388,6 +388,7 @@ impl PyTrainer {
     /// `callback(step, loss)` every `callback_every` steps (an exception stops training after
     /// that step); with `checkpoint=PATH` saves every `checkpoint_every` steps and at the end.
     #[pyo3(signature = (steps, *, progress=true, callback=None, callback_every=100, checkpoint=None, checkpoint_every=0))]
+    #[allow(clippy::too_many_arguments)]
     fn train(
         &mut self,
         py: Python<'_>,

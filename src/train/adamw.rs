@@ -40,7 +40,11 @@ impl AdamWConfig {
                 value_error!("{name} must be in [0, 1), got {b}");
             }
         }
-        if !(self.eps > 0.0) || !(self.weight_decay >= 0.0) {
+        if self.eps.is_nan()
+            || self.eps <= 0.0
+            || self.weight_decay.is_nan()
+            || self.weight_decay < 0.0
+        {
             value_error!(
                 "eps must be positive and weight_decay non-negative, got {} and {}",
                 self.eps,

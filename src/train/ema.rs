@@ -47,7 +47,11 @@ impl EmaConfig {
                 self.max_decay
             );
         }
-        if !(self.inv_gamma > 0.0) || !(self.power > 0.0) {
+        if self.inv_gamma.is_nan()
+            || self.inv_gamma <= 0.0
+            || self.power.is_nan()
+            || self.power <= 0.0
+        {
             value_error!("EMA inv_gamma and power must be positive");
         }
         Ok(())

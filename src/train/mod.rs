@@ -119,7 +119,7 @@ impl TrainConfig {
             value_error!("lr must be positive and finite, got {}", self.lr);
         }
         if let Some(c) = self.grad_clip {
-            if !(c > 0.0) {
+            if c.is_nan() || c <= 0.0 {
                 value_error!("grad_clip must be positive (or None), got {c}");
             }
         }
@@ -242,7 +242,7 @@ impl Trainer {
         let settings = config.settings(model.config())?;
         let want = model.config().data_shape();
         let per: usize = data_shape.iter().product();
-        if per == 0 || data.is_empty() || data.len() % per != 0 {
+        if per == 0 || data.is_empty() || !data.len().is_multiple_of(per) {
             shape_error!(
                 "data holds {} values, not a whole number of samples of shape {data_shape:?}",
                 data.len()
@@ -473,7 +473,7 @@ impl Trainer {
         for _ in 0..steps {
             let loss = hooks.run_step(&mut || self.step())?;
             if let Some((path, every)) = checkpoint {
-                if every > 0 && self.step % every == 0 {
+                if every > 0 && self.step.is_multiple_of(every) {
                     self.save(path)?;
                 }
             }
@@ -559,7 +559,7 @@ impl Trainer {
             &file.display().to_string(),
         )?;
         let per: usize = data_shape.iter().product();
-        let count = if per == 0 { 0 } else { data.len() / per };
+        let count = data.len().checked_div(per).unwrap_or(0);
         if data_shape != state.data_shape || count != state.data_count {
             shape_error!(
                 "{} was trained on {} samples of shape {:?}, but the data given has {count} samples of \
@@ -615,7 +615,7 @@ pub fn fit_classifier(
             data.len()
         );
     }
-    if batch_size == 0 || !(lr > 0.0) {
+    if batch_size == 0 || lr.is_nan() || lr <= 0.0 {
         value_error!("batch_size and lr must be positive");
     }
     let mut opt = AdamW::new(classifier.params().named_vars(), AdamWConfig::default())?;
@@ -695,7 +695,7 @@ pub fn load_model(path: &Path, device: &Device, ema: bool) -> Result<Model> {
 pub fn model_from_bytes(bytes: &[u8], source: &Path, device: &Device, ema: bool) -> Result<Model> {
     let file = source;
     let (tensors, meta) = checkpoint::from_bytes(bytes, file, device)?;
-    let config: ModelConfig = checkpoint::json_entry(&file, &meta, "model")?;
+    let config: ModelConfig = checkpoint::json_entry(file, &meta, "model")?;
     let model = Model::new(config, 0, device)?;
     let ema_weights = checkpoint::with_prefix(&tensors, "ema");
     let weights = if ema && !ema_weights.is_empty() {
