@@ -239,7 +239,6 @@ def _build_model(kind: str, ds, conditional: bool, hidden: int, channels: int, s
 def train_command(args) -> int:
     import ferrodiff as fd
 
-    out = Path(args.out)
     if args.resume:
         run = Path(args.resume)
         info_path = run / "config.json"
@@ -254,6 +253,7 @@ def train_command(args) -> int:
         out = run
         print(f"resuming {run} at step {trainer.step} of {total}")
     else:
+        out = Path(args.out)
         ds, labels = _load_data(args.data, args.path, args.conditional)
         model = _build_model(args.model, ds, args.conditional, args.hidden, args.channels, args.seed)
         schedule = (
