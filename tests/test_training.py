@@ -188,3 +188,51 @@ def test_a_killed_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         assert trainer.step >= 1
     leftovers = [f for f in os.listdir(run) if ".tmp" in f]
     assert len(leftovers) <= 1  # at most the temporary of the save that was killed
+
+
+def test_classifier_free_guidance_combines_conditional_and_unconditional_predictions():
+    calls = []
+
+    def denoiser(x, t, y):  # ε_c = 0.1 x + y, ε_u (label 9) = 0.1 x - 1
+        calls.append(len(x))
+        y = y.reshape(-1, 1).astype(np.float32)
+        return np.where(y == 9, 0.1 * x - 1, 0.1 * x + y).astype(np.float32)
+
+    schedule = fd.Schedule.linear(100)
+    sampler = fd.DDIM(schedule, steps=5)
+    labels = np.array([0, 1, 2, 3])
+    s = np.float32(3.0)
+
+    def guided(x, t):
+        c = 0.1 * x + labels.reshape(-1, 1).astype(np.float32)
+        u = 0.1 * x - np.float32(1)
+        return (u + s * (c - u)).astype(np.float32)
+
+    x = sampler.sample(denoiser, (4, 2), seed=2, labels=labels, guidance_scale=3.0, null_label=9)
+    assert calls == [8] * 5  # one batched call per step
+    np.testing.assert_allclose(x, sampler.sample(guided, (4, 2), seed=2), rtol=1e-5, atol=1e-5)
+    calls.clear()
+    plain = sampler.sample(denoiser, (4, 2), seed=2, labels=labels)
+    assert calls == [4] * 5
+    np.testing.assert_array_equal(
+        sampler.sample(denoiser, (4, 2), seed=2, labels=labels, guidance_scale=1.0, null_label=9), plain
+    )
+
+
+def test_guidance_on_models_and_its_errors():
+    t = small_trainer(small_mlp(num_classes=3), ring(64), np.arange(64) % 3, class_dropout=0.2)
+    t.train(10, progress=False)
+    s = fd.DDIM(t.schedule, steps=5)
+    y = [0, 1, 2, 0]
+    plain = s.sample(t, (4, 2), seed=0, labels=y)
+    np.testing.assert_array_equal(s.sample(t, (4, 2), seed=0, labels=y, guidance_scale=1.0), plain)
+    guided = s.sample(t, (4, 2), seed=0, labels=y, guidance_scale=4.0, guidance_rescale=0.7)
+    assert np.isfinite(guided).all() and not np.array_equal(guided, plain)
+    with pytest.raises(ValueError, match="needs labels"):
+        s.sample(t, (4, 2), guidance_scale=2.0)
+    with pytest.raises(ValueError, match="null_label"):
+        s.sample(lambda x, tt, yy: x, (4, 2), labels=y, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="unconditional"):
+        s.sample(small_mlp(), (4, 2), labels=y, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        s.sample(t, (4, 2), labels=y, guidance_scale=2.0, guidance_rescale=2.0)

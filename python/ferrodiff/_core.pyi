@@ -171,6 +171,9 @@ class DDPM:
         callback: Callback | None = None,
         check_finite: bool = True,
         labels: Timesteps | None = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        null_label: int | None = None,
     ) -> F32: ...
     def to_dict(self) -> dict[str, Any]: ...
     def __reduce__(self) -> Any: ...
@@ -228,6 +231,9 @@ class DDIM:
         callback: Callback | None = None,
         check_finite: bool = True,
         labels: Timesteps | None = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        null_label: int | None = None,
     ) -> F32: ...
     def invert(
         self,

@@ -6,7 +6,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::arrays::{batch_of, f32_array, f64_vec, new_f32, timesteps_arg};
-use super::samplers::{denoiser_for, PyHooks};
+use super::samplers::{denoiser_for, GuidanceArgs, PyHooks};
 use super::schedule::PySchedule;
 use crate::diffusion::Prediction;
 use crate::error::Result;
@@ -345,7 +345,12 @@ fn bits_per_dim<'py>(
     let data = a.readonly().as_slice()?.to_vec();
     let t_total = schedule.inner.len();
     let mut hooks = PyHooks::new(py, t_total, progress, None, &shape, "bits/dim")?;
-    let mut d = denoiser_for(denoiser, labels, batch_of(&shape, "x0")?)?;
+    let mut d = denoiser_for(
+        denoiser,
+        labels,
+        GuidanceArgs::NONE,
+        batch_of(&shape, "x0")?,
+    )?;
     let r = loss::bits_per_dim(
         d.as_mut(),
         &schedule.inner,

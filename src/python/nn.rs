@@ -13,7 +13,7 @@ use super::callback_error;
 use super::schedule::PySchedule;
 use crate::error::{Error, Result};
 use crate::nn::{Model, ModelConfig};
-use crate::sample::{Denoiser, ModelOutput};
+use crate::sample::{Denoiser, LabeledDenoiser, ModelOutput};
 use crate::train::{self, AdamWConfig, EmaConfig, LrDecay, TrainConfig, TrainHooks, Trainer};
 
 fn json_dumps(obj: &Bound<'_, PyAny>) -> PyResult<String> {
@@ -234,13 +234,37 @@ fn _model_from_bytes(data: &[u8]) -> PyResult<PyModel> {
 pub(crate) struct PyModelDenoiser<'py> {
     pub(crate) py: Python<'py>,
     pub(crate) model: Model,
-    pub(crate) labels: Option<Vec<u32>>,
 }
 
 impl Denoiser for PyModelDenoiser<'_> {
     fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
-        let (m, labels) = (&self.model, self.labels.as_deref());
-        self.py.detach(|| m.predict_host(x, shape, t, labels))
+        let m = &self.model;
+        self.py.detach(|| m.predict_host(x, shape, t, None))
+    }
+}
+
+impl LabeledDenoiser for PyModelDenoiser<'_> {
+    /// Labels in [0, num_classes], num_classes (or -1) being the null class.
+    fn predict_labeled(
+        &mut self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[i64],
+        labels: &[i64],
+    ) -> Result<ModelOutput> {
+        let null = self.model.config().num_classes() as i64;
+        let y: Vec<u32> = labels
+            .iter()
+            .map(|&v| {
+                if v < 0 {
+                    null as u32
+                } else {
+                    v.min(null) as u32
+                }
+            })
+            .collect();
+        let m = &self.model;
+        self.py.detach(|| m.predict_host(x, shape, t, Some(&y)))
     }
 }
 

@@ -15,8 +15,9 @@ use crate::diffusion::Prediction;
 use crate::error::Result;
 use crate::kernels::Noise;
 use crate::sample::{
-    self, invert_loop, sample_loop, Ddim, DdimConfig, Ddpm, DdpmConfig, Denoiser, DynamicThreshold,
-    LoopHooks, ModelOutput, Sampler, StepArgs, VarianceType, X0Processing,
+    self, invert_loop, sample_loop, Conditioned, Ddim, DdimConfig, Ddpm, DdpmConfig, Denoiser,
+    DynamicThreshold, Guidance, LabeledDenoiser, LoopHooks, ModelOutput, Sampler, StepArgs,
+    VarianceType, X0Processing,
 };
 use crate::schedule::{DiffusersConfig, Spacing};
 
@@ -175,51 +176,128 @@ fn randn<'py>(
 /// denoiser.
 pub(crate) struct PyDenoiser<'py> {
     pub(crate) f: Bound<'py, PyAny>,
-    pub(crate) labels: Option<Bound<'py, PyAny>>,
+}
+
+/// Classifier-free guidance settings of a `sample` call.
+#[derive(Clone, Copy)]
+pub(crate) struct GuidanceArgs {
+    pub(crate) scale: Option<f64>,
+    pub(crate) rescale: f64,
+    pub(crate) null_label: Option<i64>,
+}
+
+impl GuidanceArgs {
+    pub(crate) const NONE: GuidanceArgs = GuidanceArgs {
+        scale: None,
+        rescale: 0.0,
+        null_label: None,
+    };
 }
 
 /// The denoiser for a sampler's `denoiser` argument: a ferrodiff model or trainer (run in
-/// Rust; a trainer with its EMA weights) or any callable; `labels` [B] for conditional ones.
+/// Rust; a trainer with its EMA weights) or any callable; `labels` [B] for conditional ones,
+/// with classifier-free guidance when `guidance.scale` is set.
 pub(crate) fn denoiser_for<'py>(
     obj: &Bound<'py, PyAny>,
     labels: Option<&Bound<'py, PyAny>>,
+    guidance: GuidanceArgs,
     batch: usize,
 ) -> PyResult<Box<dyn Denoiser + 'py>> {
     let py = obj.py();
-    if let Some(model) = super::nn::model_of(obj)? {
-        let labels = match labels {
-            Some(l) => Some(super::nn::labels_arg(
-                l,
-                batch,
-                model.config().num_classes(),
-            )?),
-            None => None,
-        };
-        return Ok(Box::new(super::nn::PyModelDenoiser { py, model, labels }));
-    }
-    if !obj.is_callable() {
+    let model = super::nn::model_of(obj)?;
+    if model.is_none() && !obj.is_callable() {
         return Err(PyTypeError::new_err(format!(
             "denoiser must be a ferrodiff model or callable as denoiser(x, t), got {}",
             type_name(obj)
         )));
     }
-    let labels = match labels {
-        Some(l) => Some(timesteps_arg(l, batch)?.into_pyarray(py).into_any()),
-        None => None,
+    let Some(labels) = labels else {
+        if guidance.scale.is_some() {
+            return Err(PyValueError::new_err(
+                "guidance_scale needs labels= (the classes to guide towards)",
+            ));
+        }
+        return Ok(match model {
+            Some(model) => Box::new(super::nn::PyModelDenoiser { py, model }),
+            None => Box::new(PyDenoiser { f: obj.clone() }),
+        });
     };
-    Ok(Box::new(PyDenoiser {
-        f: obj.clone(),
+    let (inner, labels, null): (Box<dyn LabeledDenoiser + 'py>, Vec<i64>, Option<i64>) = match model
+    {
+        Some(model) => {
+            let classes = model.config().num_classes();
+            let y = super::nn::labels_arg(labels, batch, classes)?;
+            if let Some(n) = guidance.null_label {
+                if n != -1 && n != classes as i64 {
+                    return Err(PyValueError::new_err(format!(
+                        "null_label = {n}, but this model's null class is {classes} (or -1); leave it unset"
+                    )));
+                }
+            }
+            let y = y.into_iter().map(i64::from).collect();
+            (
+                Box::new(super::nn::PyModelDenoiser { py, model }),
+                y,
+                Some(classes as i64),
+            )
+        }
+        None => (
+            Box::new(PyDenoiser { f: obj.clone() }),
+            timesteps_arg(labels, batch)
+                .map_err(|e| PyValueError::new_err(format!("labels: {}", e.value(py))))?,
+            guidance.null_label,
+        ),
+    };
+    let guidance = match guidance.scale {
+        None => None,
+        Some(scale) => {
+            let null = null.ok_or_else(|| {
+                PyValueError::new_err(
+                    "classifier-free guidance of a Python callable needs null_label= (the label of the unconditional rows)",
+                )
+            })?;
+            Some(Guidance::new(scale, guidance.rescale, null)?)
+        }
+    };
+    Ok(Box::new(Conditioned {
+        inner,
         labels,
+        guidance,
     }))
+}
+
+impl LabeledDenoiser for PyDenoiser<'_> {
+    fn predict_labeled(
+        &mut self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[i64],
+        labels: &[i64],
+    ) -> Result<ModelOutput> {
+        let y = labels.to_vec().into_pyarray(self.f.py()).into_any();
+        self.call(x, shape, t, Some(y))
+    }
 }
 
 impl Denoiser for PyDenoiser<'_> {
     fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
+        self.call(x, shape, t, None)
+    }
+}
+
+impl<'py> PyDenoiser<'py> {
+    fn call(
+        &mut self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[i64],
+        labels: Option<Bound<'py, PyAny>>,
+    ) -> Result<ModelOutput> {
         let py = self.f.py();
         let run = || -> PyResult<ModelOutput> {
             let xa = vec_to_array(py, x.to_vec(), shape)?;
             let ta = t.to_vec().into_pyarray(py);
-            let r = match &self.labels {
+            let r = match &labels {
                 Some(y) => self.f.call1((xa, ta, y))?,
                 None => self.f.call1((xa, ta))?,
             };
@@ -536,6 +614,7 @@ fn sample_impl<'py, S: Sampler>(
     callback: Option<Bound<'py, PyAny>>,
     check_finite: bool,
     labels: Option<&Bound<'py, PyAny>>,
+    guidance: GuidanceArgs,
     desc: &str,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     if let Some(cb) = &callback {
@@ -547,7 +626,7 @@ fn sample_impl<'py, S: Sampler>(
     }
     let seed = seed.unwrap_or_else(fresh_seed);
     let (x, sh) = initial_noise(py, shape, x_t, seed)?;
-    let mut d = denoiser_for(denoiser, labels, sh[0])?;
+    let mut d = denoiser_for(denoiser, labels, guidance, sh[0])?;
     let mut hooks = PyHooks::new(py, sampler.timesteps().len(), progress, callback, &sh, desc)?;
     let r = sample_loop(sampler, d.as_mut(), x, &sh, seed, check_finite, &mut hooks);
     hooks.close();
@@ -790,7 +869,7 @@ impl PyDdpm {
 
     /// Runs the whole reverse process with `denoiser(x, t)` (any callable taking a float32
     /// array and an int64 array [B]); starts from `x_T` or `fd.randn(shape, seed)`.
-    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None))]
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
     fn sample<'py>(
         &self,
@@ -803,7 +882,15 @@ impl PyDdpm {
         callback: Option<Bound<'py, PyAny>>,
         check_finite: bool,
         labels: Option<&Bound<'py, PyAny>>,
+        guidance_scale: Option<f64>,
+        guidance_rescale: f64,
+        null_label: Option<i64>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let guidance = GuidanceArgs {
+            scale: guidance_scale,
+            rescale: guidance_rescale,
+            null_label,
+        };
         sample_impl(
             &self.inner,
             py,
@@ -815,6 +902,7 @@ impl PyDdpm {
             callback,
             check_finite,
             labels,
+            guidance,
             "DDPM",
         )
     }
@@ -988,7 +1076,7 @@ impl PyDdim {
     }
 
     /// Runs the sampler with `denoiser(x, t)`; starts from `x_T` or `fd.randn(shape, seed)`.
-    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None))]
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
     fn sample<'py>(
         &self,
@@ -1001,7 +1089,15 @@ impl PyDdim {
         callback: Option<Bound<'py, PyAny>>,
         check_finite: bool,
         labels: Option<&Bound<'py, PyAny>>,
+        guidance_scale: Option<f64>,
+        guidance_rescale: f64,
+        null_label: Option<i64>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let guidance = GuidanceArgs {
+            scale: guidance_scale,
+            rescale: guidance_rescale,
+            null_label,
+        };
         sample_impl(
             &self.inner,
             py,
@@ -1013,6 +1109,7 @@ impl PyDdim {
             callback,
             check_finite,
             labels,
+            guidance,
             "DDIM",
         )
     }
@@ -1035,7 +1132,7 @@ impl PyDdim {
         let a = f32_array(x0, "x0")?;
         let sh = a.shape().to_vec();
         let batch = batch_of(&sh, "x0")?;
-        let mut d = denoiser_for(denoiser, labels, batch)?;
+        let mut d = denoiser_for(denoiser, labels, GuidanceArgs::NONE, batch)?;
         let v = a.readonly().as_slice()?.to_vec();
         let mut hooks = PyHooks::new(
             py,

@@ -4,11 +4,13 @@
 mod ddim;
 mod ddpm;
 mod denoiser;
+pub mod guidance;
 pub mod langevin;
 
 pub use ddim::{Ddim, DdimConfig};
 pub use ddpm::{Ddpm, DdpmConfig, VarianceType};
 pub use denoiser::{invert_loop, sample_loop, Denoiser, LoopHooks, ModelOutput, NoHooks};
+pub use guidance::{Conditioned, Guidance, LabeledDenoiser};
 
 use crate::diffusion::{x0_coefficients, Prediction};
 use crate::error::{Error, Result};
