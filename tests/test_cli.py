@@ -75,6 +75,24 @@ def test_sample_command_writes_npy_and_png_from_a_checkpoint(demo_run, tmp_path)
     )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    r = run(
+        "sample",
+        "--checkpoint",
+        demo_run / "run",
+        "--n",
+        "10",
+        "--labels",
+        "3,7",
+        "--guidance-scale",
+        "2",
+        "--out",
+        tmp_path / "g.npy",
+        "--no-progress",
+    )
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / "g.npy").shape == (10, 1, 8, 8)
+    r = run("sample", "--checkpoint", demo_run / "run", "--labels", "12", "--out", tmp_path / "x.npy")
+    assert r.returncode != 0 and "label 12" in r.stderr
     r = run("sample", "--checkpoint", tmp_path / "nowhere", "--out", tmp_path / "x.npy")
     assert r.returncode != 0 and "nowhere" in r.stderr
     r = run("sample", "--checkpoint", demo_run / "run", "--out", tmp_path / "x.txt")

@@ -174,6 +174,9 @@ class DDPM:
         guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
         null_label: int | None = None,
+        image: ArrayLike | None = None,
+        strength: float = 1.0,
+        mask: ArrayLike | None = None,
     ) -> F32: ...
     def to_dict(self) -> dict[str, Any]: ...
     def __reduce__(self) -> Any: ...
@@ -234,6 +237,9 @@ class DDIM:
         guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
         null_label: int | None = None,
+        image: ArrayLike | None = None,
+        strength: float = 1.0,
+        mask: ArrayLike | None = None,
     ) -> F32: ...
     def invert(
         self,

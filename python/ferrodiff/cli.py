@@ -271,6 +271,7 @@ def train_command(args) -> int:
             lr_schedule=args.lr_schedule,
             warmup_steps=min(args.warmup_steps, max(args.steps - 1, 0)),
             total_steps=args.steps,
+            class_dropout=args.label_dropout if args.conditional else 0.0,
             seed=args.seed,
         )
         total = args.steps
@@ -339,6 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", help="continue the run in this folder where it stopped")
     t.add_argument("--model", choices=["auto", "mlp", "unet"], default="auto")
     t.add_argument("--conditional", action="store_true", help="condition on the dataset's labels")
+    t.add_argument(
+        "--label-dropout",
+        type=float,
+        default=0.1,
+        help="with --conditional: probability of training a row with the null label, for "
+        "classifier-free guidance (default 0.1)",
+    )
     t.add_argument("--steps", type=int, default=5000, help="total training steps (default 5000)")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=1e-3)

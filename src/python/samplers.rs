@@ -15,9 +15,9 @@ use crate::diffusion::Prediction;
 use crate::error::Result;
 use crate::kernels::Noise;
 use crate::sample::{
-    self, invert_loop, sample_loop, Conditioned, Ddim, DdimConfig, Ddpm, DdpmConfig, Denoiser,
-    DynamicThreshold, Guidance, LabeledDenoiser, LoopHooks, ModelOutput, Sampler, StepArgs,
-    VarianceType, X0Processing,
+    self, invert_loop, Conditioned, Ddim, DdimConfig, Ddpm, DdpmConfig, Denoiser, DynamicThreshold,
+    Guidance, LabeledDenoiser, LoopHooks, ModelOutput, Sampler, StepArgs, VarianceType,
+    X0Processing,
 };
 use crate::schedule::{DiffusersConfig, Spacing};
 
@@ -615,6 +615,7 @@ fn sample_impl<'py, S: Sampler>(
     check_finite: bool,
     labels: Option<&Bound<'py, PyAny>>,
     guidance: GuidanceArgs,
+    edit: EditArgs<'_, 'py>,
     desc: &str,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     if let Some(cb) = &callback {
@@ -625,12 +626,90 @@ fn sample_impl<'py, S: Sampler>(
         }
     }
     let seed = seed.unwrap_or_else(fresh_seed);
-    let (x, sh) = initial_noise(py, shape, x_t, seed)?;
+    let steps = sampler.timesteps().len();
+    let (image, start) = match edit.image {
+        Some(img) => {
+            if x_t.is_some() || shape.is_some() {
+                return Err(PyValueError::new_err(
+                    "pass image= or shape= / x_T=, not both: an edit starts from the noised image",
+                ));
+            }
+            let a = f32_array(img, "image")?;
+            let sh = a.shape().to_vec();
+            batch_of(&sh, "image")?;
+            let start = sample::edit_start(steps, edit.strength)?;
+            (Some((a.readonly().as_slice()?.to_vec(), sh)), start)
+        }
+        None => {
+            if edit.strength != 1.0 {
+                return Err(PyValueError::new_err(
+                    "strength needs image= (the image to edit)",
+                ));
+            }
+            (None, 0)
+        }
+    };
+    let (x, sh) = match &image {
+        Some((img, sh)) => (
+            py.detach(|| sample::noised_start(sampler, img, start, seed))?,
+            sh.clone(),
+        ),
+        None => initial_noise(py, shape, x_t, seed)?,
+    };
+    let mask = match edit.mask {
+        None => None,
+        Some(m) => {
+            let Some((img, _)) = &image else {
+                return Err(PyValueError::new_err(
+                    "mask= needs image= (its known pixels are kept)",
+                ));
+            };
+            let np = py.import("numpy")?;
+            let m = f32_array(m, "mask")?;
+            let full = np
+                .call_method1("broadcast_to", (m.clone(), sh.clone()))
+                .map_err(|_| {
+                    PyValueError::new_err(format!(
+                        "mask has shape {:?}, which does not broadcast to the image's {:?}",
+                        m.shape(),
+                        sh
+                    ))
+                })?;
+            let full = f32_array(&np.call_method1("ascontiguousarray", (full,))?, "mask")?;
+            let v = full.readonly().as_slice()?.to_vec();
+            if v.iter().any(|&a| !(0.0..=1.0).contains(&a)) {
+                return Err(PyValueError::new_err(
+                    "mask values must be in [0, 1] (1 = keep the image)",
+                ));
+            }
+            Some((img.clone(), v))
+        }
+    };
     let mut d = denoiser_for(denoiser, labels, guidance, sh[0])?;
-    let mut hooks = PyHooks::new(py, sampler.timesteps().len(), progress, callback, &sh, desc)?;
-    let r = sample_loop(sampler, d.as_mut(), x, &sh, seed, check_finite, &mut hooks);
+    let mut hooks = PyHooks::new(py, steps - start, progress, callback, &sh, desc)?;
+    let edit = sample::Edit {
+        start,
+        inpaint: mask.as_ref().map(|(k, m)| (k.as_slice(), m.as_slice())),
+    };
+    let r = sample::sample_loop_edit(
+        sampler,
+        d.as_mut(),
+        x,
+        &sh,
+        seed,
+        check_finite,
+        &mut hooks,
+        edit,
+    );
     hooks.close();
     vec_to_array(py, r?, &sh)
+}
+
+/// The image-editing arguments of `sample`.
+pub(crate) struct EditArgs<'a, 'py> {
+    image: Option<&'a Bound<'py, PyAny>>,
+    strength: f64,
+    mask: Option<&'a Bound<'py, PyAny>>,
 }
 
 fn x0_processing_arg(
@@ -869,7 +948,7 @@ impl PyDdpm {
 
     /// Runs the whole reverse process with `denoiser(x, t)` (any callable taking a float32
     /// array and an int64 array [B]); starts from `x_T` or `fd.randn(shape, seed)`.
-    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None))]
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
     fn sample<'py>(
         &self,
@@ -885,11 +964,19 @@ impl PyDdpm {
         guidance_scale: Option<f64>,
         guidance_rescale: f64,
         null_label: Option<i64>,
+        image: Option<&Bound<'py, PyAny>>,
+        strength: f64,
+        mask: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let guidance = GuidanceArgs {
             scale: guidance_scale,
             rescale: guidance_rescale,
             null_label,
+        };
+        let edit = EditArgs {
+            image,
+            strength,
+            mask,
         };
         sample_impl(
             &self.inner,
@@ -903,6 +990,7 @@ impl PyDdpm {
             check_finite,
             labels,
             guidance,
+            edit,
             "DDPM",
         )
     }
@@ -1076,7 +1164,7 @@ impl PyDdim {
     }
 
     /// Runs the sampler with `denoiser(x, t)`; starts from `x_T` or `fd.randn(shape, seed)`.
-    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None))]
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
     fn sample<'py>(
         &self,
@@ -1092,11 +1180,19 @@ impl PyDdim {
         guidance_scale: Option<f64>,
         guidance_rescale: f64,
         null_label: Option<i64>,
+        image: Option<&Bound<'py, PyAny>>,
+        strength: f64,
+        mask: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let guidance = GuidanceArgs {
             scale: guidance_scale,
             rescale: guidance_rescale,
             null_label,
+        };
+        let edit = EditArgs {
+            image,
+            strength,
+            mask,
         };
         sample_impl(
             &self.inner,
@@ -1110,6 +1206,7 @@ impl PyDdim {
             check_finite,
             labels,
             guidance,
+            edit,
             "DDIM",
         )
     }

@@ -51,6 +51,57 @@ fn check_output(out: &ModelOutput, shape: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// Stream of the noise that takes the known region of an inpainting to the level of step `i`.
+const INPAINT_STREAM: u64 = 1 << 48;
+
+/// Editing a given image: SDEdit / img2img starts part-way (`start`), inpainting keeps a known
+/// region (`known`, `mask` with 1 = keep, same layout as x) at the current noise level.
+#[derive(Clone, Copy, Default)]
+pub struct Edit<'a> {
+    /// Position in the sampler's timesteps of the first step (x holds the image noised to it).
+    pub start: usize,
+    pub inpaint: Option<(&'a [f32], &'a [f32])>,
+}
+
+/// The first step of an SDEdit run with `strength` in (0, 1] (diffusers' img2img rule: the last
+/// ⌊strength · S⌋ of the S steps run).
+pub fn edit_start(steps: usize, strength: f64) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        crate::value_error!("strength must be in (0, 1], got {strength}");
+    }
+    let run = ((steps as f64 * strength) as usize).min(steps);
+    if run == 0 {
+        crate::value_error!(
+            "strength {strength} leaves no step of the {steps} to run: raise strength or steps"
+        );
+    }
+    Ok(steps - run)
+}
+
+/// x_t = √ᾱ x0 + √(1-ᾱ) z at `alpha_bar`, blended into `x` where `mask` is 1 (SDEdit's start
+/// with a full mask; inpainting's known region).
+fn blend_noised(
+    x: &mut [f32],
+    known: &[f32],
+    mask: &[f32],
+    alpha_bar: f64,
+    seed: u64,
+    stream: u64,
+) {
+    let (a, b) = (
+        alpha_bar.sqrt() as f32,
+        (1.0 - alpha_bar).max(0.0).sqrt() as f32,
+    );
+    crate::kernels::for_each_chunk(x, |start, chunk| {
+        let mut z = vec![0f32; chunk.len()];
+        crate::kernels::rng::fill_normal(seed, stream, start as u64, &mut z);
+        for (j, v) in chunk.iter_mut().enumerate() {
+            let m = mask[start + j];
+            *v = m * (a * known[start + j] + b * z[j]) + (1.0 - m) * *v;
+        }
+    });
+}
+
 /// Runs a sampler from x_T over its timesteps; noise from `seed` (stream = timestep).
 pub fn sample_loop<S: Sampler + ?Sized>(
     sampler: &S,
@@ -61,7 +112,40 @@ pub fn sample_loop<S: Sampler + ?Sized>(
     check_finite: bool,
     hooks: &mut dyn LoopHooks,
 ) -> Result<Vec<f32>> {
+    sample_loop_edit(
+        sampler,
+        denoiser,
+        x_t,
+        shape,
+        seed,
+        check_finite,
+        hooks,
+        Edit::default(),
+    )
+}
+
+/// [`sample_loop`] starting at step `edit.start` and keeping an inpainting's known region.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_loop_edit<S: Sampler + ?Sized>(
+    sampler: &S,
+    denoiser: &mut dyn Denoiser,
+    x_t: Vec<f32>,
+    shape: &[usize],
+    seed: u64,
+    check_finite: bool,
+    hooks: &mut dyn LoopHooks,
+    edit: Edit<'_>,
+) -> Result<Vec<f32>> {
     let n = x_t.len();
+    if let Some((known, mask)) = edit.inpaint {
+        if known.len() != n || mask.len() != n {
+            shape_error!(
+                "the known image and mask must have x's {n} elements, got {} and {}",
+                known.len(),
+                mask.len()
+            );
+        }
+    }
     if n != shape.iter().product::<usize>() {
         shape_error!("x_T has {n} elements but the shape is {shape:?}");
     }
@@ -73,7 +157,8 @@ pub fn sample_loop<S: Sampler + ?Sized>(
     } else {
         Vec::new()
     };
-    for (i, &t) in sampler.timesteps().iter().enumerate() {
+    let timesteps = sampler.timesteps();
+    for (i, &t) in timesteps.iter().enumerate().skip(edit.start) {
         let tb = vec![t; batch];
         let out = denoiser.predict(&x, shape, &tb)?;
         check_output(&out, shape)?;
@@ -98,8 +183,46 @@ pub fn sample_loop<S: Sampler + ?Sized>(
             })?;
         }
         std::mem::swap(&mut x, &mut next);
+        if let Some((known, mask)) = edit.inpaint {
+            // The known region, forward-noised to the level this step reached.
+            let alpha_bar = match timesteps.get(i + 1) {
+                Some(&tp) => sampler.schedule().alphas_cumprod[tp as usize],
+                None => 1.0,
+            };
+            let xr = &mut x;
+            hooks.run_pass(&mut || {
+                blend_noised(xr, known, mask, alpha_bar, seed, INPAINT_STREAM + i as u64);
+                Ok(())
+            })?;
+        }
         hooks.after_step(i, t, &x, &pred_x0)?;
     }
+    Ok(x)
+}
+
+/// The starting x of an SDEdit run: `image` forward-noised to the sampler's timestep at
+/// position `start` with the initial-noise stream of `seed` (as `randn(shape, seed)`).
+pub fn noised_start<S: Sampler + ?Sized>(
+    sampler: &S,
+    image: &[f32],
+    start: usize,
+    seed: u64,
+) -> Result<Vec<f32>> {
+    let t = *sampler
+        .timesteps()
+        .get(start)
+        .ok_or_else(|| crate::Error::Value(format!("start {start} is past the sampler's steps")))?;
+    let mut x = vec![0f32; image.len()];
+    let ones = vec![1f32; image.len()];
+    let alpha_bar = sampler.schedule().alphas_cumprod[t as usize];
+    blend_noised(
+        &mut x,
+        image,
+        &ones,
+        alpha_bar,
+        seed,
+        super::INITIAL_NOISE_STREAM,
+    );
     Ok(x)
 }
 

@@ -9,7 +9,10 @@ pub mod langevin;
 
 pub use ddim::{Ddim, DdimConfig};
 pub use ddpm::{Ddpm, DdpmConfig, VarianceType};
-pub use denoiser::{invert_loop, sample_loop, Denoiser, LoopHooks, ModelOutput, NoHooks};
+pub use denoiser::{
+    edit_start, invert_loop, noised_start, sample_loop, sample_loop_edit, Denoiser, Edit,
+    LoopHooks, ModelOutput, NoHooks,
+};
 pub use guidance::{Conditioned, Guidance, LabeledDenoiser};
 
 use crate::diffusion::{x0_coefficients, Prediction};
