@@ -317,11 +317,16 @@ fn model_configs_round_trip_through_json() {
 
 #[test]
 fn classifier_cross_entropy_gradients_match_finite_differences() {
-    let c = Classifier::new_in(5, &[7, 6], 3, 4, DType::F64).unwrap();
+    let c = Classifier::new_in(5, &[7, 6], 3, 8, 4, DType::F64).unwrap();
+    let t = [3.0f32, 50.0, 0.0, 99.0];
     let x: Vec<f64> = (0..20).map(|i| ((i * 7 % 11) as f64 / 5.0) - 1.0).collect();
     let x = Tensor::from_vec(x, (4, 5), &Device::Cpu).unwrap();
     let labels = [0u32, 2, 1, 2];
-    let grads = c.cross_entropy(&x, &labels).unwrap().backward().unwrap();
+    let grads = c
+        .cross_entropy(&x, Some(&t), &labels)
+        .unwrap()
+        .backward()
+        .unwrap();
     for (name, v) in c.params().named_vars() {
         let g: Vec<f64> = grads
             .get(v.as_tensor())
@@ -337,7 +342,7 @@ fn classifier_cross_entropy_gradients_match_finite_differences() {
                 p[i] += delta;
                 v.set(&Tensor::from_vec(p, v.dims(), &Device::Cpu).unwrap())
                     .unwrap();
-                c.cross_entropy(&x, &labels)
+                c.cross_entropy(&x, Some(&t), &labels)
                     .unwrap()
                     .to_scalar::<f64>()
                     .unwrap()
@@ -354,7 +359,7 @@ fn classifier_cross_entropy_gradients_match_finite_differences() {
     }
     // The probabilities sum to one.
     let p = c
-        .log_probs(&x)
+        .log_probs(&x, Some(&t))
         .unwrap()
         .exp()
         .unwrap()
@@ -363,4 +368,29 @@ fn classifier_cross_entropy_gradients_match_finite_differences() {
         .to_vec1::<f64>()
         .unwrap();
     assert!(p.iter().all(|s| (s - 1.0).abs() < 1e-12));
+    // The input gradient of log f(y | x, t) against finite differences.
+    let g: Vec<f64> = c
+        .grad_log_prob(&x, Some(&t), &labels)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let base: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let logp = |v: &[f64]| -> f64 {
+        let xt = Tensor::from_vec(v.to_vec(), (4, 5), &Device::Cpu).unwrap();
+        let lp: Vec<Vec<f64>> = c.log_probs(&xt, Some(&t)).unwrap().to_vec2().unwrap();
+        (0..4).map(|r| lp[r][labels[r] as usize]).sum()
+    };
+    for i in [0, 7, 19] {
+        let (mut up, mut down) = (base.clone(), base.clone());
+        up[i] += 1e-5;
+        down[i] -= 1e-5;
+        let fd = (logp(&up) - logp(&down)) / 2e-5;
+        assert!(
+            (fd - g[i]).abs() <= 1e-6 * fd.abs().max(1.0),
+            "x[{i}]: {} vs {fd}",
+            g[i]
+        );
+    }
 }

@@ -13,7 +13,7 @@ use super::callback_error;
 use super::schedule::PySchedule;
 use crate::error::{Error, Result};
 use crate::nn::{Model, ModelConfig};
-use crate::sample::{Denoiser, LabeledDenoiser, ModelOutput};
+use crate::sample::{Denoiser, GradLogProb, LabeledDenoiser, ModelOutput};
 use crate::train::{self, AdamWConfig, EmaConfig, LrDecay, TrainConfig, TrainHooks, Trainer};
 
 fn json_dumps(obj: &Bound<'_, PyAny>) -> PyResult<String> {
@@ -579,6 +579,13 @@ fn rows_tensor(x: &Bound<'_, PyAny>) -> PyResult<candle_core::Tensor> {
     )
 }
 
+fn times_arg(t: Option<&Bound<'_, PyAny>>, n: usize) -> PyResult<Option<Vec<f32>>> {
+    Ok(match t {
+        Some(t) => Some(timesteps_arg(t, n)?.into_iter().map(|v| v as f32).collect()),
+        None => None,
+    })
+}
+
 fn to_array<'py>(py: Python<'py>, t: candle_core::Tensor) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let shape = t.dims().to_vec();
     let v = t
@@ -591,16 +598,24 @@ fn to_array<'py>(py: Python<'py>, t: candle_core::Tensor) -> PyResult<Bound<'py,
 
 #[pymethods]
 impl PyClassifier {
+    /// `time_embed_dim > 0`: a noisy classifier f(y | x_t, t) for classifier guidance.
     #[new]
-    #[pyo3(signature = (in_dim, hidden, num_classes, seed=0))]
-    fn new(in_dim: usize, hidden: Vec<usize>, num_classes: usize, seed: u64) -> PyResult<Self> {
+    #[pyo3(signature = (in_dim, hidden, num_classes, seed=0, time_embed_dim=0))]
+    fn new(
+        in_dim: usize,
+        hidden: Vec<usize>,
+        num_classes: usize,
+        seed: u64,
+        time_embed_dim: usize,
+    ) -> PyResult<Self> {
         Ok(PyClassifier {
-            inner: crate::nn::Classifier::new(in_dim, &hidden, num_classes, seed)?,
+            inner: crate::nn::Classifier::new(in_dim, &hidden, num_classes, time_embed_dim, seed)?,
         })
     }
 
-    /// Trains on `data` [N, ...] with integer `labels` [N]; returns the loss of every step.
-    #[pyo3(signature = (data, labels, *, steps=2000, batch_size=128, lr=3e-3, seed=0))]
+    /// Trains on `data` [N, ...] with integer `labels` [N]; returns the loss of every step. A
+    /// noisy classifier trains on data noised by `schedule` at uniformly drawn timesteps.
+    #[pyo3(signature = (data, labels, *, steps=2000, batch_size=128, lr=3e-3, seed=0, schedule=None))]
     #[allow(clippy::too_many_arguments)]
     fn fit<'py>(
         &self,
@@ -611,6 +626,7 @@ impl PyClassifier {
         batch_size: usize,
         lr: f64,
         seed: u64,
+        schedule: Option<PyRef<'py, PySchedule>>,
     ) -> PyResult<Bound<'py, numpy::PyArray1<f32>>> {
         let (values, shape) = data_arg(data)?;
         let per: usize = shape.iter().product();
@@ -620,37 +636,161 @@ impl PyClassifier {
             return Err(PyValueError::new_err("labels must be in [0, num_classes)"));
         }
         let c = &self.inner;
-        let losses =
-            py.detach(|| train::fit_classifier(c, &values, &y, steps, batch_size, lr, seed))?;
+        let sch = schedule.as_ref().map(|s| s.inner.clone());
+        let losses = py.detach(|| {
+            train::fit_classifier(c, sch.as_ref(), &values, &y, steps, batch_size, lr, seed)
+        })?;
         Ok(losses.into_pyarray(py))
     }
 
-    /// The last hidden layer's activations [N, hidden] (features for Fréchet distances).
+    /// The last hidden layer's activations [N, hidden] (features for Fréchet distances);
+    /// `t` (int or [N]) for a noisy classifier.
+    #[pyo3(signature = (x, t=None))]
     fn features<'py>(
         &self,
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
+        t: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        let t = rows_tensor(x)?;
+        let xt = rows_tensor(x)?;
+        let tf = times_arg(t, xt.dims()[0])?;
         let c = &self.inner;
-        let f = py.detach(|| c.features(&t))?;
+        let f = py.detach(|| c.features(&xt, tf.as_deref()))?;
         to_array(py, f)
     }
 
-    /// Class probabilities [N, num_classes].
+    /// Class probabilities [N, num_classes]; `t` for a noisy classifier.
+    #[pyo3(signature = (x, t=None))]
     fn predict_proba<'py>(
         &self,
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
+        t: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        let t = rows_tensor(x)?;
+        let xt = rows_tensor(x)?;
+        let tf = times_arg(t, xt.dims()[0])?;
         let c = &self.inner;
-        let p = py.detach(|| -> Result<candle_core::Tensor> { Ok(c.log_probs(&t)?.exp()?) })?;
+        let p = py.detach(|| -> Result<candle_core::Tensor> {
+            Ok(c.log_probs(&xt, tf.as_deref())?.exp()?)
+        })?;
         to_array(py, p)
+    }
+
+    /// ∇_x log f(y | x, t), shaped like x: the guidance direction of classifier guidance.
+    #[pyo3(signature = (x, t, y))]
+    fn grad_log_prob<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        t: Option<&Bound<'py, PyAny>>,
+        y: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let xt = rows_tensor(x)?;
+        let n = xt.dims()[0];
+        let tf = times_arg(t, n)?;
+        let labels = labels_arg(y, n, self.inner.num_classes())?;
+        let c = &self.inner;
+        let g = py.detach(|| c.grad_log_prob(&xt, tf.as_deref(), &labels))?;
+        to_array(py, g)
+    }
+
+    #[getter]
+    fn is_noisy(&self) -> bool {
+        self.inner.is_noisy()
     }
 
     #[getter]
     fn num_classes(&self) -> usize {
         self.inner.num_classes()
+    }
+}
+
+/// A ferrodiff noisy classifier or a Python `grad_fn(x, t, y)` as the gradient source of
+/// classifier guidance.
+pub(crate) fn grad_fn_for<'py>(
+    obj: &Bound<'py, PyAny>,
+    labels: &[i64],
+) -> PyResult<Box<dyn GradLogProb + 'py>> {
+    let py = obj.py();
+    if let Ok(c) = obj.cast::<PyClassifier>() {
+        let clf = c.get().inner.clone();
+        if !clf.is_noisy() {
+            return Err(PyValueError::new_err(
+                "classifier guidance needs a noisy classifier (Classifier(..., time_embed_dim > 0) trained with a schedule)",
+            ));
+        }
+        if let Some(&bad) = labels
+            .iter()
+            .find(|&&y| y < 0 || y as usize >= clf.num_classes())
+        {
+            return Err(PyValueError::new_err(format!(
+                "label {bad} is out of range for a classifier of {} classes",
+                clf.num_classes()
+            )));
+        }
+        return Ok(Box::new(ClassifierGrad { py, clf }));
+    }
+    if obj.is_callable() {
+        return Ok(Box::new(PyGradFn { f: obj.clone() }));
+    }
+    Err(PyTypeError::new_err(format!(
+        "classifier must be a ferrodiff.nn.Classifier or callable as grad_fn(x, t, y), got {}",
+        type_name(obj)
+    )))
+}
+
+struct ClassifierGrad<'py> {
+    py: Python<'py>,
+    clf: crate::nn::Classifier,
+}
+
+impl GradLogProb for ClassifierGrad<'_> {
+    fn grad_log_prob(
+        &mut self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[i64],
+        labels: &[i64],
+    ) -> Result<Vec<f32>> {
+        let c = &self.clf;
+        self.py.detach(|| {
+            let xt = candle_core::Tensor::from_slice(x, shape, &Device::Cpu)?;
+            let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
+            let y: Vec<u32> = labels.iter().map(|&v| v as u32).collect();
+            Ok(c.grad_log_prob(&xt, Some(&tf), &y)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        })
+    }
+}
+
+struct PyGradFn<'py> {
+    f: Bound<'py, PyAny>,
+}
+
+impl GradLogProb for PyGradFn<'_> {
+    fn grad_log_prob(
+        &mut self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[i64],
+        labels: &[i64],
+    ) -> Result<Vec<f32>> {
+        let py = self.f.py();
+        let run = || -> PyResult<Vec<f32>> {
+            let xa = vec_to_array(py, x.to_vec(), shape)?;
+            let ta = t.to_vec().into_pyarray(py);
+            let ya = labels.to_vec().into_pyarray(py);
+            let r = self.f.call1((xa, ta, ya))?;
+            let a = f32_array(&r, "the classifier gradient")?;
+            if a.shape() != shape {
+                return Err(PyValueError::new_err(format!(
+                    "grad_fn returned shape {:?} but x has shape {shape:?}",
+                    a.shape()
+                )));
+            }
+            Ok(a.readonly().as_slice()?.to_vec())
+        };
+        run().map_err(callback_error)
     }
 }

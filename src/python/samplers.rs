@@ -685,7 +685,33 @@ fn sample_impl<'py, S: Sampler>(
             Some((img.clone(), v))
         }
     };
-    let mut d = denoiser_for(denoiser, labels, guidance, sh[0])?;
+    let mut d = match edit.classifier {
+        None => denoiser_for(denoiser, labels, guidance, sh[0])?,
+        Some(clf) => {
+            let Some(l) = labels else {
+                return Err(PyValueError::new_err(
+                    "classifier= needs labels= (the classes to guide towards)",
+                ));
+            };
+            let y = timesteps_arg(l, sh[0])
+                .map_err(|e| PyValueError::new_err(format!("labels: {}", e.value(py))))?;
+            // The denoiser sees the labels only when classifier-free guidance is also on.
+            let model_labels = if guidance.scale.is_some() {
+                Some(l)
+            } else {
+                None
+            };
+            let inner = denoiser_for(denoiser, model_labels, guidance, sh[0])?;
+            let classifier = super::nn::grad_fn_for(clf, &y)?;
+            Box::new(sample::ClassifierGuided {
+                inner,
+                classifier,
+                sampler,
+                labels: y,
+                scale: edit.classifier_scale,
+            }) as Box<dyn Denoiser + '_>
+        }
+    };
     let mut hooks = PyHooks::new(py, steps - start, progress, callback, &sh, desc)?;
     let edit = sample::Edit {
         start,
@@ -710,6 +736,8 @@ pub(crate) struct EditArgs<'a, 'py> {
     image: Option<&'a Bound<'py, PyAny>>,
     strength: f64,
     mask: Option<&'a Bound<'py, PyAny>>,
+    classifier: Option<&'a Bound<'py, PyAny>>,
+    classifier_scale: f64,
 }
 
 fn x0_processing_arg(
@@ -948,7 +976,7 @@ impl PyDdpm {
 
     /// Runs the whole reverse process with `denoiser(x, t)` (any callable taking a float32
     /// array and an int64 array [B]); starts from `x_T` or `fd.randn(shape, seed)`.
-    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None))]
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, classifier=None, classifier_scale=1.0))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
     fn sample<'py>(
         &self,
@@ -967,6 +995,8 @@ impl PyDdpm {
         image: Option<&Bound<'py, PyAny>>,
         strength: f64,
         mask: Option<&Bound<'py, PyAny>>,
+        classifier: Option<&Bound<'py, PyAny>>,
+        classifier_scale: f64,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let guidance = GuidanceArgs {
             scale: guidance_scale,
@@ -977,6 +1007,8 @@ impl PyDdpm {
             image,
             strength,
             mask,
+            classifier,
+            classifier_scale,
         };
         sample_impl(
             &self.inner,
@@ -1164,7 +1196,7 @@ impl PyDdim {
     }
 
     /// Runs the sampler with `denoiser(x, t)`; starts from `x_T` or `fd.randn(shape, seed)`.
-    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None))]
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, classifier=None, classifier_scale=1.0))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
     fn sample<'py>(
         &self,
@@ -1183,6 +1215,8 @@ impl PyDdim {
         image: Option<&Bound<'py, PyAny>>,
         strength: f64,
         mask: Option<&Bound<'py, PyAny>>,
+        classifier: Option<&Bound<'py, PyAny>>,
+        classifier_scale: f64,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let guidance = GuidanceArgs {
             scale: guidance_scale,
@@ -1193,6 +1227,8 @@ impl PyDdim {
             image,
             strength,
             mask,
+            classifier,
+            classifier_scale,
         };
         sample_impl(
             &self.inner,

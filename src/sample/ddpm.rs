@@ -116,6 +116,22 @@ impl Sampler for Ddpm {
     fn schedule(&self) -> &Schedule {
         &self.schedule
     }
+    /// The ancestral form (Dhariwal & Nichol 2021, algorithm 1): μ' = μ + s Σ ∇ log f. With
+    /// μ = (x − β'/√(1−ᾱ) ε)/√α' on the (respaced) process, that is ε' = ε − k s ∇ with
+    /// k = Σ √α' √(1−ᾱ) / β'.
+    fn classifier_guidance_factor(&self, t: i64) -> Result<f64> {
+        let p = position_of(&self.position, &self.timesteps, t)?;
+        let (beta, posterior) = self.step_variances(p);
+        let sigma2 = match self.config.variance {
+            VarianceType::FixedSmall => posterior,
+            VarianceType::FixedLarge => beta,
+            VarianceType::LearnedRange => crate::value_error!(
+                "classifier guidance with learned variances is not supported by DDPM: use fixed_small or fixed_large, or DDIM"
+            ),
+        };
+        let abar = self.schedule.alphas_cumprod[t as usize];
+        Ok(sigma2 * (1.0 - beta).sqrt() * (1.0 - abar).sqrt() / beta)
+    }
     fn timesteps(&self) -> &[i64] {
         &self.timesteps
     }

@@ -143,6 +143,82 @@ impl<D: LabeledDenoiser> Denoiser for Conditioned<D> {
     }
 }
 
+/// ∇_x log f(y | x_t, t) of a classifier, per row, shaped like x.
+pub trait GradLogProb {
+    fn grad_log_prob(
+        &mut self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[i64],
+        labels: &[i64],
+    ) -> Result<Vec<f32>>;
+}
+
+/// Classifier guidance (Dhariwal & Nichol 2021) of an ε-prediction denoiser for a sampler:
+/// ε' = ε − k_t s ∇ log f(y | x_t, t), with k_t from [`super::Sampler::classifier_guidance_factor`]
+/// (DDIM: the ε form, algorithm 2; DDPM: the mean shift s Σ ∇, algorithm 1). Only the ε half of
+/// a learned-variance output is shifted.
+pub struct ClassifierGuided<'s, D: Denoiser, G: GradLogProb, S: super::Sampler + ?Sized> {
+    pub inner: D,
+    pub classifier: G,
+    pub sampler: &'s S,
+    pub labels: Vec<i64>,
+    pub scale: f64,
+}
+
+impl<D: Denoiser, G: GradLogProb, S: super::Sampler + ?Sized> Denoiser
+    for ClassifierGuided<'_, D, G, S>
+{
+    fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
+        if self.sampler.prediction() != crate::diffusion::Prediction::Epsilon {
+            value_error!("classifier guidance shifts the ε-prediction: the sampler must use prediction='epsilon'");
+        }
+        let batch = shape.first().copied().unwrap_or(0);
+        if self.labels.len() != batch {
+            shape_error!(
+                "labels have {} entries but the batch has {batch} rows",
+                self.labels.len()
+            );
+        }
+        let mut out = self.inner.predict(x, shape, t)?;
+        let (row, out_row) = model_output_layout(shape, &out.shape)?;
+        let grad = self.classifier.grad_log_prob(x, shape, t, &self.labels)?;
+        if grad.len() != x.len() {
+            shape_error!(
+                "the classifier gradient has {} values but x has {}",
+                grad.len(),
+                x.len()
+            );
+        }
+        for b in 0..batch {
+            let k = (self.sampler.classifier_guidance_factor(t[b])? * self.scale) as f32;
+            let eps = &mut out.data[b * out_row..b * out_row + row];
+            for (e, &g) in eps.iter_mut().zip(&grad[b * row..(b + 1) * row]) {
+                *e -= k * g;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl<T: Denoiser + ?Sized> Denoiser for Box<T> {
+    fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
+        (**self).predict(x, shape, t)
+    }
+}
+
+impl<T: GradLogProb + ?Sized> GradLogProb for Box<T> {
+    fn grad_log_prob(
+        &mut self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[i64],
+        labels: &[i64],
+    ) -> Result<Vec<f32>> {
+        (**self).grad_log_prob(x, shape, t, labels)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

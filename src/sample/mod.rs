@@ -13,7 +13,7 @@ pub use denoiser::{
     edit_start, invert_loop, noised_start, sample_loop, sample_loop_edit, Denoiser, Edit,
     LoopHooks, ModelOutput, NoHooks,
 };
-pub use guidance::{Conditioned, Guidance, LabeledDenoiser};
+pub use guidance::{ClassifierGuided, Conditioned, GradLogProb, Guidance, LabeledDenoiser};
 
 use crate::diffusion::{x0_coefficients, Prediction};
 use crate::error::{Error, Result};
@@ -112,6 +112,13 @@ pub trait Sampler: Sync {
     /// Whether this sampler reads the variance half of a 2C-channel output.
     fn uses_learned_variance(&self) -> bool {
         false
+    }
+    /// Classifier guidance as a shift of the ε-prediction, ε' = ε − k · s · ∇ log f(y | x_t):
+    /// the factor k at timestep t. The default is the ε form of DDIM (Dhariwal & Nichol 2021,
+    /// algorithm 2): k = √(1 − ᾱ_t).
+    fn classifier_guidance_factor(&self, t: i64) -> Result<f64> {
+        let i = self.schedule().check_timestep(t)?;
+        Ok((1.0 - self.schedule().alphas_cumprod[i]).sqrt())
     }
 }
 

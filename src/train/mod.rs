@@ -597,9 +597,12 @@ impl Trainer {
 }
 
 /// Fits a classifier on `data` (rows of `classifier.in_dim()` values) with AdamW and
-/// minibatches drawn by the counter-based generator; returns the loss of every step.
+/// minibatches drawn by the counter-based generator; returns the loss of every step. With a
+/// `schedule` (noisy classifiers) each row is first noised to a uniformly drawn timestep.
+#[allow(clippy::too_many_arguments)]
 pub fn fit_classifier(
     classifier: &crate::nn::Classifier,
+    schedule: Option<&Schedule>,
     data: &[f32],
     labels: &[u32],
     steps: u64,
@@ -607,6 +610,11 @@ pub fn fit_classifier(
     lr: f64,
     seed: u64,
 ) -> Result<Vec<f32>> {
+    if schedule.is_some() != classifier.is_noisy() {
+        value_error!(
+            "a noisy classifier (time_embed_dim > 0) trains with a schedule, a clean one without"
+        );
+    }
     let d = classifier.in_dim();
     let n = labels.len();
     if n == 0 || data.len() != n * d {
@@ -632,8 +640,23 @@ pub fn fit_classifier(
             x.extend_from_slice(&data[i * d..(i + 1) * d]);
             y.push(labels[i]);
         }
+        let (x, t) = match schedule {
+            Some(sch) => {
+                let u = uniforms(seed, NOISE_STREAM ^ (s << 1), batch_size);
+                let t: Vec<i64> = u
+                    .iter()
+                    .map(|&v| ((v as f64 * sch.len() as f64) as i64).min(sch.len() as i64 - 1))
+                    .collect();
+                let mut noise = vec![0f32; x.len()];
+                fill_normal(seed, NOISE_STREAM + s, 0, &mut noise);
+                let mut xt = vec![0f32; x.len()];
+                q_sample(sch, &[batch_size, d], &x, &t, &noise, &mut xt)?;
+                (xt, Some(t.iter().map(|&v| v as f32).collect::<Vec<f32>>()))
+            }
+            None => (x, None),
+        };
         let x = Tensor::from_vec(x, (batch_size, d), &Device::Cpu)?;
-        let loss = classifier.cross_entropy(&x, &y)?;
+        let loss = classifier.cross_entropy(&x, t.as_deref(), &y)?;
         let grads = loss.backward()?;
         opt.step(&grads, lr * lr_factor(LrDecay::Cosine, 0, steps, s), 1.0)?;
         losses.push(loss.to_scalar::<f32>()?);
