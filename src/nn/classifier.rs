@@ -51,7 +51,7 @@ impl Classifier {
         seed: u64,
         dtype: DType,
     ) -> Result<Self> {
-        if time_embed_dim % 2 != 0 {
+        if !time_embed_dim.is_multiple_of(2) {
             value_error!("time_embed_dim must be even, got {time_embed_dim}");
         }
         if in_dim == 0 || num_classes < 2 || hidden.is_empty() || hidden.contains(&0) {
