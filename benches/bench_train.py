@@ -578,13 +578,21 @@ def _cpu_snapshot():
     return busy, steal, t.user + t.system, time.perf_counter()
 
 
-def _busy_note(snap0, when):
+def _other_load(snap0):
+    """(cores used by other processes, steal) on average since snap0, or None."""
     busy1, steal1, own1, wall1 = _cpu_snapshot()
     busy0, steal0, own0, wall0 = snap0
     if busy0 is None or busy1 is None or wall1 <= wall0:
-        return
+        return None
     other = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
-    steal = (steal1 - steal0) / (wall1 - wall0)
+    return other, (steal1 - steal0) / (wall1 - wall0)
+
+
+def _busy_note(snap0, when):
+    load = _other_load(snap0)
+    if load is None:
+        return
+    other, steal = load
     flag = "WARNING: timings unreliable, " if other > 0.25 or steal > 0.25 else ""
     print(f"({flag}{when}: other processes used {other:.2f} cores on average, steal {steal:.2f})")
 
@@ -642,9 +650,14 @@ def main():
 
     results = []
     for name in ARGS.only:
+        case_snap = _cpu_snapshot()
         res = run_case(name, schedule)
         results.append(res)
-        print(f"  {name}: ferrodiff {fmt(res['fd_ms'])} ms, torch {fmt(res['th_ms'])} ms ({res['note']})")
+        load = _other_load(case_snap)
+        busy = "" if load is None else f"; other processes {load[0]:.2f} cores"
+        print(
+            f"  {name}: ferrodiff {fmt(res['fd_ms'])} ms, torch {fmt(res['th_ms'])} ms ({res['note']}{busy})"
+        )
         sys.stdout.flush()
 
     print(f"\n#### threads={THREADS}, float32{' (quick)' if ARGS.quick else ''}\n")
