@@ -304,11 +304,23 @@ def sample_command(args) -> int:
         sampler = fd.DDPM(schedule, steps=args.steps, clip_sample=args.clip)
     shape = (args.n, *model.data_shape)
     labels = None
-    if model.num_classes > 0:
-        labels = (
-            np.full(args.n, args.label) if args.label is not None else np.arange(args.n) % model.num_classes
-        )
-    x = sampler.sample(model, shape, seed=args.seed, labels=labels, progress=not args.no_progress)
+    if args.labels is not None:
+        wanted = [int(v) for v in args.labels.split(",") if v.strip()]
+        if not wanted:
+            raise ValueError("--labels must be a comma-separated list of class indices, e.g. 0,1,2")
+        labels = np.resize(np.array(wanted), args.n)  # repeats to fill N
+    elif model.num_classes > 0:
+        labels = np.arange(args.n) % model.num_classes
+    if args.guidance_scale is not None and labels is None:
+        raise ValueError("--guidance-scale needs a class-conditional checkpoint (or --labels)")
+    x = sampler.sample(
+        model,
+        shape,
+        seed=args.seed,
+        labels=labels,
+        guidance_scale=args.guidance_scale,
+        progress=not args.no_progress,
+    )
     _save_samples(Path(args.out), x)
     print(f"wrote {args.out} ({args.n} samples, {args.sampler} {args.steps} steps)")
     return 0
@@ -376,7 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--clip", type=float, default=None, help="clip predicted x0 to [-CLIP, CLIP]")
     s.add_argument("--n", type=int, default=64)
     s.add_argument(
-        "--label", type=int, default=None, help="class of every sample (default: cycle through classes)"
+        "--labels",
+        default=None,
+        help="classes to sample, e.g. 0,1,2 (repeated to fill --n; default: all classes)",
+    )
+    s.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale s (1: plain conditional; s = 1 + w of Ho & Salimans)",
     )
     s.add_argument("--out", required=True, help="FILE.npy or FILE.png")
     s.add_argument("--seed", type=int, default=0)
