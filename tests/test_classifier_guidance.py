@@ -135,3 +135,33 @@ def test_classifier_guidance_errors():
         sampler.sample(d, (2, 2), labels=[0, 1], classifier=3)
     with pytest.raises(ValueError, match="time embedding|timesteps"):
         fd.nn.Classifier(2, [8], 2).predict_proba(np.zeros((1, 2), np.float32), t=3)
+
+
+def test_classifier_saves_loads_and_pickles_with_its_schedule(tmp_path):
+    import pickle
+
+    schedule = fd.Schedule.cosine(200)
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 256)
+    data = (MEANS[y] + STD * rng.standard_normal((256, 2))).astype(np.float32)
+    clf = fd.nn.Classifier(2, [16, 8], 2, seed=4, time_embed_dim=8)
+    assert clf.schedule is None
+    clf.fit(data, y, schedule=schedule, steps=20, batch_size=32)
+    assert len(clf.schedule) == 200
+    x = rng.standard_normal((5, 2)).astype(np.float32)
+    want = clf.predict_proba(x, 50)
+    file = clf.save(tmp_path / "clf")
+    assert file.name == "classifier.safetensors" and file.parent == tmp_path / "clf"
+    assert not [f for f in (tmp_path / "clf").iterdir() if ".tmp" in f.name]
+    for other in (fd.nn.Classifier.load(tmp_path / "clf"), pickle.loads(pickle.dumps(clf))):
+        np.testing.assert_array_equal(other.predict_proba(x, 50), want)
+        np.testing.assert_array_equal(other.schedule.alphas_cumprod, schedule.alphas_cumprod)
+        assert other.config == {"in_dim": 2, "hidden": [16, 8], "num_classes": 2, "time_embed_dim": 8}
+    clean = fd.nn.Classifier(2, [4], 3)
+    clean.save(tmp_path / "c.safetensors")
+    assert fd.nn.Classifier.load(tmp_path / "c.safetensors").schedule is None
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        fd.nn.Classifier.load(tmp_path / "nothing")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        fd.nn.Classifier.load(tmp_path / "bad.safetensors")

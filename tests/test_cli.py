@@ -142,3 +142,69 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         pass
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_train_classifier_then_sample_with_classifier_guidance(demo_run, tmp_path):
+    """`train-classifier` on the demo's schedule, then `sample --classifier`: the guided digits
+    are read as their labels by the sklearn judge far more often than chance."""
+    clf_dir = tmp_path / "clf"
+    r = run(
+        "train-classifier",
+        "--data",
+        "digits",
+        "--out",
+        clf_dir,
+        "--schedule-from",
+        demo_run / "run",
+        "--steps",
+        "600",
+        "--hidden",
+        "128,128",
+    )
+    assert r.returncode == 0, r.stderr
+    m = json.loads((clf_dir / "metrics.json").read_text())
+    assert m["test_accuracy"]["0"] > 0.9, m  # clean held-out digits
+    assert (clf_dir / "classifier.safetensors").exists() and (clf_dir / "loss.png").exists()
+    out = tmp_path / "guided.npy"
+    r = run(
+        "sample",
+        "--checkpoint",
+        demo_run / "run",
+        "--classifier",
+        clf_dir,
+        "--classifier-scale",
+        "4",
+        "--labels",
+        "3",
+        "--n",
+        "64",
+        "--steps",
+        "25",
+        "--out",
+        out,
+        "--no-progress",
+    )
+    assert r.returncode == 0, r.stderr
+    x = np.load(out)
+    assert x.shape == (64, 1, 8, 8) and np.isfinite(x).all()
+    from sklearn.svm import SVC
+
+    import ferrodiff as fd
+
+    train = fd.datasets.digits(split="train")
+    judge = SVC(gamma="scale").fit(train.data.reshape(len(train.data), -1), train.labels)
+    read_as_3 = np.mean(judge.predict(x.reshape(64, -1)) == 3)
+    assert read_as_3 > 0.5, read_as_3
+
+    # a classifier trained on another schedule is refused, as are stray flags
+    other = tmp_path / "clf_linear"
+    r = run("train-classifier", "--data", "digits", "--out", other, "--schedule", "linear", "--steps", "5")
+    assert r.returncode == 0, r.stderr
+    r = run("sample", "--checkpoint", demo_run / "run", "--classifier", other, "--out", tmp_path / "x.npy")
+    assert r.returncode == 2 and "another noise schedule" in r.stderr
+    r = run(
+        "sample", "--checkpoint", demo_run / "run", "--classifier-scale", "2", "--out", tmp_path / "x.npy"
+    )
+    assert r.returncode == 2 and "--classifier" in r.stderr
+    r = run("train-classifier", "--data", "digits", "--out", tmp_path / "s", "--time-embed-dim", "3")
+    assert r.returncode == 2 and "--time-embed-dim" in r.stderr

@@ -1,7 +1,8 @@
 """Candle denoiser networks, built and run from Python on numpy arrays.
 
 :func:`MLP` (low-dimensional data: 2-D toys, flattened 8x8 digits) and :func:`UNet` (images) return
-a :class:`Model`. A model is called as ``model(x, t, y=None)`` and returns float32 numpy; every
+a :class:`Model`. A model is called as ``model(x, t, y=None, context=None)`` and returns float32
+numpy; every
 sampler accepts it directly and then runs the whole loop in Rust::
 
     >>> import ferrodiff as fd
@@ -74,6 +75,7 @@ def UNet(
     skip_rescale: bool = False,
     num_classes: int = 0,
     learn_sigma: bool = False,
+    context_dim: int = 0,
     seed: int = 0,
 ) -> Model:
     """The DDPM U-Net (Ho et al. 2020) with the improvements of Nichol & Dhariwal (2021) as options.
@@ -87,6 +89,15 @@ def UNet(
     mirrored up path; ``skip_rescale`` scales residual sums by 1/√2. ``num_classes > 0`` adds a
     class embedding with a null class; ``learn_sigma`` outputs 2C channels. Parameter names follow
     diffusers' ``UNet2DModel``.
+
+    ``context_dim > 0`` conditions on embeddings, as latent diffusion does: each self-attention
+    block (and the middle block) is followed by a cross-attention block whose keys and values
+    come from a context ``[B, M, context_dim]`` (for instance text-encoder token embeddings
+    computed with any library), passed as ``context=`` to the model, ``fd.Trainer`` and every
+    sampler. A learned null context (one token) stands in where no context is given; training
+    with ``class_dropout=p`` replaces a sample's context by it with probability p, and
+    ``sample(..., context=c, guidance_scale=s)`` then applies classifier-free guidance between
+    the given and the null context.
     """
     return Model(
         {
@@ -105,6 +116,7 @@ def UNet(
             "skip_rescale": skip_rescale,
             "num_classes": num_classes,
             "learn_sigma": learn_sigma,
+            "context_dim": context_dim,
         },
         seed,
     )

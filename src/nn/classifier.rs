@@ -4,11 +4,23 @@
 //! ∇ log f(y | x_t, t) comes from candle's autograd.
 
 use candle_core::{DType, Device, Tensor, D};
+use serde::{Deserialize, Serialize};
 
 use super::layers::{silu, timestep_embedding, Linear};
 use super::params::ParamStore;
 use crate::error::Result;
 use crate::{shape_error, value_error};
+
+/// A classifier's architecture; round-trips through JSON (saved with its weights).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifierConfig {
+    pub in_dim: usize,
+    pub hidden: Vec<usize>,
+    pub num_classes: usize,
+    /// 0: a classifier of clean inputs; > 0: a noisy classifier f(y | x_t, t).
+    pub time_embed_dim: usize,
+}
 
 #[derive(Clone)]
 pub struct Classifier {
@@ -82,6 +94,26 @@ impl Classifier {
             in_dim,
             num_classes,
         })
+    }
+
+    /// A classifier of `config`'s architecture with fresh weights.
+    pub fn from_config(config: &ClassifierConfig, seed: u64) -> Result<Self> {
+        Self::new(
+            config.in_dim,
+            &config.hidden,
+            config.num_classes,
+            config.time_embed_dim,
+            seed,
+        )
+    }
+
+    pub fn config(&self) -> ClassifierConfig {
+        ClassifierConfig {
+            in_dim: self.in_dim,
+            hidden: self.hidden.iter().map(Linear::out_dim).collect(),
+            num_classes: self.num_classes,
+            time_embed_dim: self.time_embed_dim,
+        }
     }
 
     pub fn params(&self) -> &ParamStore {

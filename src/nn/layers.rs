@@ -86,6 +86,10 @@ impl Linear {
         })
     }
 
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.t()?;
         let y = match x.rank() {
@@ -313,40 +317,106 @@ impl AttentionBlock {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let n = h * w;
-        let d = c / self.heads;
-        let tokens = self
-            .norm
-            .forward(x)?
-            .reshape((b, c, n))?
+        let tokens = to_tokens(&self.norm.forward(x)?)?;
+        let o = multi_head_attention(
+            &self.to_q.forward(&tokens)?,
+            &self.to_k.forward(&tokens)?,
+            &self.to_v.forward(&tokens)?,
+            self.heads,
+        )?;
+        let o = from_tokens(&self.to_out.forward(&o)?, (b, c, h, w))?;
+        residual(x, &o, self.skip_rescale)
+    }
+}
+
+/// [B, C, H, W] -> [B, H·W, C].
+fn to_tokens(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?)
+}
+
+/// [B, H·W, C] -> [B, C, H, W].
+fn from_tokens(x: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Tensor> {
+    Ok(x.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+fn residual(x: &Tensor, branch: &Tensor, skip_rescale: bool) -> Result<Tensor> {
+    let y = (x + branch)?;
+    Ok(if skip_rescale {
+        (y * std::f64::consts::FRAC_1_SQRT_2)?
+    } else {
+        y
+    })
+}
+
+/// softmax(Q Kᵀ / √d) V per head: q [B, N, C], k and v [B, M, C] -> [B, N, C].
+pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, c) = q.dims3()?;
+    let m = k.dims()[1];
+    let d = c / heads;
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+        Ok(t.reshape((b, len, heads, d))?
             .transpose(1, 2)?
-            .contiguous()?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, n, self.heads, d))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = split(self.to_q.forward(&tokens)?)?;
-        let k = split(self.to_k.forward(&tokens)?)?;
-        let v = split(self.to_v.forward(&tokens)?)?;
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
-        let attn = softmax_last(&scores)?;
-        let o = attn
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, n, c))?;
-        let o = self
-            .to_out
-            .forward(&o)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, c, h, w))?;
-        let y = (x + o)?;
-        Ok(if self.skip_rescale {
-            (y * std::f64::consts::FRAC_1_SQRT_2)?
-        } else {
-            y
+            .contiguous()?)
+    };
+    let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
+    let attn = softmax_last(&scores)?;
+    Ok(attn
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, n, c))?)
+}
+
+/// Cross-attention from the spatial positions of [B, C, H, W] to a context [B, M, context_dim]
+/// (latent diffusion's conditioning on embeddings), with a residual connection; the output
+/// projection starts at zero, so a new block is the identity.
+#[derive(Clone)]
+pub struct CrossAttentionBlock {
+    norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    skip_rescale: bool,
+}
+
+impl CrossAttentionBlock {
+    pub fn new(
+        p: &Path,
+        channels: usize,
+        context_dim: usize,
+        heads: usize,
+        groups: usize,
+        skip_rescale: bool,
+    ) -> Result<Self> {
+        if heads == 0 || !channels.is_multiple_of(heads) {
+            value_error!("cross-attention: {channels} channels do not split into {heads} heads");
+        }
+        Ok(CrossAttentionBlock {
+            norm: GroupNorm::new(&p.pp("group_norm"), groups, channels)?,
+            to_q: Linear::new(&p.pp("to_q"), channels, channels)?,
+            to_k: Linear::new(&p.pp("to_k"), context_dim, channels)?,
+            to_v: Linear::new(&p.pp("to_v"), context_dim, channels)?,
+            to_out: Linear::zeros(&p.pp("to_out").pp(0), channels, channels)?,
+            heads,
+            skip_rescale,
         })
+    }
+
+    /// x [B, C, H, W] attending to `context` [B, M, context_dim].
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let tokens = to_tokens(&self.norm.forward(x)?)?;
+        let o = multi_head_attention(
+            &self.to_q.forward(&tokens)?,
+            &self.to_k.forward(context)?,
+            &self.to_v.forward(context)?,
+            self.heads,
+        )?;
+        let o = from_tokens(&self.to_out.forward(&o)?, (b, c, h, w))?;
+        residual(x, &o, self.skip_rescale)
     }
 }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-pub use classifier::Classifier;
+pub use classifier::{Classifier, ClassifierConfig};
 pub use layers::Ctx;
 pub use mlp::MlpConfig;
 pub use params::ParamStore;
@@ -39,6 +39,14 @@ impl ModelConfig {
         }
     }
 
+    /// Width of cross-attention contexts (0: the model takes none).
+    pub fn context_dim(&self) -> usize {
+        match self {
+            ModelConfig::Mlp(_) => 0,
+            ModelConfig::Unet(c) => c.context_dim,
+        }
+    }
+
     pub fn learn_sigma(&self) -> bool {
         match self {
             ModelConfig::Mlp(c) => c.learn_sigma,
@@ -52,6 +60,48 @@ impl ModelConfig {
             ModelConfig::Mlp(c) => c.data_shape.clone(),
             ModelConfig::Unet(c) => vec![c.in_channels, c.image_size, c.image_size],
         }
+    }
+}
+
+/// What one forward pass is conditioned on.
+#[derive(Clone, Copy, Default)]
+pub struct Cond<'a> {
+    /// Class labels [B] of a class-conditional model (`num_classes` = the null class); None:
+    /// every row null.
+    pub labels: Option<&'a [u32]>,
+    /// Cross-attention context [B, M, context_dim]; None: the learned null context.
+    pub context: Option<&'a Tensor>,
+    /// Rows that take the learned null context instead of theirs (classifier-free guidance's
+    /// unconditional rows, context dropout in training).
+    pub null_context: Option<&'a [bool]>,
+}
+
+/// A context on the host: `data` holds [rows, len, dim] row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct HostContext<'a> {
+    pub data: &'a [f32],
+    pub len: usize,
+    pub dim: usize,
+}
+
+impl HostContext<'_> {
+    pub fn rows(&self) -> usize {
+        self.data.len() / (self.len * self.dim).max(1)
+    }
+
+    /// The context of `batch` rows where row i is row i mod rows() of this one (a guided
+    /// batch repeats its contexts), as a tensor.
+    pub fn tiled(&self, batch: usize, device: &Device) -> Result<Tensor> {
+        let row = self.len * self.dim;
+        let rows = self.rows();
+        if rows == 0 || !batch.is_multiple_of(rows) {
+            shape_error!("the context has {rows} rows but the batch has {batch}");
+        }
+        let mut v = Vec::with_capacity(batch * row);
+        for _ in 0..batch / rows {
+            v.extend_from_slice(self.data);
+        }
+        Ok(Tensor::from_vec(v, (batch, self.len, self.dim), device)?)
     }
 }
 
@@ -161,7 +211,26 @@ impl Model {
         labels: Option<&[u32]>,
         ctx: &Ctx,
     ) -> Result<Tensor> {
+        self.forward_cond(
+            x,
+            t,
+            &Cond {
+                labels,
+                ..Cond::default()
+            },
+            ctx,
+        )
+    }
+
+    /// As [`Model::forward`] with every kind of conditioning (labels, cross-attention context).
+    pub fn forward_cond(&self, x: &Tensor, t: &[f32], cond: &Cond, ctx: &Ctx) -> Result<Tensor> {
+        let labels = cond.labels;
         self.check_input(x.dims())?;
+        if cond.context.is_some() && self.config.context_dim() == 0 {
+            value_error!(
+                "a context was given but the model has no cross-attention (context_dim = 0)"
+            );
+        }
         let batch = x.dims()[0];
         if t.len() != batch {
             shape_error!("t has {} entries but x has {batch} rows", t.len());
@@ -177,7 +246,7 @@ impl Model {
         };
         match &self.net {
             Net::Mlp(m) => m.forward(x, t, labels, ctx),
-            Net::Unet(u) => u.forward(x, t, labels, ctx),
+            Net::Unet(u) => u.forward(x, t, &Cond { labels, ..*cond }, ctx),
         }
     }
 
@@ -189,16 +258,68 @@ impl Model {
         t: &[i64],
         labels: Option<&[u32]>,
     ) -> Result<ModelOutput> {
+        self.predict_host_cond(x, shape, t, labels, None, None)
+    }
+
+    /// As [`Model::predict_host`] with a cross-attention context (tiled over the batch when
+    /// the batch is a multiple of its rows) and the rows that take the null context.
+    pub fn predict_host_cond(
+        &self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[i64],
+        labels: Option<&[u32]>,
+        context: Option<HostContext>,
+        null_context: Option<&[bool]>,
+    ) -> Result<ModelOutput> {
         self.check_input(shape)?;
         let xt = Tensor::from_slice(x, shape, self.device())?.to_dtype(self.params.dtype())?;
         let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
-        let y = self.forward(&xt, &tf, labels, &Ctx::eval())?;
+        let context = match context {
+            Some(c) => Some(self.check_context(c)?.tiled(shape[0], self.device())?),
+            None => None,
+        };
+        let cond = Cond {
+            labels,
+            context: context.as_ref(),
+            null_context,
+        };
+        let y = self.forward_cond(&xt, &tf, &cond, &Ctx::eval())?;
         let out_shape = y.dims().to_vec();
         let data = y.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         Ok(ModelOutput {
             data,
             shape: out_shape,
         })
+    }
+}
+
+impl Model {
+    /// Checks a host context's width against the model.
+    pub fn check_context<'a>(&self, c: HostContext<'a>) -> Result<HostContext<'a>> {
+        let want = self.config.context_dim();
+        if want == 0 {
+            value_error!(
+                "a context was given but the model has no cross-attention (context_dim = 0)"
+            );
+        }
+        if c.dim != want {
+            shape_error!(
+                "context has width {} but the model was built with context_dim = {want}",
+                c.dim
+            );
+        }
+        if c.len == 0 || c.data.is_empty() || !c.data.len().is_multiple_of(c.len * c.dim) {
+            shape_error!(
+                "context must be [B, M, {want}] with M >= 1 and B >= 1 (got {} values, M = {})",
+                c.data.len(),
+                c.len
+            );
+        }
+        if let Some(bad) = c.data.iter().position(|v| !v.is_finite()) {
+            value_error!("context contains a non-finite value at flat index {bad}");
+        }
+        Ok(c)
     }
 }
 

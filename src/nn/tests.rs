@@ -34,7 +34,31 @@ fn unet_config(resblock_updown: bool, scale_shift: bool) -> ModelConfig {
         skip_rescale: resblock_updown,
         num_classes: 3,
         learn_sigma: true,
+        context_dim: 0,
     })
+}
+
+/// The U-Net with cross-attention to a 5-wide context as well as class labels.
+fn unet_context_config() -> ModelConfig {
+    match unet_config(false, true) {
+        ModelConfig::Unet(c) => ModelConfig::Unet(UNetConfig {
+            context_dim: 5,
+            learn_sigma: false,
+            ..c
+        }),
+        _ => unreachable!(),
+    }
+}
+
+/// A deterministic context [batch, 3, context_dim] in the model's dtype.
+fn context(model: &Model, batch: usize) -> Tensor {
+    let d = model.config().context_dim();
+    let n = batch * 3 * d;
+    let v: Vec<f32> = (0..n).map(|i| ((i * 29 % 17) as f32 / 8.5) - 1.0).collect();
+    Tensor::from_vec(v, (batch, 3, d), &Device::Cpu)
+        .unwrap()
+        .to_dtype(model.params().dtype())
+        .unwrap()
 }
 
 fn input(model: &Model, batch: usize) -> Tensor {
@@ -52,7 +76,14 @@ fn input(model: &Model, batch: usize) -> Tensor {
 
 /// A scalar loss whose gradient reaches every output element differently.
 fn probe_loss(model: &Model, x: &Tensor, ctx: &Ctx) -> Tensor {
-    let out = model.forward(x, &[3.0, 250.0], Some(&[0, 3]), ctx).unwrap();
+    // With a context, row 0 attends to its own and row 1 to the learned null context.
+    let c = (model.config().context_dim() > 0).then(|| context(model, 2));
+    let cond = Cond {
+        labels: Some(&[0, 3]),
+        context: c.as_ref(),
+        null_context: Some(&[false, true]),
+    };
+    let out = model.forward_cond(x, &[3.0, 250.0], &cond, ctx).unwrap();
     let n = out.elem_count();
     let w: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) / 3.0).collect();
     let w = Tensor::from_vec(w, out.dims(), &Device::Cpu)
@@ -165,6 +196,105 @@ fn check_finite_differences(config: ModelConfig) {
     }
     assert!(bad.is_empty(), "gradient mismatches: {bad:#?}");
     assert!(checked >= 3 * vars.len());
+}
+
+#[test]
+fn every_cross_attention_parameter_and_the_null_context_receive_a_gradient() {
+    assert_all_gradients(unet_context_config());
+}
+
+#[test]
+fn cross_attention_gradients_match_finite_differences() {
+    check_finite_differences(unet_context_config());
+}
+
+#[test]
+fn null_rows_attend_to_the_learned_null_context_and_given_rows_to_theirs() {
+    let model = Model::new(unet_context_config(), 3, &Device::Cpu).unwrap();
+    let x = input(&model, 2);
+    move_zero_layers(&model, &x);
+    let c = context(&model, 2);
+    let run = |context: Option<&Tensor>, null: Option<&[bool]>| -> Vec<Vec<f32>> {
+        let cond = Cond {
+            labels: Some(&[1, 1]),
+            context,
+            null_context: null,
+        };
+        model
+            .forward_cond(&x, &[10.0, 10.0], &cond, &Ctx::eval())
+            .unwrap()
+            .flatten_from(1)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    let given = run(Some(&c), None);
+    let mixed = run(Some(&c), Some(&[false, true]));
+    let none = run(None, None);
+    assert_eq!(mixed[0], given[0]);
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-5);
+    assert!(
+        close(&mixed[1], &none[1]),
+        "a null row must equal the no-context output"
+    );
+    assert!(
+        !close(&given[1], &none[1]),
+        "the context must change the output once the blocks have moved"
+    );
+    // The null context is one token: repeating it M times changes nothing.
+    let null = model
+        .params()
+        .named_vars()
+        .into_iter()
+        .find(|(n, _)| n == "null_context")
+        .expect("a null_context parameter")
+        .1;
+    let repeated = null
+        .as_tensor()
+        .reshape((1, 1, 5))
+        .unwrap()
+        .broadcast_as((2, 4, 5))
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let rep = run(Some(&repeated), None);
+    assert!(close(&rep[0], &none[0]) && close(&rep[1], &none[1]));
+}
+
+#[test]
+fn bad_contexts_are_clear_errors() {
+    let model = Model::new(unet_context_config(), 0, &Device::Cpu).unwrap();
+    let x = input(&model, 2);
+    let wide = Tensor::zeros((2, 3, 7), DType::F32, &Device::Cpu).unwrap();
+    let cond = Cond {
+        context: Some(&wide),
+        ..Cond::default()
+    };
+    let e = model
+        .forward_cond(&x, &[0.0, 0.0], &cond, &Ctx::eval())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("context_dim = 5"), "{e}");
+    let plain = Model::new(unet_config(false, true), 0, &Device::Cpu).unwrap();
+    let c = context(&model, 2);
+    let cond = Cond {
+        context: Some(&c),
+        ..Cond::default()
+    };
+    let e = plain
+        .forward_cond(&x, &[0.0, 0.0], &cond, &Ctx::eval())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no cross-attention"), "{e}");
+    let e = model
+        .check_context(HostContext {
+            data: &[0.0; 12],
+            len: 2,
+            dim: 4,
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("width 4"), "{e}");
 }
 
 #[test]
@@ -307,7 +437,11 @@ fn wrong_input_shapes_and_labels_are_clear_errors() {
 
 #[test]
 fn model_configs_round_trip_through_json() {
-    for c in [mlp_config(), unet_config(true, false)] {
+    for c in [
+        mlp_config(),
+        unet_config(true, false),
+        unet_context_config(),
+    ] {
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<ModelConfig>(&s).unwrap(), c);
     }

@@ -8,9 +8,11 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{
-    silu, timestep_embedding, AttentionBlock, Conv2d, Ctx, Embedding, GroupNorm, Linear,
+    silu, timestep_embedding, AttentionBlock, Conv2d, CrossAttentionBlock, Ctx, Embedding,
+    GroupNorm, Linear,
 };
-use super::params::Path;
+use super::params::{Init, Path};
+use super::Cond;
 use crate::error::Result;
 use crate::{shape_error, value_error};
 
@@ -39,6 +41,10 @@ pub struct UNetConfig {
     pub skip_rescale: bool,
     pub num_classes: usize,
     pub learn_sigma: bool,
+    /// Width of the embeddings of a cross-attention context [B, M, context_dim]; 0: no
+    /// cross-attention. Each self-attention position (and the middle block) is followed by a
+    /// cross-attention block, and a learned null context stands in for missing contexts.
+    pub context_dim: usize,
 }
 
 impl Default for UNetConfig {
@@ -58,6 +64,7 @@ impl Default for UNetConfig {
             skip_rescale: false,
             num_classes: 0,
             learn_sigma: false,
+            context_dim: 0,
         }
     }
 }
@@ -89,7 +96,7 @@ impl UNetConfig {
                     self.groups
                 );
             }
-            if !self.attention_resolutions.is_empty()
+            if (!self.attention_resolutions.is_empty() || self.context_dim > 0)
                 && (self.num_heads == 0 || !c.is_multiple_of(self.num_heads))
             {
                 value_error!(
@@ -232,7 +239,29 @@ impl Sampler {
 struct Level {
     resnets: Vec<ResBlock>,
     attentions: Vec<Option<AttentionBlock>>,
+    cross: Vec<Option<CrossAttentionBlock>>,
     sampler: Option<Sampler>,
+}
+
+impl Level {
+    /// Residual block j, then its self- and cross-attention where present.
+    fn block(
+        &self,
+        j: usize,
+        h: &Tensor,
+        emb: &Tensor,
+        context: Option<&Tensor>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let mut h = self.resnets[j].forward(h, emb, ctx)?;
+        if let Some(a) = &self.attentions[j] {
+            h = a.forward(&h)?;
+        }
+        if let (Some(a), Some(c)) = (&self.cross[j], context) {
+            h = a.forward(&h, c)?;
+        }
+        Ok(h)
+    }
 }
 
 #[derive(Clone)]
@@ -244,6 +273,9 @@ pub struct UNet {
     conv_in: Conv2d,
     down: Vec<Level>,
     mid: (ResBlock, AttentionBlock, ResBlock),
+    mid_cross: Option<CrossAttentionBlock>,
+    /// The learned context [1, context_dim] of unconditional rows.
+    null_context: Option<Tensor>,
     up: Vec<Level>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -267,6 +299,22 @@ impl UNet {
                 None
             })
         };
+        let cross = |p: &Path, ch: usize, res: usize| -> Result<Option<CrossAttentionBlock>> {
+            Ok(
+                if c.context_dim > 0 && c.attention_resolutions.contains(&res) {
+                    Some(CrossAttentionBlock::new(
+                        p,
+                        ch,
+                        c.context_dim,
+                        c.num_heads,
+                        c.groups,
+                        c.skip_rescale,
+                    )?)
+                } else {
+                    None
+                },
+            )
+        };
         let mut ch = base * c.channel_mult[0];
         let conv_in = Conv2d::new(&p.pp("conv_in"), c.in_channels, ch, 3, 1)?;
         let mut skips = vec![ch];
@@ -275,7 +323,7 @@ impl UNet {
         let mut down = Vec::with_capacity(levels);
         for (l, m) in c.channel_mult.iter().enumerate() {
             let lp = p.pp("down_blocks").pp(l);
-            let (mut resnets, mut attentions) = (Vec::new(), Vec::new());
+            let (mut resnets, mut attentions, mut crosses) = (Vec::new(), Vec::new(), Vec::new());
             for j in 0..c.num_res_blocks {
                 resnets.push(ResBlock::new(
                     &lp.pp("resnets").pp(j),
@@ -286,6 +334,7 @@ impl UNet {
                 )?);
                 ch = base * m;
                 attentions.push(attention(&lp.pp("attentions").pp(j), ch, res)?);
+                crosses.push(cross(&lp.pp("cross_attentions").pp(j), ch, res)?);
                 skips.push(ch);
             }
             let sampler = if l + 1 < levels {
@@ -299,6 +348,7 @@ impl UNet {
             down.push(Level {
                 resnets,
                 attentions,
+                cross: crosses,
                 sampler,
             });
         }
@@ -314,10 +364,27 @@ impl UNet {
             )?,
             ResBlock::new(&mp.pp("resnets").pp(1), c, ch, ch, Resample::None)?,
         );
+        let mid_cross = if c.context_dim > 0 {
+            Some(CrossAttentionBlock::new(
+                &mp.pp("cross_attentions").pp(0),
+                ch,
+                c.context_dim,
+                c.num_heads.max(1),
+                c.groups,
+                c.skip_rescale,
+            )?)
+        } else {
+            None
+        };
+        let null_context = if c.context_dim > 0 {
+            Some(p.var("null_context", &[1, c.context_dim], Init::Normal(1.0))?)
+        } else {
+            None
+        };
         let mut up = Vec::with_capacity(levels);
         for (k, (l, m)) in c.channel_mult.iter().enumerate().rev().enumerate() {
             let lp = p.pp("up_blocks").pp(k);
-            let (mut resnets, mut attentions) = (Vec::new(), Vec::new());
+            let (mut resnets, mut attentions, mut crosses) = (Vec::new(), Vec::new(), Vec::new());
             for j in 0..=c.num_res_blocks {
                 let skip = skips.pop().unwrap_or(0);
                 resnets.push(ResBlock::new(
@@ -329,6 +396,7 @@ impl UNet {
                 )?);
                 ch = base * m;
                 attentions.push(attention(&lp.pp("attentions").pp(j), ch, res)?);
+                crosses.push(cross(&lp.pp("cross_attentions").pp(j), ch, res)?);
             }
             let sampler = if l > 0 {
                 res *= 2;
@@ -344,6 +412,7 @@ impl UNet {
             up.push(Level {
                 resnets,
                 attentions,
+                cross: crosses,
                 sampler,
             });
         }
@@ -363,6 +432,8 @@ impl UNet {
             conv_in,
             down,
             mid,
+            mid_cross,
+            null_context,
             up,
             conv_norm_out: GroupNorm::new(&p.pp("conv_norm_out"), c.groups, ch)?,
             conv_out: Conv2d::zeros(&p.pp("conv_out"), ch, c.out_channels(), 3)?,
@@ -389,28 +460,66 @@ impl UNet {
         Ok(())
     }
 
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        t: &[f32],
-        labels: Option<&[u32]>,
-        ctx: &Ctx,
-    ) -> Result<Tensor> {
+    /// The context every row attends to, [B, M, context_dim]: the given context with the
+    /// learned null context in the rows `cond.null_context` marks, or the null context alone
+    /// (M = 1) when none is given. None for models without cross-attention.
+    fn context(&self, batch: usize, cond: &Cond) -> Result<Option<Tensor>> {
+        let Some(null) = &self.null_context else {
+            if cond.context.is_some() {
+                value_error!(
+                    "a context was given but the model has no cross-attention (context_dim = 0)"
+                );
+            }
+            return Ok(None);
+        };
+        let d = self.config.context_dim;
+        let null = null.reshape((1, 1, d))?;
+        let Some(c) = cond.context else {
+            return Ok(Some(null.broadcast_as((batch, 1, d))?.contiguous()?));
+        };
+        let dims = c.dims();
+        if dims.len() != 3 || dims[0] != batch || dims[2] != d || dims[1] == 0 {
+            shape_error!(
+                "context has shape {dims:?} but the model takes [B = {batch}, M, context_dim = {d}] with M >= 1"
+            );
+        }
+        let c = c.to_dtype(null.dtype())?;
+        let Some(rows) = cond.null_context else {
+            return Ok(Some(c));
+        };
+        if rows.len() != batch {
+            shape_error!(
+                "null_context marks {} rows but the batch has {batch}",
+                rows.len()
+            );
+        }
+        if !rows.iter().any(|&r| r) {
+            return Ok(Some(c));
+        }
+        let m: Vec<f32> = rows.iter().map(|&r| if r { 1.0 } else { 0.0 }).collect();
+        let m = Tensor::from_vec(m, (batch, 1, 1), c.device())?.to_dtype(c.dtype())?;
+        let keep = m.affine(-1.0, 1.0)?;
+        Ok(Some(
+            c.broadcast_mul(&keep)?
+                .broadcast_add(&null.broadcast_mul(&m)?)?,
+        ))
+    }
+
+    pub fn forward(&self, x: &Tensor, t: &[f32], cond: &Cond, ctx: &Ctx) -> Result<Tensor> {
+        let context = self.context(x.dims()[0], cond)?;
+        let context = context.as_ref();
         let temb =
             timestep_embedding(t, self.config.base_channels, x.device())?.to_dtype(x.dtype())?;
         let mut emb = self.time_2.forward(&silu(&self.time_1.forward(&temb)?)?)?;
-        if let (Some(table), Some(y)) = (&self.class_embedding, labels) {
+        if let (Some(table), Some(y)) = (&self.class_embedding, cond.labels) {
             emb = (emb + table.forward(y)?)?;
         }
         let emb = silu(&emb)?;
         let mut h = self.conv_in.forward(x)?;
         let mut skips = vec![h.clone()];
         for level in &self.down {
-            for (r, a) in level.resnets.iter().zip(&level.attentions) {
-                h = r.forward(&h, &emb, ctx)?;
-                if let Some(a) = a {
-                    h = a.forward(&h)?;
-                }
+            for j in 0..level.resnets.len() {
+                h = level.block(j, &h, &emb, context, ctx)?;
                 skips.push(h.clone());
             }
             if let Some(s) = &level.sampler {
@@ -420,16 +529,16 @@ impl UNet {
         }
         h = self.mid.0.forward(&h, &emb, ctx)?;
         h = self.mid.1.forward(&h)?;
+        if let (Some(a), Some(c)) = (&self.mid_cross, context) {
+            h = a.forward(&h, c)?;
+        }
         h = self.mid.2.forward(&h, &emb, ctx)?;
         for level in &self.up {
-            for (r, a) in level.resnets.iter().zip(&level.attentions) {
+            for j in 0..level.resnets.len() {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| crate::Error::Value("U-Net skip stack underflow".into()))?;
-                h = r.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb, ctx)?;
-                if let Some(a) = a {
-                    h = a.forward(&h)?;
-                }
+                h = level.block(j, &Tensor::cat(&[&h, &skip], 1)?, &emb, context, ctx)?;
             }
             if let Some(s) = &level.sampler {
                 h = s.forward(&h, &emb, ctx)?;

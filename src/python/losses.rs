@@ -348,6 +348,7 @@ fn bits_per_dim<'py>(
     let mut d = denoiser_for(
         denoiser,
         labels,
+        None,
         GuidanceArgs::NONE,
         batch_of(&shape, "x0")?,
     )?;

@@ -12,7 +12,7 @@ use super::arrays::{batch_of, f32_array, timesteps_arg, type_name, vec_to_array}
 use super::callback_error;
 use super::schedule::PySchedule;
 use crate::error::{Error, Result};
-use crate::nn::{Model, ModelConfig};
+use crate::nn::{HostContext, Model, ModelConfig};
 use crate::sample::{Denoiser, GradLogProb, LabeledDenoiser, ModelOutput};
 use crate::train::{self, AdamWConfig, EmaConfig, LrDecay, TrainConfig, TrainHooks, Trainer};
 
@@ -79,6 +79,73 @@ fn data_arg(obj: &Bound<'_, PyAny>) -> PyResult<(Vec<f32>, Vec<usize>)> {
     Ok((a.readonly().as_slice()?.to_vec(), shape[1..].to_vec()))
 }
 
+/// A cross-attention context from numpy: ([B, M, d] values, B, M, d).
+pub(crate) struct ContextArg {
+    pub(crate) data: Vec<f32>,
+    pub(crate) len: usize,
+    pub(crate) dim: usize,
+}
+
+impl ContextArg {
+    pub(crate) fn host(&self) -> HostContext<'_> {
+        HostContext {
+            data: &self.data,
+            len: self.len,
+            dim: self.dim,
+        }
+    }
+}
+
+/// Parses `context` ([B, M, d] float array; [B, d] counts as M = 1) for `model`, checking its
+/// width and, when given, its number of rows.
+pub(crate) fn context_arg(
+    obj: &Bound<'_, PyAny>,
+    model: &Model,
+    rows: Option<usize>,
+) -> PyResult<ContextArg> {
+    let want = model.config().context_dim();
+    if want == 0 {
+        return Err(PyValueError::new_err(
+            "context= was given but the model has no cross-attention (build it with context_dim > 0)",
+        ));
+    }
+    let a = f32_array(obj, "context")?;
+    let shape = a.shape().to_vec();
+    let (b, len, dim) = match shape.as_slice() {
+        [b, d] => (*b, 1, *d),
+        [b, m, d] => (*b, *m, *d),
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "context must be [B, M, {want}] (or [B, {want}]), got shape {shape:?}"
+            )))
+        }
+    };
+    if dim != want {
+        return Err(PyValueError::new_err(format!(
+            "context has width {dim} (shape {shape:?}) but the model was built with context_dim = {want}"
+        )));
+    }
+    if b == 0 || len == 0 {
+        return Err(PyValueError::new_err(format!(
+            "context must have at least one row and one token, got shape {shape:?}"
+        )));
+    }
+    if let Some(r) = rows {
+        if r != b {
+            return Err(PyValueError::new_err(format!(
+                "context has {b} rows but the batch has {r}"
+            )));
+        }
+    }
+    let data = a.readonly().as_slice()?.to_vec();
+    model.check_context(HostContext {
+        data: &data,
+        len,
+        dim,
+    })?;
+    Ok(ContextArg { data, len, dim })
+}
+
 /// A candle denoiser network (MLP or U-Net) with its weights. Call it as `model(x, t, y=None)`
 /// on numpy arrays; samplers run it without leaving Rust.
 #[pyclass(name = "Model", module = "ferrodiff.nn", frozen)]
@@ -102,14 +169,17 @@ impl PyModel {
     }
 
     /// The model output for x [B, ...] at integer timesteps t (int or [B]); `y`: class labels
-    /// for class-conditional models (-1 = the null class; None = all null).
-    #[pyo3(signature = (x, t, y=None))]
+    /// for class-conditional models (-1 = the null class; None = all null); `context`:
+    /// [B, M, context_dim] embeddings for a model with cross-attention (None = the learned null
+    /// context).
+    #[pyo3(signature = (x, t, y=None, *, context=None))]
     fn __call__<'py>(
         &self,
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
         t: &Bound<'py, PyAny>,
         y: Option<&Bound<'py, PyAny>>,
+        context: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let a = f32_array(x, "x")?;
         let shape = a.shape().to_vec();
@@ -119,10 +189,23 @@ impl PyModel {
             Some(y) => Some(labels_arg(y, batch, self.inner.config().num_classes())?),
             None => None,
         };
+        let context = match context {
+            Some(c) => Some(context_arg(c, &self.inner, Some(batch))?),
+            None => None,
+        };
         let ro = a.readonly();
         let data = ro.as_slice()?;
         let m = &self.inner;
-        let out = py.detach(|| m.predict_host(data, &shape, &ts, labels.as_deref()))?;
+        let out = py.detach(|| {
+            m.predict_host_cond(
+                data,
+                &shape,
+                &ts,
+                labels.as_deref(),
+                context.as_ref().map(ContextArg::host),
+                None,
+            )
+        })?;
         vec_to_array(py, out.data, &out.shape)
     }
 
@@ -234,17 +317,29 @@ fn _model_from_bytes(data: &[u8]) -> PyResult<PyModel> {
 pub(crate) struct PyModelDenoiser<'py> {
     pub(crate) py: Python<'py>,
     pub(crate) model: Model,
+    /// The batch's cross-attention context (tiled over a guided batch's doubled rows).
+    pub(crate) context: Option<ContextArg>,
+}
+
+impl<'py> PyModelDenoiser<'py> {
+    pub(crate) fn new(py: Python<'py>, model: Model, context: Option<ContextArg>) -> Self {
+        PyModelDenoiser { py, model, context }
+    }
 }
 
 impl Denoiser for PyModelDenoiser<'_> {
     fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
         let m = &self.model;
-        self.py.detach(|| m.predict_host(x, shape, t, None))
+        let c = self.context.as_ref().map(ContextArg::host);
+        self.py
+            .detach(|| m.predict_host_cond(x, shape, t, None, c, None))
     }
 }
 
 impl LabeledDenoiser for PyModelDenoiser<'_> {
-    /// Labels in [0, num_classes], num_classes (or -1) being the null class.
+    /// Labels in [0, num_classes], num_classes (or any negative label) being the null class; a
+    /// null row also takes the learned null context. A model with a context but no classes
+    /// reads the labels only as that mark (0: conditional, -1: null).
     fn predict_labeled(
         &mut self,
         x: &[f32],
@@ -252,19 +347,22 @@ impl LabeledDenoiser for PyModelDenoiser<'_> {
         t: &[i64],
         labels: &[i64],
     ) -> Result<ModelOutput> {
-        let null = self.model.config().num_classes() as i64;
-        let y: Vec<u32> = labels
-            .iter()
-            .map(|&v| {
-                if v < 0 {
-                    null as u32
-                } else {
-                    v.min(null) as u32
-                }
-            })
-            .collect();
+        let classes = self.model.config().num_classes() as i64;
+        let is_null = |v: i64| v < 0 || (classes > 0 && v >= classes);
+        let y: Option<Vec<u32>> = (classes > 0).then(|| {
+            labels
+                .iter()
+                .map(|&v| if is_null(v) { classes as u32 } else { v as u32 })
+                .collect()
+        });
+        let null_rows: Option<Vec<bool>> = self
+            .context
+            .as_ref()
+            .map(|_| labels.iter().map(|&v| is_null(v)).collect());
         let m = &self.model;
-        self.py.detach(|| m.predict_host(x, shape, t, Some(&y)))
+        let c = self.context.as_ref().map(ContextArg::host);
+        self.py
+            .detach(|| m.predict_host_cond(x, shape, t, y.as_deref(), c, null_rows.as_deref()))
     }
 }
 
@@ -327,13 +425,14 @@ pub struct PyTrainer {
 #[pymethods]
 impl PyTrainer {
     #[new]
-    #[pyo3(signature = (model, schedule, data, labels=None, *, batch_size=128, lr=1e-3, lr_schedule="constant", warmup_steps=0, total_steps=0, grad_clip=Some(1.0), weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, ema_decay=0.9999, ema_power=0.75, ema_warmup=true, ema_update_after_step=0, prediction="epsilon", loss="mse", weighting="uniform", min_snr_gamma=5.0, timestep_sampling="uniform", class_dropout=0.0, bins=256, seed=0))]
+    #[pyo3(signature = (model, schedule, data, labels=None, *, context=None, batch_size=128, lr=1e-3, lr_schedule="constant", warmup_steps=0, total_steps=0, grad_clip=Some(1.0), weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, ema_decay=0.9999, ema_power=0.75, ema_warmup=true, ema_update_after_step=0, prediction="epsilon", loss="mse", weighting="uniform", min_snr_gamma=5.0, timestep_sampling="uniform", class_dropout=0.0, bins=256, seed=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         model: &Bound<'_, PyModel>,
         schedule: &Bound<'_, PySchedule>,
         data: &Bound<'_, PyAny>,
         labels: Option<&Bound<'_, PyAny>>,
+        context: Option<&Bound<'_, PyAny>>,
         batch_size: usize,
         lr: f64,
         lr_schedule: &str,
@@ -396,6 +495,13 @@ impl PyTrainer {
             )?),
             None => None,
         };
+        let context = match context {
+            Some(c) => {
+                let c = context_arg(c, &model, Some(values.len() / per))?;
+                Some((c.data, c.len))
+            }
+            None => None,
+        };
         Ok(PyTrainer {
             inner: Trainer::new(
                 model,
@@ -404,7 +510,8 @@ impl PyTrainer {
                 values,
                 shape,
                 labels,
-            )?,
+            )?
+            .with_context(context)?,
         })
     }
 
@@ -464,25 +571,35 @@ impl PyTrainer {
         Ok(py.detach(|| t.save(&path))?)
     }
 
-    /// Continues a run from its checkpoint with the same data (and labels) it was trained on.
+    /// Continues a run from its checkpoint with the same data (and labels, contexts) it was
+    /// trained on.
     #[staticmethod]
-    #[pyo3(signature = (path, data, labels=None))]
+    #[pyo3(signature = (path, data, labels=None, *, context=None))]
     fn resume(
         path: PathBuf,
         data: &Bound<'_, PyAny>,
         labels: Option<&Bound<'_, PyAny>>,
+        context: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let (values, shape) = data_arg(data)?;
+        let per: usize = shape.iter().product();
         let labels = match labels {
             Some(l) => {
                 let (model, _, _) = train::read_checkpoint_info(&path)?;
-                let per: usize = shape.iter().product();
                 Some(labels_arg(l, values.len() / per, model.num_classes())?)
             }
             None => None,
         };
+        let trainer = Trainer::resume(&path, values, shape, labels, &Device::Cpu)?;
+        let context = match context {
+            Some(c) => {
+                let c = context_arg(c, trainer.model(), Some(trainer.count()))?;
+                Some((c.data, c.len))
+            }
+            None => None,
+        };
         Ok(PyTrainer {
-            inner: Trainer::resume(&path, values, shape, labels, &Device::Cpu)?,
+            inner: trainer.with_context(context)?,
         })
     }
 
@@ -559,6 +676,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTrainer>()?;
     m.add_class::<PyClassifier>()?;
     m.add_function(wrap_pyfunction!(_model_from_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(_classifier_from_bytes, m)?)?;
     Ok(())
 }
 
@@ -567,6 +685,27 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[pyclass(name = "Classifier", module = "ferrodiff.nn", frozen)]
 pub struct PyClassifier {
     inner: crate::nn::Classifier,
+    /// The schedule a noisy classifier was last fitted with (saved with it).
+    schedule: std::sync::Mutex<Option<crate::schedule::Schedule>>,
+}
+
+impl PyClassifier {
+    fn wrap(inner: crate::nn::Classifier, schedule: Option<crate::schedule::Schedule>) -> Self {
+        PyClassifier {
+            inner,
+            schedule: std::sync::Mutex::new(schedule),
+        }
+    }
+
+    fn fitted_schedule(&self) -> Option<crate::schedule::Schedule> {
+        self.schedule.lock().map(|s| s.clone()).unwrap_or(None)
+    }
+}
+
+#[pyfunction]
+fn _classifier_from_bytes(data: &[u8]) -> PyResult<PyClassifier> {
+    let (c, s) = train::classifier_from_bytes(data, std::path::Path::new("<pickle>"))?;
+    Ok(PyClassifier::wrap(c, s))
 }
 
 fn rows_tensor(x: &Bound<'_, PyAny>) -> PyResult<candle_core::Tensor> {
@@ -608,9 +747,58 @@ impl PyClassifier {
         seed: u64,
         time_embed_dim: usize,
     ) -> PyResult<Self> {
-        Ok(PyClassifier {
-            inner: crate::nn::Classifier::new(in_dim, &hidden, num_classes, time_embed_dim, seed)?,
-        })
+        Ok(PyClassifier::wrap(
+            crate::nn::Classifier::new(in_dim, &hidden, num_classes, time_embed_dim, seed)?,
+            None,
+        ))
+    }
+
+    /// Saves the weights, the architecture and (for a noisy classifier) the schedule it was
+    /// fitted with to `path` (a `.safetensors` file, or a folder that then holds
+    /// `classifier.safetensors`), atomically; returns the file written.
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<PathBuf> {
+        let c = &self.inner;
+        let s = self.fitted_schedule();
+        Ok(py.detach(|| train::save_classifier(c, s.as_ref(), &path))?)
+    }
+
+    /// Loads a classifier written by `save` (a file or its folder).
+    #[staticmethod]
+    fn load(path: PathBuf) -> PyResult<Self> {
+        let (c, s) = train::load_classifier(&path)?;
+        Ok(PyClassifier::wrap(c, s))
+    }
+
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+        let py = slf.py();
+        let me = slf.get();
+        let bytes = train::classifier_to_bytes(&me.inner, me.fitted_schedule().as_ref())?;
+        let ctor = py
+            .import("ferrodiff._core")?
+            .getattr("_classifier_from_bytes")?;
+        Ok((ctor, (PyBytes::new(py, &bytes),)))
+    }
+
+    /// The architecture as a dict (in_dim, hidden, num_classes, time_embed_dim).
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        json_loads(py, &to_json(&self.inner.config())?)
+    }
+
+    /// The schedule a noisy classifier was fitted (or saved) with, if any.
+    #[getter]
+    fn schedule(&self) -> Option<PySchedule> {
+        self.fitted_schedule().map(|inner| PySchedule { inner })
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.inner.config();
+        format!(
+            "ferrodiff.nn.Classifier(in_dim={}, hidden={:?}, num_classes={}, time_embed_dim={})",
+            c.in_dim, c.hidden, c.num_classes, c.time_embed_dim
+        )
     }
 
     /// Trains on `data` [N, ...] with integer `labels` [N]; returns the loss of every step. A
@@ -640,6 +828,9 @@ impl PyClassifier {
         let losses = py.detach(|| {
             train::fit_classifier(c, sch.as_ref(), &values, &y, steps, batch_size, lr, seed)
         })?;
+        if let Ok(mut fitted) = self.schedule.lock() {
+            *fitted = sch;
+        }
         Ok(losses.into_pyarray(py))
     }
 

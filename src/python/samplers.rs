@@ -200,6 +200,7 @@ impl GuidanceArgs {
 pub(crate) fn denoiser_for<'py>(
     obj: &Bound<'py, PyAny>,
     labels: Option<&Bound<'py, PyAny>>,
+    context: Option<&Bound<'py, PyAny>>,
     guidance: GuidanceArgs,
     batch: usize,
 ) -> PyResult<Box<dyn Denoiser + 'py>> {
@@ -211,14 +212,38 @@ pub(crate) fn denoiser_for<'py>(
             type_name(obj)
         )));
     }
+    let context = match (context, &model) {
+        (None, _) => None,
+        (Some(c), Some(m)) => Some(super::nn::context_arg(c, m, Some(batch))?),
+        (Some(_), None) => {
+            return Err(PyTypeError::new_err(
+                "context= conditions ferrodiff models with cross-attention; a Python denoiser \
+                 can close over its own context",
+            ))
+        }
+    };
     let Some(labels) = labels else {
-        if guidance.scale.is_some() {
+        if let Some(scale) = guidance.scale {
+            // Guidance on the context alone: conditional rows are marked 0, null rows -1.
+            if let (Some(model), Some(context)) = (model, context) {
+                if model.config().num_classes() > 0 {
+                    return Err(PyValueError::new_err(
+                        "the model is class-conditional too: pass labels= with context= to guide",
+                    ));
+                }
+                return Ok(Box::new(Conditioned {
+                    inner: Box::new(super::nn::PyModelDenoiser::new(py, model, Some(context))),
+                    labels: vec![0; batch],
+                    guidance: Some(Guidance::new(scale, guidance.rescale, -1)?),
+                }));
+            }
             return Err(PyValueError::new_err(
-                "guidance_scale needs labels= (the classes to guide towards)",
+                "guidance_scale needs labels= (the classes to guide towards), or context= for a \
+                 model with cross-attention",
             ));
         }
         return Ok(match model {
-            Some(model) => Box::new(super::nn::PyModelDenoiser { py, model }),
+            Some(model) => Box::new(super::nn::PyModelDenoiser::new(py, model, context)),
             None => Box::new(PyDenoiser { f: obj.clone() }),
         });
     };
@@ -236,7 +261,7 @@ pub(crate) fn denoiser_for<'py>(
             }
             let y = y.into_iter().map(i64::from).collect();
             (
-                Box::new(super::nn::PyModelDenoiser { py, model }),
+                Box::new(super::nn::PyModelDenoiser::new(py, model, context)),
                 y,
                 Some(classes as i64),
             )
@@ -686,7 +711,7 @@ fn sample_impl<'py, S: Sampler>(
         }
     };
     let mut d = match edit.classifier {
-        None => denoiser_for(denoiser, labels, guidance, sh[0])?,
+        None => denoiser_for(denoiser, labels, edit.context, guidance, sh[0])?,
         Some(clf) => {
             let Some(l) = labels else {
                 return Err(PyValueError::new_err(
@@ -701,7 +726,7 @@ fn sample_impl<'py, S: Sampler>(
             } else {
                 None
             };
-            let inner = denoiser_for(denoiser, model_labels, guidance, sh[0])?;
+            let inner = denoiser_for(denoiser, model_labels, edit.context, guidance, sh[0])?;
             let classifier = super::nn::grad_fn_for(clf, &y)?;
             Box::new(sample::ClassifierGuided {
                 inner,
@@ -732,7 +757,9 @@ fn sample_impl<'py, S: Sampler>(
 }
 
 /// The image-editing arguments of `sample`.
+/// Editing, classifier-guidance and context arguments of `sample`.
 pub(crate) struct EditArgs<'a, 'py> {
+    context: Option<&'a Bound<'py, PyAny>>,
     image: Option<&'a Bound<'py, PyAny>>,
     strength: f64,
     mask: Option<&'a Bound<'py, PyAny>>,
@@ -976,7 +1003,7 @@ impl PyDdpm {
 
     /// Runs the whole reverse process with `denoiser(x, t)` (any callable taking a float32
     /// array and an int64 array [B]); starts from `x_T` or `fd.randn(shape, seed)`.
-    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, classifier=None, classifier_scale=1.0))]
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, classifier=None, classifier_scale=1.0, context=None))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
     fn sample<'py>(
         &self,
@@ -997,6 +1024,7 @@ impl PyDdpm {
         mask: Option<&Bound<'py, PyAny>>,
         classifier: Option<&Bound<'py, PyAny>>,
         classifier_scale: f64,
+        context: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let guidance = GuidanceArgs {
             scale: guidance_scale,
@@ -1004,6 +1032,7 @@ impl PyDdpm {
             null_label,
         };
         let edit = EditArgs {
+            context,
             image,
             strength,
             mask,
@@ -1196,7 +1225,7 @@ impl PyDdim {
     }
 
     /// Runs the sampler with `denoiser(x, t)`; starts from `x_T` or `fd.randn(shape, seed)`.
-    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, classifier=None, classifier_scale=1.0))]
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, classifier=None, classifier_scale=1.0, context=None))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
     fn sample<'py>(
         &self,
@@ -1217,6 +1246,7 @@ impl PyDdim {
         mask: Option<&Bound<'py, PyAny>>,
         classifier: Option<&Bound<'py, PyAny>>,
         classifier_scale: f64,
+        context: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let guidance = GuidanceArgs {
             scale: guidance_scale,
@@ -1224,6 +1254,7 @@ impl PyDdim {
             null_label,
         };
         let edit = EditArgs {
+            context,
             image,
             strength,
             mask,
@@ -1250,7 +1281,7 @@ impl PyDdim {
     /// DDIM inversion (η = 0 run forwards): encodes clean `x0` into the x at the first of
     /// `.timesteps`, from which `sample(denoiser, x_T=...)` returns approximately x0. Useful for
     /// encoding and interpolating real data.
-    #[pyo3(signature = (denoiser, x0, *, progress=false, callback=None, check_finite=true, labels=None))]
+    #[pyo3(signature = (denoiser, x0, *, progress=false, callback=None, check_finite=true, labels=None, context=None))]
     #[allow(clippy::too_many_arguments)]
     fn invert<'py>(
         &self,
@@ -1261,11 +1292,12 @@ impl PyDdim {
         callback: Option<Bound<'py, PyAny>>,
         check_finite: bool,
         labels: Option<&Bound<'py, PyAny>>,
+        context: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let a = f32_array(x0, "x0")?;
         let sh = a.shape().to_vec();
         let batch = batch_of(&sh, "x0")?;
-        let mut d = denoiser_for(denoiser, labels, GuidanceArgs::NONE, batch)?;
+        let mut d = denoiser_for(denoiser, labels, context, GuidanceArgs::NONE, batch)?;
         let v = a.readonly().as_slice()?.to_vec();
         let mut hooks = PyHooks::new(
             py,

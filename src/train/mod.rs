@@ -137,8 +137,10 @@ impl TrainConfig {
                 self.class_dropout
             );
         }
-        if self.class_dropout > 0.0 && model.num_classes() == 0 {
-            value_error!("class_dropout needs a class-conditional model (num_classes > 0)");
+        if self.class_dropout > 0.0 && model.num_classes() == 0 && model.context_dim() == 0 {
+            value_error!(
+                "class_dropout needs a conditional model (num_classes > 0 or context_dim > 0)"
+            );
         }
         self.optimizer.validate()?;
         self.ema.validate()?;
@@ -219,6 +221,8 @@ pub struct Trainer {
     data_shape: Vec<usize>,
     count: usize,
     labels: Option<Vec<u32>>,
+    /// Cross-attention contexts paired with the data: [count, len, dim] row-major, and len.
+    context: Option<(Vec<f32>, usize)>,
     permutation: Option<(u64, Vec<u32>)>,
     /// Optimisation steps taken.
     pub step: u64,
@@ -303,6 +307,7 @@ impl Trainer {
             data_shape,
             count,
             labels,
+            context: None,
             permutation: None,
             step: 0,
             losses: Vec::new(),
@@ -310,8 +315,47 @@ impl Trainer {
         })
     }
 
+    /// Pairs every sample with a cross-attention context: `context` holds [count, len,
+    /// context_dim] row-major. A model with cross-attention needs one (None is an error), a
+    /// model without refuses one. `class_dropout` replaces a dropped row's context by the
+    /// learned null context (and its label by the null class).
+    pub fn with_context(mut self, context: Option<(Vec<f32>, usize)>) -> Result<Self> {
+        let dim = self.model.config().context_dim();
+        match (context, dim) {
+            (None, 0) => {}
+            (None, d) => value_error!(
+                "the model attends to a context (context_dim = {d}) but no context was given: \
+                 pass one [N, M, {d}] array row per sample"
+            ),
+            (Some(_), 0) => value_error!(
+                "a context was given but the model has no cross-attention (context_dim = 0)"
+            ),
+            (Some((data, len)), d) => {
+                let c = self.model.check_context(crate::nn::HostContext {
+                    data: &data,
+                    len,
+                    dim: d,
+                })?;
+                if c.rows() != self.count {
+                    shape_error!(
+                        "the context has {} rows but data has {} samples",
+                        c.rows(),
+                        self.count
+                    );
+                }
+                self.context = Some((data, len));
+            }
+        }
+        Ok(self)
+    }
+
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// Number of training samples.
+    pub fn count(&self) -> usize {
+        self.count
     }
 
     pub fn schedule(&self) -> &Schedule {
@@ -357,21 +401,36 @@ impl Trainer {
         let per: usize = self.data_shape.iter().product();
         let mut x0 = Vec::with_capacity(b * per);
         let mut labels = self.labels.as_ref().map(|_| Vec::with_capacity(b));
+        let ctx_row = self
+            .context
+            .as_ref()
+            .map_or(0, |(_, len)| len * self.model.config().context_dim());
+        let mut context = self
+            .context
+            .as_ref()
+            .map(|_| Vec::with_capacity(b * ctx_row));
         for k in 0..b as u64 {
             let i = self.sample_index(s * b as u64 + k);
             x0.extend_from_slice(&self.data[i * per..(i + 1) * per]);
             if let (Some(out), Some(all)) = (labels.as_mut(), self.labels.as_ref()) {
                 out.push(all[i]);
             }
+            if let (Some(out), Some((all, _))) = (context.as_mut(), self.context.as_ref()) {
+                out.extend_from_slice(&all[i * ctx_row..(i + 1) * ctx_row]);
+            }
         }
-        if let Some(l) = labels.as_mut() {
-            if self.config.class_dropout > 0.0 {
-                let null = self.model.config().num_classes() as u32;
-                let u = uniforms(seed, CLASS_DROP_STREAM ^ s, b);
-                for (y, &ui) in l.iter_mut().zip(&u) {
-                    if (ui as f64) < self.config.class_dropout {
-                        *y = null;
-                    }
+        // One draw per row decides whether the row's conditioning (label and context) is dropped.
+        let dropped: Option<Vec<bool>> = (self.config.class_dropout > 0.0).then(|| {
+            uniforms(seed, CLASS_DROP_STREAM ^ s, b)
+                .iter()
+                .map(|&u| (u as f64) < self.config.class_dropout)
+                .collect()
+        });
+        if let (Some(l), Some(d)) = (labels.as_mut(), dropped.as_ref()) {
+            let null = self.model.config().num_classes() as u32;
+            for (y, &drop) in l.iter_mut().zip(d) {
+                if drop {
+                    *y = null;
                 }
             }
         }
@@ -390,9 +449,26 @@ impl Trainer {
         let noise = Tensor::from_vec(noise, shape.as_slice(), &dev)?;
         let x_t = Tensor::from_vec(x_t, shape.as_slice(), &dev)?;
         let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
+        let context = match (context, self.context.as_ref()) {
+            (Some(c), Some((_, len))) => Some(Tensor::from_vec(
+                c,
+                (b, *len, self.model.config().context_dim()),
+                &dev,
+            )?),
+            _ => None,
+        };
+        let cond = crate::nn::Cond {
+            labels: labels.as_deref(),
+            context: context.as_ref(),
+            null_context: if context.is_some() {
+                dropped.as_deref()
+            } else {
+                None
+            },
+        };
         let out = self
             .model
-            .forward(&x_t, &tf, labels.as_deref(), &Ctx::train(seed, s))?;
+            .forward_cond(&x_t, &tf, &cond, &Ctx::train(seed, s))?;
         let per_sample = match self.settings.loss {
             LossKind::Mse => {
                 let p = self.settings.prediction;
@@ -728,6 +804,89 @@ pub fn model_from_bytes(bytes: &[u8], source: &Path, device: &Device, ema: bool)
     };
     model.params().load(&weights, &file.display().to_string())?;
     Ok(model)
+}
+
+/// The file a classifier folder holds.
+pub const CLASSIFIER_FILE: &str = "classifier.safetensors";
+
+/// A classifier's weights and configuration, with the schedule a noisy classifier was trained
+/// on, as safetensors bytes.
+pub fn classifier_to_bytes(
+    classifier: &crate::nn::Classifier,
+    schedule: Option<&Schedule>,
+) -> Result<Vec<u8>> {
+    let mut tensors = HashMap::new();
+    checkpoint::add_prefixed(&mut tensors, "classifier", classifier.params().tensors()?);
+    let mut meta = HashMap::new();
+    meta.insert(
+        "classifier".to_string(),
+        checkpoint::to_json(&classifier.config())?,
+    );
+    if let Some(s) = schedule {
+        meta.insert(
+            "schedule".to_string(),
+            checkpoint::to_json(&ScheduleRecord {
+                name: s.name.clone(),
+                betas: s.betas.clone(),
+                alphas_cumprod: s.alphas_cumprod.clone(),
+            })?,
+        );
+    }
+    checkpoint::to_bytes(&tensors, meta)
+}
+
+/// A classifier file: `path` itself if it ends in `.safetensors`, else `path/classifier.safetensors`.
+pub fn classifier_path(path: &Path) -> PathBuf {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        path.to_path_buf()
+    } else {
+        path.join(CLASSIFIER_FILE)
+    }
+}
+
+/// Saves a classifier (and its training schedule) atomically; returns the file written.
+pub fn save_classifier(
+    classifier: &crate::nn::Classifier,
+    schedule: Option<&Schedule>,
+    path: &Path,
+) -> Result<PathBuf> {
+    let file = classifier_path(path);
+    if let Some(dir) = file.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+    }
+    checkpoint::write_atomic(&file, &classifier_to_bytes(classifier, schedule)?)?;
+    Ok(file)
+}
+
+/// [`load_classifier`] from bytes; `source` names them in errors.
+pub fn classifier_from_bytes(
+    bytes: &[u8],
+    source: &Path,
+) -> Result<(crate::nn::Classifier, Option<Schedule>)> {
+    let (tensors, meta) = checkpoint::from_bytes(bytes, source, &Device::Cpu)?;
+    let config: crate::nn::ClassifierConfig = checkpoint::json_entry(source, &meta, "classifier")?;
+    let classifier = crate::nn::Classifier::from_config(&config, 0)?;
+    classifier.params().load(
+        &checkpoint::with_prefix(&tensors, "classifier"),
+        &source.display().to_string(),
+    )?;
+    let schedule = match meta.get("schedule") {
+        Some(_) => {
+            let s: ScheduleRecord = checkpoint::json_entry(source, &meta, "schedule")?;
+            Some(Schedule::from_parts(&s.name, s.betas, s.alphas_cumprod)?)
+        }
+        None => None,
+    };
+    Ok((classifier, schedule))
+}
+
+/// Loads a classifier saved by [`save_classifier`] (a file or a folder holding one).
+pub fn load_classifier(path: &Path) -> Result<(crate::nn::Classifier, Option<Schedule>)> {
+    let file = classifier_path(path);
+    let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
+    classifier_from_bytes(&bytes, &file)
 }
 
 #[cfg(test)]
