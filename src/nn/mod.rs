@@ -3,6 +3,7 @@
 //! [`Denoiser`], so every sampler runs it without leaving Rust.
 
 pub mod classifier;
+pub mod kernels;
 pub mod layers;
 pub mod mlp;
 pub mod params;

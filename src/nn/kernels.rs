@@ -1,0 +1,673 @@
+//! CPU kernels behind the network layers, as candle custom ops with their own backward.
+//!
+//! `conv2d`: candle 0.11's CPU convolution rearranges its input single-threaded before the
+//! matrix multiply, and computes the input gradient with a plain loop (`conv_transpose2d`) with
+//! no matrix-multiply path. Here every pass is an im2col / col2im around one `gemm` call per
+//! batch item, with batch items spread over rayon's threads:
+//!
+//! - forward: out_b [Cout, HoWo] = W [Cout, Cin·k·k] · cols_b [Cin·k·k, HoWo];
+//! - input gradient: cols_b = Wᵀ · g_b, scattered back by col2im (skipped when the input needs
+//!   no gradient, e.g. the network's input image);
+//! - weight gradient: Σ_b g_b · cols_bᵀ, summed over a fixed partition of the batch so the
+//!   result does not depend on the thread count.
+//!
+//! f32 and f64 (the gradient checks run in f64); other devices fall back to candle's op.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+type CResult<T> = candle_core::Result<T>;
+
+fn msg(s: impl Into<String>) -> candle_core::Error {
+    candle_core::Error::Msg(s.into())
+}
+
+/// The element types the kernels run on.
+pub trait Elem: Copy + Send + Sync + 'static + std::ops::AddAssign {
+    const ZERO: Self;
+    const ONE: Self;
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+impl Elem for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Elem for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// dst [m, n] (row-major, row stride `dst_rs`) = (accumulate ? dst : 0) + lhs · rhs, with lhs
+/// and rhs given by (column stride, row stride) so that transposed views cost nothing.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: &[T],
+    lhs_strides: (isize, isize),
+    rhs: &[T],
+    rhs_strides: (isize, isize),
+) {
+    debug_assert!(dst.len() >= m * n);
+    // SAFETY: the slices cover every element the strides address (checked by the callers'
+    // shapes: lhs is m x k, rhs k x n, dst m x n), and dst does not alias lhs or rhs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_strides.0,
+            lhs_strides.1,
+            rhs.as_ptr(),
+            rhs_strides.0,
+            rhs_strides.1,
+            if accumulate { T::ONE } else { T::ZERO },
+            T::ONE,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// Shapes of one convolution: x [b, cin, h, w], weight [cout, cin, k, k], out [b, cout, ho, wo].
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Geom {
+    b: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> CResult<Self> {
+        let (&[b, cin, h, wd], &[cout, wcin, k, k2]) = (x, w) else {
+            return Err(msg(format!(
+                "conv2d: x must be [B, C, H, W] and the weight [Cout, C, k, k], got {x:?} and {w:?}"
+            )));
+        };
+        if wcin != cin || k != k2 || k == 0 || stride == 0 {
+            return Err(msg(format!(
+                "conv2d: weight {w:?} does not fit input {x:?} (stride {stride})"
+            )));
+        }
+        if h + 2 * pad < k || wd + 2 * pad < k {
+            return Err(msg(format!(
+                "conv2d: a {k}x{k} kernel does not fit a {h}x{wd} input with padding {pad}"
+            )));
+        }
+        Ok(Geom {
+            b,
+            cin,
+            h,
+            w: wd,
+            cout,
+            k,
+            stride,
+            pad,
+            ho: (h + 2 * pad - k) / stride + 1,
+            wo: (wd + 2 * pad - k) / stride + 1,
+        })
+    }
+
+    fn ckk(&self) -> usize {
+        self.cin * self.k * self.k
+    }
+
+    fn hw_out(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    fn x_item(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+
+    fn out_item(&self) -> usize {
+        self.cout * self.hw_out()
+    }
+
+    /// The input column of output column `ox` for kernel column `kx`, if inside the image.
+    #[inline]
+    fn in_col(&self, ox: usize, kx: usize) -> Option<usize> {
+        (ox * self.stride + kx)
+            .checked_sub(self.pad)
+            .filter(|&i| i < self.w)
+    }
+
+    #[inline]
+    fn in_row(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy * self.stride + ky)
+            .checked_sub(self.pad)
+            .filter(|&i| i < self.h)
+    }
+}
+
+/// cols [Cin·k·k, Ho·Wo] of one item x [Cin, H, W] (zeros where the window leaves the image).
+fn im2col<T: Elem>(g: &Geom, x: &[T], cols: &mut [T]) {
+    let hw = g.hw_out();
+    for c in 0..g.cin {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ky in 0..g.k {
+            for kx in 0..g.k {
+                let row = &mut cols[((c * g.k + ky) * g.k + kx) * hw..][..hw];
+                for oy in 0..g.ho {
+                    let dst = &mut row[oy * g.wo..(oy + 1) * g.wo];
+                    match g.in_row(oy, ky) {
+                        None => dst.fill(T::ZERO),
+                        Some(iy) => {
+                            let src = &plane[iy * g.w..(iy + 1) * g.w];
+                            for (ox, d) in dst.iter_mut().enumerate() {
+                                *d = match g.in_col(ox, kx) {
+                                    Some(ix) => src[ix],
+                                    None => T::ZERO,
+                                };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds cols [Cin·k·k, Ho·Wo] back into the item gradient gx [Cin, H, W] (im2col's adjoint).
+fn col2im<T: Elem>(g: &Geom, cols: &[T], gx: &mut [T]) {
+    let hw = g.hw_out();
+    gx.fill(T::ZERO);
+    for c in 0..g.cin {
+        let plane = &mut gx[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ky in 0..g.k {
+            for kx in 0..g.k {
+                let row = &cols[((c * g.k + ky) * g.k + kx) * hw..][..hw];
+                for oy in 0..g.ho {
+                    let Some(iy) = g.in_row(oy, ky) else { continue };
+                    let dst = &mut plane[iy * g.w..(iy + 1) * g.w];
+                    for (ox, &v) in row[oy * g.wo..(oy + 1) * g.wo].iter().enumerate() {
+                        if let Some(ix) = g.in_col(ox, kx) {
+                            dst[ix] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn conv_forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    let (ckk, hw) = (g.ckk(), g.hw_out());
+    let mut out = vec![T::ZERO; g.b * g.out_item()];
+    out.par_chunks_mut(g.out_item())
+        .zip(x.par_chunks(g.x_item()))
+        .for_each_init(
+            || vec![T::ZERO; ckk * hw],
+            |cols, (o, xb)| {
+                im2col(g, xb, cols);
+                matmul(
+                    g.cout,
+                    hw,
+                    ckk,
+                    o,
+                    false,
+                    w,
+                    (1, ckk as isize),
+                    cols,
+                    (1, hw as isize),
+                );
+            },
+        );
+    out
+}
+
+fn conv_input_grad<T: Elem>(g: &Geom, grad: &[T], w: &[T]) -> Vec<T> {
+    let (ckk, hw) = (g.ckk(), g.hw_out());
+    let mut gx = vec![T::ZERO; g.b * g.x_item()];
+    gx.par_chunks_mut(g.x_item())
+        .zip(grad.par_chunks(g.out_item()))
+        .for_each_init(
+            || vec![T::ZERO; ckk * hw],
+            |cols, (gxb, gb)| {
+                // cols = Wᵀ [ckk, cout] · g_b [cout, hw]
+                matmul(
+                    ckk,
+                    hw,
+                    g.cout,
+                    cols,
+                    false,
+                    w,
+                    (ckk as isize, 1),
+                    gb,
+                    (1, hw as isize),
+                );
+                col2im(g, cols, gxb);
+            },
+        );
+    gx
+}
+
+/// Batch items per partial sum of the weight gradient: fixed, so the summation order (and the
+/// result, bit for bit) is the same for every thread count.
+const WEIGHT_GRAD_CHUNK: usize = 4;
+
+fn conv_weight_grad<T: Elem>(g: &Geom, x: &[T], grad: &[T]) -> Vec<T> {
+    let (ckk, hw) = (g.ckk(), g.hw_out());
+    let partials: Vec<Vec<T>> = x
+        .par_chunks(g.x_item() * WEIGHT_GRAD_CHUNK)
+        .zip(grad.par_chunks(g.out_item() * WEIGHT_GRAD_CHUNK))
+        .map(|(xs, gs)| {
+            let mut acc = vec![T::ZERO; g.cout * ckk];
+            let mut cols = vec![T::ZERO; ckk * hw];
+            for (i, (xb, gb)) in xs
+                .chunks(g.x_item())
+                .zip(gs.chunks(g.out_item()))
+                .enumerate()
+            {
+                im2col(g, xb, &mut cols);
+                // acc [cout, ckk] += g_b [cout, hw] · cols_bᵀ [hw, ckk]
+                matmul(
+                    g.cout,
+                    ckk,
+                    hw,
+                    &mut acc,
+                    i > 0,
+                    gb,
+                    (1, hw as isize),
+                    &cols,
+                    (hw as isize, 1),
+                );
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![T::ZERO; g.cout * ckk];
+    for p in &partials {
+        for (t, &v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}
+
+fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> CResult<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => Err(msg("conv2d kernel: inputs must be contiguous")),
+    }
+}
+
+/// Runs `f` on two f32 or two f64 storages.
+fn dispatch(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    f32_fn: impl FnOnce(&[f32], &[f32]) -> Vec<f32>,
+    f64_fn: impl FnOnce(&[f64], &[f64]) -> Vec<f64>,
+) -> CResult<CpuStorage> {
+    match (s1, s2) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+            Ok(f32::storage(f32_fn(contiguous(a, l1)?, contiguous(b, l2)?)))
+        }
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+            Ok(f64::storage(f64_fn(contiguous(a, l1)?, contiguous(b, l2)?)))
+        }
+        _ => Err(msg("conv2d kernel: both operands must be f32 or both f64")),
+    }
+}
+
+struct Conv2dOp {
+    stride: usize,
+    pad: usize,
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "ferrodiff-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
+        let out = dispatch(
+            s1,
+            l1,
+            s2,
+            l2,
+            |x, w| conv_forward(&g, x, w),
+            |x, w| conv_forward(&g, x, w),
+        )?;
+        Ok((out, Shape::from((g.b, g.cout, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
+        let gx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &InputGradOp(g))?)
+        } else {
+            None
+        };
+        let gw = x.apply_op2_no_bwd(&grad, &WeightGradOp(g))?;
+        Ok((gx, Some(gw)))
+    }
+}
+
+struct InputGradOp(Geom);
+
+impl CustomOp2 for InputGradOp {
+    fn name(&self) -> &'static str {
+        "ferrodiff-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let g = self.0;
+        let out = dispatch(
+            s1,
+            l1,
+            s2,
+            l2,
+            |gr, w| conv_input_grad(&g, gr, w),
+            |gr, w| conv_input_grad(&g, gr, w),
+        )?;
+        Ok((out, Shape::from((g.b, g.cin, g.h, g.w))))
+    }
+}
+
+struct WeightGradOp(Geom);
+
+impl CustomOp2 for WeightGradOp {
+    fn name(&self) -> &'static str {
+        "ferrodiff-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let g = self.0;
+        let out = dispatch(
+            s1,
+            l1,
+            s2,
+            l2,
+            |x, gr| conv_weight_grad(&g, x, gr),
+            |x, gr| conv_weight_grad(&g, x, gr),
+        )?;
+        Ok((out, Shape::from((g.cout, g.cin, g.k, g.k))))
+    }
+}
+
+/// `FERRODIFF_REFERENCE_KERNELS=1` runs candle's own ops instead of these kernels (for
+/// benchmarks that measure what the kernels buy, and for bisecting).
+pub fn reference_kernels() -> bool {
+    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FLAG.get_or_init(|| {
+        std::env::var("FERRODIFF_REFERENCE_KERNELS").is_ok_and(|v| !v.is_empty() && v != "0")
+    })
+}
+
+/// 2-D convolution (no bias) of x [B, Cin, H, W] with weight [Cout, Cin, k, k], zero padding
+/// `pad` and `stride`, differentiable in both arguments. CPU tensors run ferrodiff's kernel,
+/// others candle's `conv2d`.
+pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> CResult<Tensor> {
+    if reference_kernels()
+        || !x.device().is_cpu()
+        || !matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+    {
+        return x.conv2d(weight, pad, stride, 1, 1);
+    }
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, Conv2dOp { stride, pad })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn filled(shape: &[usize], seed: usize, dtype: DType) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 1009) as f64 / 504.5) - 1.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// (b, cin, h, w, cout, k, stride, pad)
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+    const CASES: [Case; 6] = [
+        // (b, cin, h, w, cout, k, stride, pad)
+        (1, 1, 5, 5, 1, 3, 1, 1),
+        (2, 3, 7, 6, 4, 3, 1, 1),
+        (3, 2, 9, 9, 5, 3, 2, 1),
+        (5, 4, 8, 8, 3, 1, 1, 0),
+        (2, 3, 6, 7, 2, 3, 2, 0),
+        (9, 2, 4, 4, 6, 3, 1, 1),
+    ];
+
+    fn out_side(n: usize, k: usize, stride: usize, pad: usize) -> usize {
+        (n + 2 * pad - k) / stride + 1
+    }
+
+    /// Values and both gradients against candle's conv2d on shapes with odd sizes, strides,
+    /// paddings, 1x1 kernels and batch 1. Where candle's own backward fails (its
+    /// conv_transpose2d gives the wrong input-gradient shape for a stride-2 conv of an odd-width
+    /// input without padding), the finite-difference test below is the reference.
+    #[test]
+    fn matches_candle_values_and_gradients() {
+        let mut compared = 0;
+        for (i, &(b, cin, h, w, cout, k, stride, pad)) in CASES.iter().enumerate() {
+            let x = Var::from_tensor(&filled(&[b, cin, h, w], i, DType::F64)).unwrap();
+            let wt = Var::from_tensor(&filled(&[cout, cin, k, k], i + 50, DType::F64)).unwrap();
+            let oshape = [
+                b,
+                cout,
+                out_side(h, k, stride, pad),
+                out_side(w, k, stride, pad),
+            ];
+            let probe = filled(&oshape, i + 99, DType::F64);
+            let ours = conv2d(x.as_tensor(), wt.as_tensor(), stride, pad).unwrap();
+            let theirs = x
+                .as_tensor()
+                .conv2d(wt.as_tensor(), pad, stride, 1, 1)
+                .unwrap();
+            assert_eq!(ours.dims(), theirs.dims(), "case {i}");
+            assert!(max_diff(&ours, &theirs) < 1e-12, "case {i}: values");
+            let g1 = (ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let Ok(g2) = (theirs * &probe).unwrap().sum_all().unwrap().backward() else {
+                continue;
+            };
+            for (name, v) in [("x", &x), ("weight", &wt)] {
+                let a = g1.get(v.as_tensor()).unwrap();
+                let c = g2.get(v.as_tensor()).unwrap();
+                assert!(max_diff(a, c) < 1e-11, "case {i}: gradient of {name}");
+            }
+            compared += 1;
+        }
+        assert!(
+            compared >= 5,
+            "candle's backward ran on only {compared} cases"
+        );
+    }
+
+    /// Central finite differences of Σ probe · conv(x, w) for a few entries of x and w, on every
+    /// shape above.
+    #[test]
+    fn gradients_match_finite_differences() {
+        for (case, &(b, cin, h, w, cout, k, stride, pad)) in CASES.iter().enumerate() {
+            let xv = filled(&[b, cin, h, w], case + 3, DType::F64);
+            let wv = filled(&[cout, cin, k, k], case + 4, DType::F64);
+            let oshape = [
+                b,
+                cout,
+                out_side(h, k, stride, pad),
+                out_side(w, k, stride, pad),
+            ];
+            let probe = filled(&oshape, case + 5, DType::F64);
+            let loss = |x: &Tensor, wt: &Tensor| -> f64 {
+                (conv2d(x, wt, stride, pad).unwrap() * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let x = Var::from_tensor(&xv).unwrap();
+            let wt = Var::from_tensor(&wv).unwrap();
+            let grads = (conv2d(x.as_tensor(), wt.as_tensor(), stride, pad).unwrap() * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let eps = 1e-6;
+            for (which, base) in [(0, &xv), (1, &wv)] {
+                let var = if which == 0 { &x } else { &wt };
+                let g: Vec<f64> = grads
+                    .get(var.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let flat: Vec<f64> = base.flatten_all().unwrap().to_vec1().unwrap();
+                for &i in &[0, flat.len() / 3, flat.len() / 2 + 1, flat.len() - 1] {
+                    let bump = |d: f64| {
+                        let mut p = flat.clone();
+                        p[i] += d;
+                        let t = Tensor::from_vec(p, base.dims(), &Device::Cpu).unwrap();
+                        if which == 0 {
+                            loss(&t, &wv)
+                        } else {
+                            loss(&xv, &t)
+                        }
+                    };
+                    let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
+                    assert!(
+                        (fd - g[i]).abs() < 1e-6,
+                        "case {case}, {}[{i}]: {fd} vs {}",
+                        ["x", "weight"][which],
+                        g[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f32_matches_f64_and_skips_the_gradient_of_untracked_inputs() {
+        let x = filled(&[4, 3, 10, 10], 1, DType::F32);
+        let w = Var::from_tensor(&filled(&[8, 3, 3, 3], 2, DType::F32)).unwrap();
+        let y = conv2d(&x, w.as_tensor(), 1, 1).unwrap();
+        let y64 = conv2d(
+            &x.to_dtype(DType::F64).unwrap(),
+            &w.as_tensor().to_dtype(DType::F64).unwrap(),
+            1,
+            1,
+        )
+        .unwrap();
+        assert!(max_diff(&y.to_dtype(DType::F64).unwrap(), &y64) < 1e-4);
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_none(), "a plain input gets no gradient");
+        assert!(grads.get(w.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn weight_gradient_is_bit_identical_for_any_thread_count() {
+        let x = filled(&[11, 3, 6, 6], 6, DType::F32);
+        let w = Var::from_tensor(&filled(&[4, 3, 3, 3], 7, DType::F32)).unwrap();
+        let run = |threads: usize| -> Vec<f32> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let y = conv2d(&x, w.as_tensor(), 1, 1).unwrap();
+                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                g.get(w.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+        };
+        let one = run(1);
+        assert_eq!(one, run(2));
+        assert_eq!(one, run(3));
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let x = filled(&[1, 2, 4, 4], 0, DType::F32);
+        assert!(conv2d(&x, &filled(&[3, 5, 3, 3], 0, DType::F32), 1, 1).is_err());
+        assert!(conv2d(&x, &filled(&[3, 2, 7, 7], 0, DType::F32), 1, 0).is_err());
+    }
+}
