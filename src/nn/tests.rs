@@ -528,3 +528,42 @@ fn classifier_cross_entropy_gradients_match_finite_differences() {
         );
     }
 }
+
+#[test]
+fn upsampling_by_broadcast_matches_candle_in_values_and_gradients() {
+    let x = Var::from_tensor(&input(
+        &Model::new(unet_config(false, true), 0, &Device::Cpu).unwrap(),
+        3,
+    ))
+    .unwrap();
+    let ours = super::unet::upsample_nearest_2x(x.as_tensor()).unwrap();
+    let theirs = x.as_tensor().upsample_nearest2d(16, 16).unwrap();
+    let diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    assert_eq!(diff(&ours, &theirs), 0.0);
+    let n = ours.elem_count();
+    let w: Vec<f32> = (0..n).map(|i| (i % 11) as f32 - 5.0).collect();
+    let w = Tensor::from_vec(w, ours.dims(), &Device::Cpu).unwrap();
+    let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (a, b) = (
+        g1.get(x.as_tensor()).unwrap(),
+        g2.get(x.as_tensor()).unwrap(),
+    );
+    assert!(diff(a, b) < 1e-5);
+}
