@@ -84,7 +84,26 @@ def check_samplers(results: dict) -> None:
     assert math.isfinite(bpd["total"]) and bpd["total"] > 0, bpd
 
 
-CHECKS = {"01_quickstart.ipynb": check_quickstart, "02_samplers.ipynb": check_samplers}
+def check_guidance(results: dict) -> None:
+    assert results["fast"] is True
+    cfg = results["classifier_free"]
+    for s, row in cfg.items():
+        assert all(math.isfinite(v) for v in row.values()), (s, row)
+    largest = max(cfg, key=float)
+    # Ho & Salimans: the scale trades diversity for fidelity. The judge (scikit-learn, trained on
+    # the train split) reads unconditional samples (s = 0) at chance and guided ones best.
+    assert cfg["0.0"]["accuracy"] < cfg["1.0"]["accuracy"] < cfg[largest]["accuracy"], cfg
+    assert cfg["4.0"]["diversity"] < cfg["1.0"]["diversity"], cfg
+    cg = results["classifier_guidance"]
+    assert cg[max(cg, key=float)]["accuracy"] > cg["0.0"]["accuracy"] + 0.5, cg
+    assert results["inpainting"]["known_region_kept"] is True, results["inpainting"]
+
+
+CHECKS = {
+    "01_quickstart.ipynb": check_quickstart,
+    "02_samplers.ipynb": check_samplers,
+    "03_guidance.ipynb": check_guidance,
+}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
