@@ -274,26 +274,61 @@ impl Model {
         null_context: Option<&[bool]>,
     ) -> Result<ModelOutput> {
         self.check_input(shape)?;
-        let xt = Tensor::from_slice(x, shape, self.device())?.to_dtype(self.params.dtype())?;
-        let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
+        let batch = shape[0];
+        if t.len() != batch {
+            shape_error!("t has {} entries but x has {batch} rows", t.len());
+        }
+        self.check_labels(labels, batch)?;
+        if null_context.is_some_and(|n| n.len() != batch) {
+            shape_error!("null_context marks rows of another batch size than {batch}");
+        }
         let context = match context {
-            Some(c) => Some(self.check_context(c)?.tiled(shape[0], self.device())?),
+            Some(c) => Some(self.check_context(c)?.tiled(batch, self.device())?),
             None => None,
         };
-        let cond = Cond {
-            labels,
-            context: context.as_ref(),
-            null_context,
-        };
-        let y = self.forward_cond(&xt, &tf, &cond, &Ctx::eval())?;
-        let out_shape = y.dims().to_vec();
-        let data = y.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        // Inference runs in chunks of at most INFERENCE_CHUNK rows: candle's CPU ops slow down
+        // more than linearly past a few hundred rows (cache), which would make a guided step
+        // (one call on the doubled batch) cost more than two unguided ones. Rows are
+        // independent, so chunking changes no result.
+        let row: usize = shape[1..].iter().product();
+        let mut data = Vec::new();
+        let mut out_shape = Vec::new();
+        for start in (0..batch).step_by(INFERENCE_CHUNK) {
+            let n = INFERENCE_CHUNK.min(batch - start);
+            let mut sh = shape.to_vec();
+            sh[0] = n;
+            let xt = Tensor::from_slice(
+                &x[start * row..(start + n) * row],
+                sh.as_slice(),
+                self.device(),
+            )?
+            .to_dtype(self.params.dtype())?;
+            let tf: Vec<f32> = t[start..start + n].iter().map(|&v| v as f32).collect();
+            let ctx_chunk = match &context {
+                Some(c) => Some(c.narrow(0, start, n)?),
+                None => None,
+            };
+            let cond = Cond {
+                labels: labels.map(|l| &l[start..start + n]),
+                context: ctx_chunk.as_ref(),
+                null_context: null_context.map(|m| &m[start..start + n]),
+            };
+            let y = self.forward_cond(&xt, &tf, &cond, &Ctx::eval())?;
+            if out_shape.is_empty() {
+                out_shape = y.dims().to_vec();
+                out_shape[0] = batch;
+            }
+            data.extend(y.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        }
         Ok(ModelOutput {
             data,
             shape: out_shape,
         })
     }
 }
+
+/// Rows per network call at inference (see [`Model::predict_host_cond`]).
+pub const INFERENCE_CHUNK: usize = 256;
 
 impl Model {
     /// Checks a host context's width against the model.

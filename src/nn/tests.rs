@@ -567,3 +567,24 @@ fn upsampling_by_broadcast_matches_candle_in_values_and_gradients() {
     );
     assert!(diff(a, b) < 1e-5);
 }
+
+#[test]
+fn inference_in_chunks_equals_row_by_row_results() {
+    let model = Model::new(mlp_config(), 5, &Device::Cpu).unwrap();
+    let n = INFERENCE_CHUNK + 37;
+    let x: Vec<f32> = (0..n * 3)
+        .map(|i| ((i * 13 % 29) as f32 / 14.5) - 1.0)
+        .collect();
+    let t: Vec<i64> = (0..n as i64).map(|i| (i * 7) % 1000).collect();
+    let y: Vec<u32> = (0..n as u32).map(|i| i % 4).collect();
+    let all = model.predict_host(&x, &[n, 3], &t, Some(&y)).unwrap();
+    assert_eq!(all.shape, vec![n, 3]);
+    for i in [0, INFERENCE_CHUNK - 1, INFERENCE_CHUNK, n - 1] {
+        let one = model
+            .predict_host(&x[i * 3..i * 3 + 3], &[1, 3], &t[i..=i], Some(&y[i..=i]))
+            .unwrap();
+        for (a, b) in one.data.iter().zip(&all.data[i * 3..i * 3 + 3]) {
+            assert!((a - b).abs() < 1e-5, "row {i}: {a} vs {b}");
+        }
+    }
+}
