@@ -338,14 +338,29 @@ fn dispatch(
     }
 }
 
-struct Conv2dOp {
-    stride: usize,
-    pad: usize,
+/// Which of the three passes of a convolution an op computes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pass {
+    /// (x, weight) -> out; differentiable.
+    Forward,
+    /// (grad_out, weight) -> grad_x.
+    InputGrad,
+    /// (x, grad_out) -> grad_weight.
+    WeightGrad,
 }
 
-impl CustomOp2 for Conv2dOp {
+struct ConvOp {
+    g: Geom,
+    pass: Pass,
+}
+
+impl CustomOp2 for ConvOp {
     fn name(&self) -> &'static str {
-        "ferrodiff-conv2d"
+        match self.pass {
+            Pass::Forward => "ferrodiff-conv2d",
+            Pass::InputGrad => "ferrodiff-conv2d-input-grad",
+            Pass::WeightGrad => "ferrodiff-conv2d-weight-grad",
+        }
     }
 
     fn cpu_fwd(
@@ -355,16 +370,43 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
-        let out = dispatch(
-            s1,
-            l1,
-            s2,
-            l2,
-            |x, w| conv_forward(&g, x, w),
-            |x, w| conv_forward(&g, x, w),
-        )?;
-        Ok((out, Shape::from((g.b, g.cout, g.ho, g.wo))))
+        let g = &self.g;
+        let (out, shape) = match self.pass {
+            Pass::Forward => (
+                dispatch(
+                    s1,
+                    l1,
+                    s2,
+                    l2,
+                    |a, b| conv_forward(g, a, b),
+                    |a, b| conv_forward(g, a, b),
+                )?,
+                (g.b, g.cout, g.ho, g.wo),
+            ),
+            Pass::InputGrad => (
+                dispatch(
+                    s1,
+                    l1,
+                    s2,
+                    l2,
+                    |a, b| conv_input_grad(g, a, b),
+                    |a, b| conv_input_grad(g, a, b),
+                )?,
+                (g.b, g.cin, g.h, g.w),
+            ),
+            Pass::WeightGrad => (
+                dispatch(
+                    s1,
+                    l1,
+                    s2,
+                    l2,
+                    |a, b| conv_weight_grad(g, a, b),
+                    |a, b| conv_weight_grad(g, a, b),
+                )?,
+                (g.cout, g.cin, g.k, g.k),
+            ),
+        };
+        Ok((out, Shape::from(shape)))
     }
 
     fn bwd(
@@ -374,69 +416,18 @@ impl CustomOp2 for Conv2dOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        if self.pass != Pass::Forward {
+            return Err(candle_core::Error::BackwardNotSupported { op: self.name() });
+        }
         let grad = grad.contiguous()?;
-        let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
+        let op = |pass| ConvOp { g: self.g, pass };
         let gx = if x.track_op() {
-            Some(grad.apply_op2_no_bwd(w, &InputGradOp(g))?)
+            Some(grad.apply_op2_no_bwd(w, &op(Pass::InputGrad))?)
         } else {
             None
         };
-        let gw = x.apply_op2_no_bwd(&grad, &WeightGradOp(g))?;
+        let gw = x.apply_op2_no_bwd(&grad, &op(Pass::WeightGrad))?;
         Ok((gx, Some(gw)))
-    }
-}
-
-struct InputGradOp(Geom);
-
-impl CustomOp2 for InputGradOp {
-    fn name(&self) -> &'static str {
-        "ferrodiff-conv2d-input-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let g = self.0;
-        let out = dispatch(
-            s1,
-            l1,
-            s2,
-            l2,
-            |gr, w| conv_input_grad(&g, gr, w),
-            |gr, w| conv_input_grad(&g, gr, w),
-        )?;
-        Ok((out, Shape::from((g.b, g.cin, g.h, g.w))))
-    }
-}
-
-struct WeightGradOp(Geom);
-
-impl CustomOp2 for WeightGradOp {
-    fn name(&self) -> &'static str {
-        "ferrodiff-conv2d-weight-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let g = self.0;
-        let out = dispatch(
-            s1,
-            l1,
-            s2,
-            l2,
-            |x, gr| conv_weight_grad(&g, x, gr),
-            |x, gr| conv_weight_grad(&g, x, gr),
-        )?;
-        Ok((out, Shape::from((g.cout, g.cin, g.k, g.k))))
     }
 }
 
@@ -459,8 +450,14 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> CResult
     {
         return x.conv2d(weight, pad, stride, 1, 1);
     }
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?, Conv2dOp { stride, pad })
+    let g = Geom::new(x.dims(), weight.dims(), stride, pad)?;
+    x.contiguous()?.apply_op2(
+        &weight.contiguous()?,
+        ConvOp {
+            g,
+            pass: Pass::Forward,
+        },
+    )
 }
 
 #[cfg(test)]

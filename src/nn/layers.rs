@@ -280,8 +280,10 @@ pub fn timestep_embedding(t: &[f32], dim: usize, device: &Device) -> Result<Tens
     Ok(Tensor::from_vec(out, (t.len(), dim), device)?)
 }
 
-/// Self-attention over the spatial positions of [B, C, H, W] with a residual connection
-/// (diffusers' `Attention` names: group_norm, to_q, to_k, to_v, to_out.0).
+/// Attention from the spatial positions of [B, C, H, W], with a residual connection, to the
+/// positions themselves (self-attention) or to a context [B, M, kv_dim] (cross-attention, latent
+/// diffusion's conditioning on embeddings). diffusers' `Attention` names: group_norm, to_q, to_k,
+/// to_v, to_out.0; the output projection starts at zero, so a new block is the identity.
 #[derive(Clone)]
 pub struct AttentionBlock {
     norm: GroupNorm,
@@ -294,9 +296,23 @@ pub struct AttentionBlock {
 }
 
 impl AttentionBlock {
+    /// Self-attention over `channels`-wide positions.
     pub fn new(
         p: &Path,
         channels: usize,
+        heads: usize,
+        groups: usize,
+        skip_rescale: bool,
+    ) -> Result<Self> {
+        Self::with_kv_dim(p, channels, channels, heads, groups, skip_rescale)
+    }
+
+    /// Attention whose keys and values come from `kv_dim`-wide tokens (`kv_dim = channels`
+    /// for self-attention, the context width for cross-attention).
+    pub fn with_kv_dim(
+        p: &Path,
+        channels: usize,
+        kv_dim: usize,
         heads: usize,
         groups: usize,
         skip_rescale: bool,
@@ -307,21 +323,32 @@ impl AttentionBlock {
         Ok(AttentionBlock {
             norm: GroupNorm::new(&p.pp("group_norm"), groups, channels)?,
             to_q: Linear::new(&p.pp("to_q"), channels, channels)?,
-            to_k: Linear::new(&p.pp("to_k"), channels, channels)?,
-            to_v: Linear::new(&p.pp("to_v"), channels, channels)?,
+            to_k: Linear::new(&p.pp("to_k"), kv_dim, channels)?,
+            to_v: Linear::new(&p.pp("to_v"), kv_dim, channels)?,
             to_out: Linear::zeros(&p.pp("to_out").pp(0), channels, channels)?,
             heads,
             skip_rescale,
         })
     }
 
+    /// Self-attention of x [B, C, H, W].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.attend(x, None)
+    }
+
+    /// x [B, C, H, W] attending to `context` [B, M, kv_dim].
+    pub fn forward_cross(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.attend(x, Some(context))
+    }
+
+    fn attend(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let tokens = to_tokens(&self.norm.forward(x)?)?;
+        let kv = context.unwrap_or(&tokens);
         let o = multi_head_attention(
             &self.to_q.forward(&tokens)?,
-            &self.to_k.forward(&tokens)?,
-            &self.to_v.forward(&tokens)?,
+            &self.to_k.forward(kv)?,
+            &self.to_v.forward(kv)?,
             self.heads,
         )?;
         let o = from_tokens(&self.to_out.forward(&o)?, (b, c, h, w))?;
@@ -367,56 +394,4 @@ pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) ->
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, n, c))?)
-}
-
-/// Cross-attention from the spatial positions of [B, C, H, W] to a context [B, M, context_dim]
-/// (latent diffusion's conditioning on embeddings), with a residual connection; the output
-/// projection starts at zero, so a new block is the identity.
-#[derive(Clone)]
-pub struct CrossAttentionBlock {
-    norm: GroupNorm,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
-    heads: usize,
-    skip_rescale: bool,
-}
-
-impl CrossAttentionBlock {
-    pub fn new(
-        p: &Path,
-        channels: usize,
-        context_dim: usize,
-        heads: usize,
-        groups: usize,
-        skip_rescale: bool,
-    ) -> Result<Self> {
-        if heads == 0 || !channels.is_multiple_of(heads) {
-            value_error!("cross-attention: {channels} channels do not split into {heads} heads");
-        }
-        Ok(CrossAttentionBlock {
-            norm: GroupNorm::new(&p.pp("group_norm"), groups, channels)?,
-            to_q: Linear::new(&p.pp("to_q"), channels, channels)?,
-            to_k: Linear::new(&p.pp("to_k"), context_dim, channels)?,
-            to_v: Linear::new(&p.pp("to_v"), context_dim, channels)?,
-            to_out: Linear::zeros(&p.pp("to_out").pp(0), channels, channels)?,
-            heads,
-            skip_rescale,
-        })
-    }
-
-    /// x [B, C, H, W] attending to `context` [B, M, context_dim].
-    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let tokens = to_tokens(&self.norm.forward(x)?)?;
-        let o = multi_head_attention(
-            &self.to_q.forward(&tokens)?,
-            &self.to_k.forward(context)?,
-            &self.to_v.forward(context)?,
-            self.heads,
-        )?;
-        let o = from_tokens(&self.to_out.forward(&o)?, (b, c, h, w))?;
-        residual(x, &o, self.skip_rescale)
-    }
 }

@@ -8,8 +8,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{
-    silu, timestep_embedding, AttentionBlock, Conv2d, CrossAttentionBlock, Ctx, Embedding,
-    GroupNorm, Linear,
+    silu, timestep_embedding, AttentionBlock, Conv2d, Ctx, Embedding, GroupNorm, Linear,
 };
 use super::params::{Init, Path};
 use super::Cond;
@@ -246,7 +245,7 @@ impl Sampler {
 struct Level {
     resnets: Vec<ResBlock>,
     attentions: Vec<Option<AttentionBlock>>,
-    cross: Vec<Option<CrossAttentionBlock>>,
+    cross: Vec<Option<AttentionBlock>>,
     sampler: Option<Sampler>,
 }
 
@@ -265,7 +264,7 @@ impl Level {
             h = a.forward(&h)?;
         }
         if let (Some(a), Some(c)) = (&self.cross[j], context) {
-            h = a.forward(&h, c)?;
+            h = a.forward_cross(&h, c)?;
         }
         Ok(h)
     }
@@ -280,7 +279,7 @@ pub struct UNet {
     conv_in: Conv2d,
     down: Vec<Level>,
     mid: (ResBlock, AttentionBlock, ResBlock),
-    mid_cross: Option<CrossAttentionBlock>,
+    mid_cross: Option<AttentionBlock>,
     /// The learned context [1, context_dim] of unconditional rows.
     null_context: Option<Tensor>,
     up: Vec<Level>,
@@ -293,34 +292,15 @@ impl UNet {
         c.validate()?;
         let base = c.base_channels;
         let emb_dim = c.time_embed_dim();
-        let attention = |p: &Path, ch: usize, res: usize| -> Result<Option<AttentionBlock>> {
-            Ok(if c.attention_resolutions.contains(&res) {
-                Some(AttentionBlock::new(
-                    p,
-                    ch,
-                    c.num_heads,
-                    c.groups,
-                    c.skip_rescale,
-                )?)
+        // Self-attention (keys from the feature map) or, with `kv_dim` = context_dim,
+        // cross-attention, after each block whose side is in attention_resolutions.
+        let attention = |p: &Path, ch: usize, kv_dim: usize, res: usize| {
+            if kv_dim > 0 && c.attention_resolutions.contains(&res) {
+                AttentionBlock::with_kv_dim(p, ch, kv_dim, c.num_heads, c.groups, c.skip_rescale)
+                    .map(Some)
             } else {
-                None
-            })
-        };
-        let cross = |p: &Path, ch: usize, res: usize| -> Result<Option<CrossAttentionBlock>> {
-            Ok(
-                if c.context_dim > 0 && c.attention_resolutions.contains(&res) {
-                    Some(CrossAttentionBlock::new(
-                        p,
-                        ch,
-                        c.context_dim,
-                        c.num_heads,
-                        c.groups,
-                        c.skip_rescale,
-                    )?)
-                } else {
-                    None
-                },
-            )
+                Ok(None)
+            }
         };
         let mut ch = base * c.channel_mult[0];
         let conv_in = Conv2d::new(&p.pp("conv_in"), c.in_channels, ch, 3, 1)?;
@@ -340,8 +320,13 @@ impl UNet {
                     Resample::None,
                 )?);
                 ch = base * m;
-                attentions.push(attention(&lp.pp("attentions").pp(j), ch, res)?);
-                crosses.push(cross(&lp.pp("cross_attentions").pp(j), ch, res)?);
+                attentions.push(attention(&lp.pp("attentions").pp(j), ch, ch, res)?);
+                crosses.push(attention(
+                    &lp.pp("cross_attentions").pp(j),
+                    ch,
+                    c.context_dim,
+                    res,
+                )?);
                 skips.push(ch);
             }
             let sampler = if l + 1 < levels {
@@ -372,7 +357,7 @@ impl UNet {
             ResBlock::new(&mp.pp("resnets").pp(1), c, ch, ch, Resample::None)?,
         );
         let mid_cross = if c.context_dim > 0 {
-            Some(CrossAttentionBlock::new(
+            Some(AttentionBlock::with_kv_dim(
                 &mp.pp("cross_attentions").pp(0),
                 ch,
                 c.context_dim,
@@ -402,8 +387,13 @@ impl UNet {
                     Resample::None,
                 )?);
                 ch = base * m;
-                attentions.push(attention(&lp.pp("attentions").pp(j), ch, res)?);
-                crosses.push(cross(&lp.pp("cross_attentions").pp(j), ch, res)?);
+                attentions.push(attention(&lp.pp("attentions").pp(j), ch, ch, res)?);
+                crosses.push(attention(
+                    &lp.pp("cross_attentions").pp(j),
+                    ch,
+                    c.context_dim,
+                    res,
+                )?);
             }
             let sampler = if l > 0 {
                 res *= 2;
@@ -537,7 +527,7 @@ impl UNet {
         h = self.mid.0.forward(&h, &emb, ctx)?;
         h = self.mid.1.forward(&h)?;
         if let (Some(a), Some(c)) = (&self.mid_cross, context) {
-            h = a.forward(&h, c)?;
+            h = a.forward_cross(&h, c)?;
         }
         h = self.mid.2.forward(&h, &emb, ctx)?;
         for level in &self.up {
