@@ -50,7 +50,49 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
-    })
+    })?;
+    remove_stale_temporaries(&dir, &name.to_string_lossy());
+    Ok(())
+}
+
+/// Removes the temporaries `.<name>.tmp-<pid>` that saves of `name` in `dir` left behind when
+/// their process was killed half-way. Only files whose process no longer exists are removed, so
+/// a save in progress in another live process is never touched. Best effort: errors are ignored.
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+#[cfg(unix)]
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    // Signal 0 checks existence only; EPERM means it exists under another user.
+    // SAFETY: kill with signal 0 sends nothing and has no memory effects.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+#[cfg(not(unix))]
+fn process_alive(_pid: u32) -> bool {
+    // Without a portable liveness check, leave every temporary alone.
+    true
 }
 
 /// Saves tensors and string metadata (a `format` tag is added).
@@ -150,4 +192,34 @@ pub fn json_entry<T: serde::de::DeserializeOwned>(
 
 pub fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(|e| Error::Value(format!("cannot serialise to JSON: {e}")))
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_save_removes_temporaries_of_dead_processes_only() {
+        let dir = std::env::temp_dir().join(format!("ferrodiff-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = dir.join(format!(".ckpt.safetensors.tmp-{dead}"));
+        // pid 1 is always alive: its temporary may belong to a save in progress.
+        let live = dir.join(".ckpt.safetensors.tmp-1");
+        let other = dir.join(".other.safetensors.tmp-999999999");
+        for f in [&stale, &live, &other] {
+            std::fs::write(f, b"partial").unwrap();
+        }
+        write_atomic(&dir.join("ckpt.safetensors"), b"complete").unwrap();
+        assert!(!stale.exists(), "the dead process's temporary is left");
+        assert!(live.exists(), "a live process's temporary was removed");
+        assert!(other.exists(), "another file's temporary was removed");
+        assert_eq!(
+            std::fs::read(dir.join("ckpt.safetensors")).unwrap(),
+            b"complete"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
