@@ -9,6 +9,15 @@ arrays (float32, batch first) and, through :mod:`ferrodiff.torch`, on PyTorch te
     >>> x = sampler.sample(denoiser, shape=(16, 1, 8, 8), seed=0)   # doctest: +SKIP
 """
 
+import os as _os
+
+# One thread pool (DESIGN.md, "Threads"): candle 0.11 runs its large elementwise ops on a
+# spinning pool of its own, next to rayon's pool that runs its matrix multiplies and our
+# kernels; with both sized to the cores, two threads per core compete and 2 threads train
+# slower than 1. Candle's pool is sized by CANDLE_NUM_THREADS when its first op runs: 1 leaves
+# it empty, so every parallel pass runs on rayon's pool. A value the user set is kept.
+_os.environ.setdefault("CANDLE_NUM_THREADS", "1")
+
 from ferrodiff import datasets, langevin, likelihood, losses, metrics, nn, notebook, oracles
 from ferrodiff._core import (
     DDIM,

@@ -150,14 +150,6 @@ impl Geom {
         self.cout * self.hw_out()
     }
 
-    /// The input column of output column `ox` for kernel column `kx`, if inside the image.
-    #[inline]
-    fn in_col(&self, ox: usize, kx: usize) -> Option<usize> {
-        (ox * self.stride + kx)
-            .checked_sub(self.pad)
-            .filter(|&i| i < self.w)
-    }
-
     #[inline]
     fn in_row(&self, oy: usize, ky: usize) -> Option<usize> {
         (oy * self.stride + ky)
@@ -166,26 +158,49 @@ impl Geom {
     }
 }
 
+/// The output columns `ox` whose input column `ox·stride + kx − pad` lies inside the image, as
+/// a range: outside it the window reads the zero padding.
+#[inline]
+fn valid_cols(g: &Geom, kx: usize) -> std::ops::Range<usize> {
+    // ox·s + kx ≥ pad  ⇔  ox ≥ ceil((pad − kx) / s);  ox·s + kx − pad < w  ⇔  ox·s < w + pad − kx.
+    let lo = g.pad.saturating_sub(kx).div_ceil(g.stride).min(g.wo);
+    let hi = (g.w + g.pad)
+        .saturating_sub(kx)
+        .div_ceil(g.stride)
+        .min(g.wo);
+    lo..hi.max(lo)
+}
+
 /// cols [Cin·k·k, Ho·Wo] of one item x [Cin, H, W] (zeros where the window leaves the image).
+/// Each output row is one contiguous copy for stride 1 (a strided gather otherwise) between
+/// two zero fills, so the rearrangement runs at memory speed.
 fn im2col<T: Elem>(g: &Geom, x: &[T], cols: &mut [T]) {
     let hw = g.hw_out();
     for c in 0..g.cin {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ky in 0..g.k {
             for kx in 0..g.k {
+                let valid = valid_cols(g, kx);
                 let row = &mut cols[((c * g.k + ky) * g.k + kx) * hw..][..hw];
                 for oy in 0..g.ho {
                     let dst = &mut row[oy * g.wo..(oy + 1) * g.wo];
-                    match g.in_row(oy, ky) {
-                        None => dst.fill(T::ZERO),
-                        Some(iy) => {
-                            let src = &plane[iy * g.w..(iy + 1) * g.w];
-                            for (ox, d) in dst.iter_mut().enumerate() {
-                                *d = match g.in_col(ox, kx) {
-                                    Some(ix) => src[ix],
-                                    None => T::ZERO,
-                                };
-                            }
+                    let Some(iy) = g.in_row(oy, ky) else {
+                        dst.fill(T::ZERO);
+                        continue;
+                    };
+                    dst[..valid.start].fill(T::ZERO);
+                    dst[valid.end..].fill(T::ZERO);
+                    if valid.is_empty() {
+                        continue;
+                    }
+                    let first = valid.start * g.stride + kx - g.pad;
+                    let src = &plane[iy * g.w..(iy + 1) * g.w];
+                    let inside = &mut dst[valid.clone()];
+                    if g.stride == 1 {
+                        inside.copy_from_slice(&src[first..first + inside.len()]);
+                    } else {
+                        for (j, d) in inside.iter_mut().enumerate() {
+                            *d = src[first + j * g.stride];
                         }
                     }
                 }
@@ -202,13 +217,23 @@ fn col2im<T: Elem>(g: &Geom, cols: &[T], gx: &mut [T]) {
         let plane = &mut gx[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ky in 0..g.k {
             for kx in 0..g.k {
+                let valid = valid_cols(g, kx);
+                if valid.is_empty() {
+                    continue;
+                }
+                let first = valid.start * g.stride + kx - g.pad;
                 let row = &cols[((c * g.k + ky) * g.k + kx) * hw..][..hw];
                 for oy in 0..g.ho {
                     let Some(iy) = g.in_row(oy, ky) else { continue };
                     let dst = &mut plane[iy * g.w..(iy + 1) * g.w];
-                    for (ox, &v) in row[oy * g.wo..(oy + 1) * g.wo].iter().enumerate() {
-                        if let Some(ix) = g.in_col(ox, kx) {
-                            dst[ix] += v;
+                    let src = &row[oy * g.wo + valid.start..oy * g.wo + valid.end];
+                    if g.stride == 1 {
+                        for (d, &v) in dst[first..first + src.len()].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    } else {
+                        for (j, &v) in src.iter().enumerate() {
+                            dst[first + j * g.stride] += v;
                         }
                     }
                 }
@@ -494,9 +519,11 @@ mod tests {
     /// (b, cin, h, w, cout, k, stride, pad)
     type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-    const CASES: [Case; 6] = [
+    const CASES: [Case; 8] = [
         // (b, cin, h, w, cout, k, stride, pad)
         (1, 1, 5, 5, 1, 3, 1, 1),
+        (2, 2, 7, 9, 3, 5, 2, 2),
+        (2, 1, 3, 4, 2, 3, 1, 2),
         (2, 3, 7, 6, 4, 3, 1, 1),
         (3, 2, 9, 9, 5, 3, 2, 1),
         (5, 4, 8, 8, 3, 1, 1, 0),

@@ -1,11 +1,14 @@
-//! Building blocks written from candle's differentiable primitives only (no fused LayerNorm,
-//! softmax or attention kernels: in candle 0.11 those drop gradients). Parameter names follow
-//! diffusers' (`weight`, `bias`, `to_q`, `norm1`, ...).
+//! Building blocks of the networks. They are written from candle's differentiable primitives
+//! (candle 0.11's own fused LayerNorm, softmax and attention drop gradients), except where one
+//! of our CPU kernels with its own backward replaces a hot path: conv2d (`super::kernels`) and
+//! GroupNorm with its scale-shift and SiLU (`super::norm`). Parameter names follow diffusers'
+//! (`weight`, `bias`, `to_q`, `norm1`, ...).
 
 use std::cell::Cell;
 
 use candle_core::{Device, Tensor, D};
 
+use super::norm::{group_norm, Act};
 use super::params::{uniforms, Init, Path};
 use crate::error::Result;
 use crate::value_error;
@@ -155,7 +158,9 @@ impl Conv2d {
     }
 }
 
-/// Group normalisation (Wu & He 2018) from elementwise ops, with an affine transform.
+/// Group normalisation (Wu & He 2018) with an affine transform, optionally fused with AdaGN's
+/// per-sample scale and shift and a SiLU: one kernel pass (`super::norm`) instead of a dozen
+/// elementwise ones.
 #[derive(Clone)]
 pub struct GroupNorm {
     weight: Tensor,
@@ -180,45 +185,51 @@ impl GroupNorm {
         })
     }
 
-    /// The normalised x before the affine transform, as [B, C, ...].
-    fn normalize(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let per_group = dims[1..].iter().product::<usize>() / self.groups;
-        let g = x.reshape((dims[0], self.groups, per_group))?;
-        let mean = g.mean_keepdim(2)?;
-        let centred = g.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(2)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(normed.reshape(dims)?)
-    }
-
-    fn channel_shape(&self, x: &Tensor) -> Vec<usize> {
-        let mut s = vec![1usize; x.rank()];
-        s[1] = self.weight.dims()[0];
-        s
-    }
-
+    /// GroupNorm(x) for x [B, C, ...].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let s = self.channel_shape(x);
-        let n = self.normalize(x)?;
-        Ok(n.broadcast_mul(&self.weight.reshape(s.clone())?)?
-            .broadcast_add(&self.bias.reshape(s)?)?)
+        self.fused(x, None, Act::Identity)
+    }
+
+    /// SiLU(GroupNorm(x)).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.fused(x, None, Act::Silu)
     }
 
     /// AdaGN (Dhariwal & Nichol 2021): GroupNorm(x) · (1 + scale) + shift with per-sample
-    /// `scale`, `shift` of shape [B, C].
+    /// `scale`, `shift` of shape [B, C], then SiLU when `silu`.
     pub fn forward_scale_shift(
         &self,
         x: &Tensor,
         scale: &Tensor,
         shift: &Tensor,
+        silu: bool,
     ) -> Result<Tensor> {
-        let h = self.forward(x)?;
-        let mut s = vec![1usize; x.rank()];
-        s[0] = x.dims()[0];
-        s[1] = x.dims()[1];
-        let scale = (scale.reshape(s.clone())? + 1.0)?;
-        Ok(h.broadcast_mul(&scale)?.broadcast_add(&shift.reshape(s)?)?)
+        let act = if silu { Act::Silu } else { Act::Identity };
+        self.fused(x, Some((scale, shift)), act)
+    }
+
+    /// act(x̂ · a + d) with a = γ (1 + scale), d = β (1 + scale) + shift per (item, channel).
+    fn fused(
+        &self,
+        x: &Tensor,
+        scale_shift: Option<(&Tensor, &Tensor)>,
+        act: Act,
+    ) -> Result<Tensor> {
+        let b = x.dims()[0];
+        let c = self.weight.dims()[0];
+        let gamma = self.weight.unsqueeze(0)?;
+        let beta = self.bias.unsqueeze(0)?;
+        let (a, d) = match scale_shift {
+            None => (gamma.broadcast_as((b, c))?, beta.broadcast_as((b, c))?),
+            Some((scale, shift)) => {
+                let s1 = (scale + 1.0)?;
+                (
+                    s1.broadcast_mul(&gamma)?,
+                    (s1.broadcast_mul(&beta)? + shift)?,
+                )
+            }
+        };
+        Ok(group_norm(x, &a, &d, self.groups, self.eps, act)?)
     }
 }
 

@@ -6,6 +6,7 @@ pub mod classifier;
 pub mod kernels;
 pub mod layers;
 pub mod mlp;
+pub mod norm;
 pub mod params;
 pub mod unet;
 

@@ -184,7 +184,7 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor, emb: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let h = silu(&self.norm1.forward(x)?)?;
+        let h = self.norm1.forward_silu(x)?;
         let h = resample(&h, self.resample)?;
         let x = resample(x, self.resample)?;
         let h = self.conv1.forward(&h)?;
@@ -193,13 +193,13 @@ impl ResBlock {
             let cout = h.dims()[1];
             let scale = e.narrow(1, 0, cout)?;
             let shift = e.narrow(1, cout, cout)?;
-            self.norm2.forward_scale_shift(&h, &scale, &shift)?
+            self.norm2.forward_scale_shift(&h, &scale, &shift, true)?
         } else {
             let (b, c) = e.dims2()?;
             self.norm2
-                .forward(&h.broadcast_add(&e.reshape((b, c, 1, 1))?)?)?
+                .forward_silu(&h.broadcast_add(&e.reshape((b, c, 1, 1))?)?)?
         };
-        let h = ctx.dropout(&silu(&h)?, self.dropout)?;
+        let h = ctx.dropout(&h, self.dropout)?;
         let h = self.conv2.forward(&h)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(&x)?,
@@ -541,7 +541,7 @@ impl UNet {
                 h = s.forward(&h, &emb, ctx)?;
             }
         }
-        let h = silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }
