@@ -152,9 +152,13 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = super::kernels::conv2d(x, &self.weight, self.stride, self.padding)?;
-        let c = self.bias.dims()[0];
-        Ok(y.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?)
+        Ok(super::kernels::conv2d_bias(
+            x,
+            &self.weight,
+            &self.bias,
+            self.stride,
+            self.padding,
+        )?)
     }
 }
 
