@@ -49,7 +49,7 @@ impl Elem for f64 {
 /// dst [m, n] (row-major, row stride `dst_rs`) = (accumulate ? dst : 0) + lhs · rhs, with lhs
 /// and rhs given by (column stride, row stride) so that transposed views cost nothing.
 #[allow(clippy::too_many_arguments)]
-fn matmul<T: Elem>(
+pub(super) fn matmul<T: Elem>(
     m: usize,
     n: usize,
     k: usize,
@@ -397,7 +397,7 @@ fn conv_weight_grad<T: Elem>(g: &Geom, x: &[T], grad: &[T]) -> Vec<T> {
     total
 }
 
-fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> CResult<&'a [T]> {
+pub(super) fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> CResult<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => Err(msg("conv2d kernel: inputs must be contiguous")),

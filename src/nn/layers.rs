@@ -8,6 +8,7 @@ use std::cell::Cell;
 
 use candle_core::{Device, Tensor, D};
 
+use super::linear::linear;
 use super::norm::{group_norm, Act};
 use super::params::{uniforms, Init, Path};
 use crate::error::Result;
@@ -93,21 +94,18 @@ impl Linear {
         self.weight.dims()[0]
     }
 
+    /// x [..., in] -> [..., out] (the fused kernel of `super::linear` on the flattened rows).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.t()?;
-        let y = match x.rank() {
-            2 => x.matmul(&w)?,
-            _ => {
-                let dims = x.dims().to_vec();
-                let rows: usize = dims[..dims.len() - 1].iter().product();
-                let y = x.reshape((rows, dims[dims.len() - 1]))?.matmul(&w)?;
-                let mut out = dims;
-                let last = out.len() - 1;
-                out[last] = self.weight.dims()[0];
-                y.reshape(out)?
-            }
+        let dims = x.dims().to_vec();
+        let Some((&din, lead)) = dims.split_last() else {
+            value_error!("Linear: the input must have at least one dimension");
         };
-        Ok(y.broadcast_add(&self.bias)?)
+        let rows: usize = lead.iter().product();
+        let y = linear(&x.reshape((rows, din))?, &self.weight, &self.bias)?;
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.out_dim();
+        Ok(y.reshape(out)?)
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod classifier;
 pub mod kernels;
 pub mod layers;
+pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod params;
