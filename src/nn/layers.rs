@@ -1,7 +1,8 @@
 //! Building blocks of the networks. They are written from candle's differentiable primitives
 //! (candle 0.11's own fused LayerNorm, softmax and attention drop gradients), except where one
-//! of our CPU kernels with its own backward replaces a hot path: conv2d (`super::kernels`) and
-//! GroupNorm with its scale-shift and SiLU (`super::norm`). Parameter names follow diffusers'
+//! of our CPU kernels with its own backward replaces a hot path: conv2d (`super::kernels`),
+//! GroupNorm with its scale-shift and SiLU (`super::norm`), linear layers (`super::linear`) and
+//! softmax attention (`super::attention`). Parameter names follow diffusers'
 //! (`weight`, `bias`, `to_q`, `norm1`, ...).
 
 use std::cell::Cell;
@@ -389,7 +390,8 @@ fn residual(x: &Tensor, branch: &Tensor, skip_rescale: bool) -> Result<Tensor> {
     })
 }
 
-/// softmax(Q Kᵀ / √d) V per head: q [B, N, C], k and v [B, M, C] -> [B, N, C].
+/// softmax(Q Kᵀ / √d) V per head: q [B, N, C], k and v [B, M, C] -> [B, N, C]. The heads are
+/// split into a batch of B·heads items for the fused kernel ([`super::attention::attention`]).
 pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, c) = q.dims3()?;
     let m = k.dims()[1];
@@ -397,13 +399,12 @@ pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) ->
     let split = |t: &Tensor, len: usize| -> Result<Tensor> {
         Ok(t.reshape((b, len, heads, d))?
             .transpose(1, 2)?
-            .contiguous()?)
+            .contiguous()?
+            .reshape((b * heads, len, d))?)
     };
     let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
-    let attn = softmax_last(&scores)?;
-    Ok(attn
-        .matmul(&v)?
+    let o = super::attention::attention(&q, &k, &v, 1.0 / (d as f64).sqrt())?;
+    Ok(o.reshape((b, heads, n, d))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, n, c))?)
