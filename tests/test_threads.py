@@ -60,3 +60,15 @@ def test_a_forked_child_runs_kernels_without_deadlocking_on_the_parents_pool():
         [sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=120, check=False
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_import_leaves_candles_own_pool_empty_unless_the_user_sized_it():
+    # One pool (DESIGN.md, "Threads"): candle's elementwise workers would otherwise compete
+    # with rayon's for the cores. A value the user set is kept.
+    code = "import os, ferrodiff; print(os.environ['CANDLE_NUM_THREADS'])"
+    env = {k: v for k, v in os.environ.items() if k != "CANDLE_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+    env["CANDLE_NUM_THREADS"] = "3"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "3"
