@@ -20,10 +20,10 @@
 //! thread count. f32 and f64 (the gradient checks run in f64); other dtypes and devices, and
 //! `FERRODIFF_REFERENCE_KERNELS=1`, run [`attention_reference`] from candle ops.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::kernels::{matmul, msg, reference_kernels, Elem};
+use super::kernels::{matmul, msg, use_kernel, Elem};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -513,8 +513,7 @@ pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> CR
 /// are made contiguous first), others [`attention_reference`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> CResult<Tensor> {
     let g = Dims::new(q.dims(), k.dims(), v.dims())?;
-    if reference_kernels() || !q.device().is_cpu() || !matches!(q.dtype(), DType::F32 | DType::F64)
-    {
+    if !use_kernel(q) {
         return attention_reference(q, k, v, scale);
     }
     q.contiguous()?.apply_op3(
@@ -531,35 +530,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> CResult<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn filled(shape: &[usize], seed: usize, dtype: DType, amp: f64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|i| ((((i * 7919 + seed * 104_729) % 1009) as f64 / 504.5) - 1.0) * amp)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
-    fn max_abs(a: &Tensor) -> f64 {
-        a.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use crate::nn::test_util::{filled_scaled as filled, max_abs, with_threads};
+    use candle_core::{DType, Device, Var};
 
     /// max |a − b| / max(max |b|, 1e-300).
     fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-        max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-300)
+        crate::nn::test_util::max_rel(a, b, 1e-300)
     }
 
     /// (bh, n, m, d): single elements, odd sizes, several row blocks, a partial block, tiny
@@ -744,11 +720,7 @@ mod tests {
     fn results_are_bit_identical_for_any_thread_count() {
         let (qkv, probe) = inputs((7, 70, 33, 8), 5, DType::F32, 1.0);
         let once = |threads: usize| -> Vec<Vec<f32>> {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            with_threads(threads, || {
                 let (o, g) = run(attention, &qkv, &probe, 0.3);
                 [&o, &g[0], &g[1], &g[2]]
                     .iter()

@@ -559,6 +559,14 @@ pub fn reference_kernels() -> bool {
     })
 }
 
+/// Whether the fused kernels run on `x`: f32 or f64 on the CPU, and not switched off by
+/// `FERRODIFF_REFERENCE_KERNELS`. Otherwise each kernel falls back to candle's ops.
+pub(super) fn use_kernel(x: &Tensor) -> bool {
+    !reference_kernels()
+        && x.device().is_cpu()
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+}
+
 /// 2-D convolution (no bias) of x [B, Cin, H, W] with weight [Cout, Cin, k, k], zero padding
 /// `pad` and `stride`, differentiable in both arguments. CPU tensors run ferrodiff's kernel,
 /// others candle's `conv2d`.
@@ -585,10 +593,7 @@ pub fn conv2d_bias(
             bias.dims()
         )));
     }
-    if reference_kernels()
-        || !x.device().is_cpu()
-        || !matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-    {
+    if !use_kernel(x) {
         return x
             .conv2d(weight, pad, stride, 1, 1)?
             .broadcast_add(&bias.reshape((1, cout, 1, 1))?);
@@ -607,33 +612,8 @@ pub fn conv2d_bias(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::test_util::{filled, max_diff, with_threads};
     use candle_core::{DType, Device, Var};
-
-    fn filled(shape: &[usize], seed: usize, dtype: DType) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|i| (((i * 7919 + seed * 104_729) % 1009) as f64 / 504.5) - 1.0)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// (b, cin, h, w, cout, k, stride, pad)
     type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
@@ -788,11 +768,7 @@ mod tests {
         let x = filled(&[11, 3, 6, 6], 6, DType::F32);
         let w = Var::from_tensor(&filled(&[4, 3, 3, 3], 7, DType::F32)).unwrap();
         let run = |threads: usize| -> Vec<f32> {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            with_threads(threads, || {
                 let y = conv2d(&x, w.as_tensor(), 1, 1).unwrap();
                 let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
                 g.get(w.as_tensor())

@@ -10,13 +10,9 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{contiguous, matmul, reference_kernels, Elem};
+use super::kernels::{contiguous, matmul, msg, use_kernel, Elem};
 
 type CResult<T> = candle_core::Result<T>;
-
-fn msg(s: impl Into<String>) -> candle_core::Error {
-    candle_core::Error::Msg(s.into())
-}
 
 /// Rows per parallel task: large enough for an efficient matrix multiply, small enough to
 /// spread a batch of a few hundred rows over the threads.
@@ -251,10 +247,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> CResult<Tensor> {
             x.dims()
         )));
     }
-    if reference_kernels()
-        || !x.device().is_cpu()
-        || !matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-    {
+    if !use_kernel(x) {
         return x.matmul(&weight.t()?)?.broadcast_add(bias);
     }
     x.contiguous()?.apply_op3(
@@ -270,33 +263,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> CResult<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::test_util::{filled, max_diff, with_threads};
     use candle_core::{DType, Device, Var};
-
-    fn filled(shape: &[usize], seed: usize, dtype: DType) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|i| (((i * 7919 + seed * 104_729) % 1009) as f64 / 504.5) - 1.0)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// (n, in, out): batch 1, one feature, sizes that are not multiples of the row and feature
     /// blocks, more rows than one block.
@@ -408,16 +376,12 @@ mod tests {
     #[test]
     fn results_are_bit_identical_for_any_thread_count() {
         let with = |threads: usize| -> Vec<Vec<f64>> {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(|| {
-                    value_and_grads(linear, 3)
-                        .iter()
-                        .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
-                        .collect()
-                })
+            with_threads(threads, || {
+                value_and_grads(linear, 3)
+                    .iter()
+                    .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+                    .collect()
+            })
         };
         let one = with(1);
         assert_eq!(one, with(2));

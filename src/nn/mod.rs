@@ -10,6 +10,8 @@ pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod params;
+#[cfg(test)]
+mod test_util;
 pub mod unet;
 
 use std::collections::HashMap;

@@ -16,13 +16,9 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::kernels::{reference_kernels, Elem};
+use super::kernels::{msg, use_kernel, Elem};
 
 type CResult<T> = candle_core::Result<T>;
-
-fn msg(s: impl Into<String>) -> candle_core::Error {
-    candle_core::Error::Msg(s.into())
-}
 
 /// The activation applied after the affine step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -329,10 +325,7 @@ pub fn group_norm(
             )));
         }
     }
-    if reference_kernels()
-        || !x.device().is_cpu()
-        || !matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-    {
+    if !use_kernel(x) {
         return group_norm_reference(x, a, d, groups, eps, act);
     }
     x.contiguous()?.apply_op3(
@@ -378,44 +371,11 @@ pub fn group_norm_reference(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::test_util::{filled_scaled as filled, with_threads};
     use candle_core::{DType, Device, Var};
 
-    fn filled(shape: &[usize], seed: usize, dtype: DType, spread: f64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|i| spread * ((((i * 7919 + seed * 104_729) % 1009) as f64 / 504.5) - 1.0))
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
     fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let m = b
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        d / m.max(1e-12)
+        crate::nn::test_util::max_rel(a, b, 1e-12)
     }
 
     /// (x shape, groups): odd spatial sizes, one group, one channel per group, batch 1, [B, C].
@@ -572,16 +532,12 @@ mod tests {
         let a = filled(&[5, 8], 2, DType::F32, 1.0);
         let d = filled(&[5, 8], 3, DType::F32, 1.0);
         let with = |threads: usize| -> Vec<Vec<f32>> {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(|| {
-                    run(group_norm, &x, &a, &d, 4, Act::Silu)
-                        .iter()
-                        .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
-                        .collect()
-                })
+            with_threads(threads, || {
+                run(group_norm, &x, &a, &d, 4, Act::Silu)
+                    .iter()
+                    .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+                    .collect()
+            })
         };
         let one = with(1);
         assert_eq!(one, with(2));
