@@ -62,6 +62,40 @@ def test_a_forked_child_runs_kernels_without_deadlocking_on_the_parents_pool():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+MODEL_FORK_SCRIPT = r"""
+import multiprocessing as mp, numpy as np, ferrodiff as fd
+m = fd.nn.UNet(seed=0)
+x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
+t = np.full(64, 10)
+parent = m(x, t)   # the network's kernels start the parent's pool
+
+def child(q):
+    before = m(x, t)
+    tr = fd.Trainer(m, fd.Schedule.linear(100), x, batch_size=32)
+    tr.train(1, progress=False)
+    q.put((before, tr.model(x, t)))
+
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+got, trained = q.get(timeout=60)
+p.join(60)
+assert p.exitcode == 0, p.exitcode
+assert np.array_equal(got, parent), abs(got - parent).max()
+assert np.isfinite(trained).all() and not np.array_equal(trained, parent)
+print("ok")
+"""
+
+
+def test_a_forked_child_runs_and_trains_a_network_without_deadlocking():
+    # A PyTorch DataLoader worker or a multiprocessing fork calling a model the parent used.
+    out = subprocess.run(
+        [sys.executable, "-c", MODEL_FORK_SCRIPT], capture_output=True, text=True, timeout=150, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_import_leaves_candles_own_pool_empty_unless_the_user_sized_it():
     # One pool (DESIGN.md, "Threads"): candle's elementwise workers would otherwise compete
     # with rayon's for the cores. A value the user set is kept.

@@ -2,6 +2,7 @@
 //! counter-based generator that makes their noise independent of how the work is split.
 
 pub mod rng;
+pub mod simd;
 mod step;
 
 pub use step::{fused_step, threshold_scales, Noise, RowStep};
@@ -35,6 +36,38 @@ pub fn parallel_allowed() -> bool {
         }
     });
     !FORKED_CHILD.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Runs `f`, which may use rayon (the network kernels, candle's matrix multiply), where rayon's
+/// workers exist: on the global pool normally, and in a forked child (a PyTorch DataLoader
+/// worker) on a one-thread pool of the child's own, since the parent's workers were not
+/// copied and work queued for them would wait forever.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if parallel_allowed() {
+        return f();
+    }
+    child_pool().install(f)
+}
+
+/// The forked child's pool, made on first use and remade in a process forked from that child.
+fn child_pool() -> std::sync::Arc<rayon::ThreadPool> {
+    type Slot = Option<(u32, std::sync::Arc<rayon::ThreadPool>)>;
+    static POOL: std::sync::Mutex<Slot> = std::sync::Mutex::new(None);
+    let pid = std::process::id();
+    let mut slot = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    match slot.as_ref() {
+        Some((owner, pool)) if *owner == pid => pool.clone(),
+        _ => {
+            let pool = std::sync::Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .expect("could not start a worker thread in the forked process"),
+            );
+            *slot = Some((pid, pool.clone()));
+            pool
+        }
+    }
 }
 
 /// Runs `f(start, out_chunk)` over `out` in chunks (in parallel when large); `start` is the

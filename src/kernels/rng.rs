@@ -340,8 +340,6 @@ fn box_muller_slice(radius: &[u32], angle: &[u32], out: &mut [f32]) {
 
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod x86 {
-    use std::sync::atomic::{AtomicU8, Ordering};
-
     /// The portable body compiled for x86-64-v3. FMA is enabled with AVX2 as that level has it,
     /// but the body contains no fused operation (Rust never forms one from `a * b + c`), so the
     /// results are bit-identical to the portable build; the gain is 256-bit lanes and
@@ -362,23 +360,9 @@ mod x86 {
         super::box_muller_slice(radius, angle, out);
     }
 
-    const UNKNOWN: u8 = 0;
-    const ABSENT: u8 = 1;
-    const PRESENT: u8 = 2;
-    static AVX2_FMA: AtomicU8 = AtomicU8::new(UNKNOWN);
-
-    /// CPUID answer, cached: `fill_normal` is called once per small chunk, so even the cheap
-    /// detection is kept off that path.
+    /// The CPU has AVX2 and FMA (std caches the CPUID answer).
     pub(super) fn has_avx2_fma() -> bool {
-        match AVX2_FMA.load(Ordering::Relaxed) {
-            PRESENT => true,
-            ABSENT => false,
-            _ => {
-                let yes = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-                AVX2_FMA.store(if yes { PRESENT } else { ABSENT }, Ordering::Relaxed);
-                yes
-            }
-        }
+        crate::kernels::simd::avx2()
     }
 }
 

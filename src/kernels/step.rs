@@ -175,7 +175,7 @@ fn piece(
 ) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if crate::kernels::simd::avx2() {
             // SAFETY: the CPU supports AVX2, checked just above.
             return unsafe { piece_avx2(c, x, m, v, z, noise, start, o, px, sz) };
         }
@@ -412,7 +412,7 @@ mod tests {
                     let r = if simd {
                         #[cfg(target_arch = "x86_64")]
                         {
-                            if !std::arch::is_x86_feature_detected!("avx2") {
+                            if !crate::kernels::simd::avx2() {
                                 return;
                             }
                             // SAFETY: AVX2 support was checked just above.

@@ -28,6 +28,9 @@ pub trait Elem: Copy + Send + Sync + 'static + std::ops::AddAssign {
     const ZERO: Self;
     const ONE: Self;
     fn storage(v: Vec<Self>) -> CpuStorage;
+    /// e^x, vectorisable for f32 ([`crate::kernels::simd::exp_f32`]); f64 (the gradient checks) uses
+    /// the exact `exp`.
+    fn fast_exp(self) -> Self;
 }
 
 impl Elem for f32 {
@@ -36,6 +39,10 @@ impl Elem for f32 {
     fn storage(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F32(v)
     }
+    #[inline(always)]
+    fn fast_exp(self) -> Self {
+        crate::kernels::simd::exp_f32(self)
+    }
 }
 
 impl Elem for f64 {
@@ -43,6 +50,10 @@ impl Elem for f64 {
     const ONE: Self = 1.0;
     fn storage(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F64(v)
+    }
+    #[inline(always)]
+    fn fast_exp(self) -> Self {
+        self.exp()
     }
 }
 
@@ -400,7 +411,7 @@ fn conv_weight_grad<T: Elem>(g: &Geom, x: &[T], grad: &[T]) -> Vec<T> {
 pub(super) fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> CResult<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
-        None => Err(msg("conv2d kernel: inputs must be contiguous")),
+        None => Err(msg("kernel inputs must be contiguous")),
     }
 }
 

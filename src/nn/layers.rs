@@ -264,7 +264,7 @@ impl Embedding {
 }
 
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.silu()?)
+    Ok(super::act::silu(x)?)
 }
 
 /// Softmax over the last dimension from differentiable ops (candle's fused

@@ -2,6 +2,7 @@
 //! a serialisable [`ModelConfig`] and seeded, differentiable end to end. A [`Model`] is also a
 //! [`Denoiser`], so every sampler runs it without leaving Rust.
 
+pub mod act;
 pub mod attention;
 pub mod classifier;
 pub mod kernels;

@@ -16,7 +16,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::kernels::{msg, use_kernel, Elem};
+use super::kernels::{contiguous, msg, use_kernel, Elem};
+use crate::kernels::simd::avx2_twin;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -65,32 +66,68 @@ impl Dims {
     }
 }
 
-/// Mean and 1/√(var + ε) of one group's elements (two passes in f64).
-fn stats<T: Elem + Float>(xs: &[T], eps: f64) -> (T, T) {
-    let (mean, rstd) = stats64(xs, eps);
-    (
-        T::from(mean).unwrap_or(T::ZERO),
-        T::from(rstd).unwrap_or(T::ZERO),
-    )
+/// Elements summed in T (in `LANES` partial sums) before a block's total joins the f64 sum.
+const BLOCK: usize = 64;
+const LANES: usize = 8;
+
+/// Groups up to this size compute the input gradient's last step in f64: there the three
+/// terms nearly cancel (a group of two elements has x̂ = ±1 and a gradient that is all
+/// rounding; a group of one, exactly zero). Larger groups do it in T.
+const SMALL_GROUP: usize = 64;
+
+/// Σ f(xᵢ, yᵢ) in f64: `LANES` partial sums in T over blocks of `BLOCK` elements, each block's
+/// added to the f64 total. A fixed order, so every build and thread count gives the same bits;
+/// the per-lane sums vectorise.
+#[inline(always)]
+fn block_sum<T: Elem + Float>(xs: &[T], ys: &[T], f: impl Fn(T, T) -> T) -> f64 {
+    let mut total = 0f64;
+    for (bx, by) in xs.chunks(BLOCK).zip(ys.chunks(BLOCK)) {
+        let mut lanes = [T::ZERO; LANES];
+        let (cx, cy) = (bx.chunks_exact(LANES), by.chunks_exact(LANES));
+        let (rx, ry) = (cx.remainder(), cy.remainder());
+        for (vx, vy) in cx.zip(cy) {
+            let (vx, vy): (&[T; LANES], &[T; LANES]) =
+                (vx.try_into().unwrap(), vy.try_into().unwrap());
+            for l in 0..LANES {
+                lanes[l] += f(vx[l], vy[l]);
+            }
+        }
+        for (l, (&u, &v)) in rx.iter().zip(ry).enumerate() {
+            lanes[l] += f(u, v);
+        }
+        total += lanes.iter().map(|v| v.to_f64().unwrap_or(0.0)).sum::<f64>();
+    }
+    total
 }
 
-fn stats64<T: Elem + Float>(xs: &[T], eps: f64) -> (f64, f64) {
+/// A group's mean and 1/√(var + ε), in f64 and rounded to T. Two passes: the variance sums
+/// squares of (x − mean), which stays accurate when the mean is large against the spread.
+#[derive(Clone, Copy)]
+struct Stats<T> {
+    mean: T,
+    rstd: T,
+    mean64: f64,
+    rstd64: f64,
+}
+
+#[inline(always)]
+fn stats<T: Elem + Float>(xs: &[T], eps: f64) -> Stats<T> {
     let n = xs.len() as f64;
-    let mean = xs.iter().map(|v| v.to_f64().unwrap_or(0.0)).sum::<f64>() / n;
-    let var = xs
-        .iter()
-        .map(|v| {
-            let d = v.to_f64().unwrap_or(0.0) - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
-    (mean, 1.0 / (var + eps).sqrt())
+    let mean64 = block_sum(xs, xs, |v, _| v) / n;
+    let mean = T::from(mean64).unwrap_or(T::ZERO);
+    let var = block_sum(xs, xs, |v, _| (v - mean) * (v - mean)) / n;
+    let rstd64 = 1.0 / (var + eps).sqrt();
+    Stats {
+        mean,
+        rstd: T::from(rstd64).unwrap_or(T::ZERO),
+        mean64,
+        rstd64,
+    }
 }
 
-#[inline]
-fn sigmoid<T: Float>(z: T) -> T {
-    T::one() / (T::one() + (-z).exp())
+#[inline(always)]
+fn sigmoid<T: Elem + Float>(z: T) -> T {
+    T::one() / (T::one() + (-z).fast_exp())
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -108,37 +145,122 @@ struct GroupNormOp {
     pass: Pass,
 }
 
+avx2_twin! {
+/// One (item, group): yg = act((xg − mean) · rstd · a + d), with a, d this group's channels.
+fn forward_group<T>(
+    s: usize,
+    eps: f64,
+    act: Act,
+    xg: &[T],
+    a: &[T],
+    d: &[T],
+    yg: &mut [T],
+) {
+    let st = stats(xg, eps);
+    for ((ys, xs), (&aj, &dj)) in yg.chunks_mut(s).zip(xg.chunks(s)).zip(a.iter().zip(d)) {
+        // (x − mean) first: folding the mean into the offset would cancel badly when the
+        // variance is tiny and rstd large.
+        let scale = aj * st.rstd;
+        match act {
+            Act::Identity => {
+                for (o, &v) in ys.iter_mut().zip(xs) {
+                    *o = (v - st.mean) * scale + dj;
+                }
+            }
+            Act::Silu => {
+                for (o, &v) in ys.iter_mut().zip(xs) {
+                    let z = (v - st.mean) * scale + dj;
+                    *o = z * sigmoid(z);
+                }
+            }
+        }
+    }
+}
+}
+
 fn forward<T: Elem + Float>(dm: &Dims, eps: f64, act: Act, x: &[T], a: &[T], d: &[T]) -> Vec<T> {
-    let (gl, cg, s) = (dm.group_len(), dm.c / dm.groups, dm.s);
+    let (gl, cg) = (dm.group_len(), dm.c / dm.groups);
     let mut y = vec![T::ZERO; dm.len()];
     y.par_chunks_mut(gl)
         .zip(x.par_chunks(gl))
+        .zip(a.par_chunks(cg).zip(d.par_chunks(cg)))
+        .for_each(|((yg, xg), (ag, dg))| forward_group(dm.s, eps, act, xg, ag, dg, yg));
+    y
+}
+
+avx2_twin! {
+/// One (item, group) of the backward: gxg, and this group's channels of ga and gd. `t` is
+/// scratch for ∂L/∂z (z the pre-activation), one group long.
+fn backward_group<T>(
+    s: usize,
+    eps: f64,
+    act: Act,
+    xg: &[T],
+    gyg: &[T],
+    a: &[T],
+    d: &[T],
+    gxg: &mut [T],
+    ga: &mut [T],
+    gd: &mut [T],
+    t: &mut [T],
+) {
+    let st = stats(xg, eps);
+    // First pass: ∂L/∂z, the per-channel sums for ga and gd, and the group sums of
+    // ∂L/∂x̂ = a · ∂L/∂z and of ∂L/∂x̂ · x̂ that the normalisation's backward needs.
+    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+    for (j, ((tj, xs), gys)) in t
+        .chunks_mut(s)
+        .zip(xg.chunks(s))
+        .zip(gyg.chunks(s))
         .enumerate()
-        .for_each(|(unit, (yg, xg))| {
-            let (mean, rstd) = stats(xg, eps);
-            // Channel `unit·cg + j` of the flattened [B·C] factors.
-            for j in 0..cg {
-                let bc = unit * cg + j;
-                // (x − mean) first: folding the mean into the offset would cancel badly when
-                // the variance is tiny and rstd large.
-                let (scale, offset) = (a[bc] * rstd, d[bc]);
-                let (ys, xs) = (&mut yg[j * s..(j + 1) * s], &xg[j * s..(j + 1) * s]);
-                match act {
-                    Act::Identity => {
-                        for (o, &v) in ys.iter_mut().zip(xs) {
-                            *o = (v - mean) * scale + offset;
-                        }
-                    }
-                    Act::Silu => {
-                        for (o, &v) in ys.iter_mut().zip(xs) {
-                            let z = (v - mean) * scale + offset;
-                            *o = z * sigmoid(z);
-                        }
-                    }
+    {
+        let (aj, dj) = (a[j], d[j]);
+        match act {
+            Act::Identity => tj.copy_from_slice(gys),
+            Act::Silu => {
+                let scale = aj * st.rstd;
+                for ((o, &v), &g) in tj.iter_mut().zip(xs).zip(gys) {
+                    let z = (v - st.mean) * scale + dj;
+                    let sg = sigmoid(z);
+                    *o = g * sg * (T::one() + z * (T::one() - sg));
                 }
             }
-        });
-    y
+        }
+        let acc_d = block_sum(tj, tj, |g, _| g);
+        let acc_a = block_sum(tj, xs, |g, v| g * ((v - st.mean) * st.rstd));
+        gd[j] = T::from(acc_d).unwrap_or(T::ZERO);
+        ga[j] = T::from(acc_a).unwrap_or(T::ZERO);
+        let a64 = aj.to_f64().unwrap_or(0.0);
+        sum_g += a64 * acc_d;
+        sum_gx += a64 * acc_a;
+    }
+    // Second pass: gx = rstd · (∂L/∂x̂ − mean(∂L/∂x̂) − x̂ · mean(∂L/∂x̂ · x̂)).
+    let n = xg.len() as f64;
+    let (m1, m2) = (sum_g / n, sum_gx / n);
+    for (j, ((gxs, xs), tj)) in gxg
+        .chunks_mut(s)
+        .zip(xg.chunks(s))
+        .zip(t.chunks(s))
+        .enumerate()
+    {
+        if xg.len() <= SMALL_GROUP {
+            let a64 = a[j].to_f64().unwrap_or(0.0);
+            for ((o, &v), &g) in gxs.iter_mut().zip(xs).zip(tj.iter()) {
+                let xhat = (v.to_f64().unwrap_or(0.0) - st.mean64) * st.rstd64;
+                let gh = g.to_f64().unwrap_or(0.0) * a64;
+                *o = T::from(st.rstd64 * (gh - m1 - xhat * m2)).unwrap_or(T::ZERO);
+            }
+        } else {
+            let c1 = a[j] * st.rstd;
+            let c2 = T::from(st.rstd64 * m1).unwrap_or(T::ZERO);
+            let c3 = T::from(m2).unwrap_or(T::ZERO);
+            for ((o, &v), &g) in gxs.iter_mut().zip(xs).zip(tj.iter()) {
+                let xhat = (v - st.mean) * st.rstd;
+                *o = c1 * g - c2 - (xhat * st.rstd) * c3;
+            }
+        }
+    }
+}
 }
 
 /// Packed [gx (B·C·S) | ga (B·C) | gd (B·C)].
@@ -151,74 +273,22 @@ fn backward<T: Elem + Float>(
     d: &[T],
     gy: &[T],
 ) -> Vec<T> {
-    let (gl, cg, s) = (dm.group_len(), dm.c / dm.groups, dm.s);
+    let (gl, cg) = (dm.group_len(), dm.c / dm.groups);
     let bc = dm.b * dm.c;
     let mut out = vec![T::ZERO; dm.len() + 2 * bc];
     let (gx, gad) = out.split_at_mut(dm.len());
     let (ga, gd) = gad.split_at_mut(bc);
     gx.par_chunks_mut(gl)
-        .zip(ga.par_chunks_mut(cg))
-        .zip(gd.par_chunks_mut(cg))
-        .enumerate()
+        .zip(ga.par_chunks_mut(cg).zip(gd.par_chunks_mut(cg)))
+        .zip(x.par_chunks(gl).zip(gy.par_chunks(gl)))
+        .zip(a.par_chunks(cg).zip(d.par_chunks(cg)))
         .for_each_init(
-            || vec![0f64; gl],
-            |gxhat, (unit, ((gxg, gag), gdg))| {
-                let xg = &x[unit * gl..(unit + 1) * gl];
-                let gyg = &gy[unit * gl..(unit + 1) * gl];
-                let (mean, rstd) = stats(xg, eps);
-                let (mean64, rstd64) = stats64(xg, eps);
-                // First pass: ∂L/∂x̂ (kept in f64), the per-channel sums for ga and gd, and the
-                // group sums Σ ∂L/∂x̂ and Σ ∂L/∂x̂ · x̂ that the normalisation's backward needs.
-                let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-                for j in 0..cg {
-                    let ch = unit * cg + j;
-                    let (aj, dj) = (a[ch], d[ch]);
-                    let a64 = aj.to_f64().unwrap_or(0.0);
-                    let (mut acc_a, mut acc_d) = (0f64, 0f64);
-                    let range = j * s..(j + 1) * s;
-                    for ((o, &v), &g) in gxhat[range.clone()]
-                        .iter_mut()
-                        .zip(&xg[range.clone()])
-                        .zip(&gyg[range])
-                    {
-                        let xhat = (v - mean) * rstd;
-                        let gz = match act {
-                            Act::Identity => g,
-                            Act::Silu => {
-                                let z = xhat * aj + dj;
-                                let sg = sigmoid(z);
-                                g * sg * (T::one() + z * (T::one() - sg))
-                            }
-                        };
-                        let gz = gz.to_f64().unwrap_or(0.0);
-                        let xhat = (v.to_f64().unwrap_or(0.0) - mean64) * rstd64;
-                        acc_a += gz * xhat;
-                        acc_d += gz;
-                        *o = gz * a64;
-                        sum_g += *o;
-                        sum_gx += *o * xhat;
-                    }
-                    gag[j] = T::from(acc_a).unwrap_or(T::ZERO);
-                    gdg[j] = T::from(acc_d).unwrap_or(T::ZERO);
-                }
-                // Second pass, in f64 (the three terms nearly cancel when a group is small):
-                // gx = rstd · (∂L/∂x̂ − mean(∂L/∂x̂) − x̂ · mean(∂L/∂x̂ · x̂)).
-                let n = gl as f64;
-                let (m1, m2) = (sum_g / n, sum_gx / n);
-                for ((o, &v), &gh) in gxg.iter_mut().zip(xg).zip(gxhat.iter()) {
-                    let xhat = (v.to_f64().unwrap_or(0.0) - mean64) * rstd64;
-                    *o = T::from(rstd64 * (gh - m1 - xhat * m2)).unwrap_or(T::ZERO);
-                }
+            || vec![T::ZERO; gl],
+            |t, (((gxg, (gag, gdg)), (xg, gyg)), (ag, dg))| {
+                backward_group(dm.s, eps, act, xg, gyg, ag, dg, gxg, gag, gdg, t)
             },
         );
     out
-}
-
-fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((lo, hi)) => Ok(&s.as_slice::<T>()?[lo..hi]),
-        None => Err(msg("group_norm: inputs must be contiguous")),
-    }
 }
 
 impl GroupNormOp {
@@ -229,17 +299,20 @@ impl GroupNormOp {
         (s3, l3): (&CpuStorage, &Layout),
     ) -> CResult<(CpuStorage, Shape)> {
         let dm = &self.dims;
-        let x = slice::<T>(s1, l1)?;
+        let x = contiguous(s1.as_slice::<T>()?, l1)?;
         let bc = dm.b * dm.c;
         match self.pass {
             Pass::Forward => {
-                let (a, d) = (slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
+                let (a, d) = (
+                    contiguous(s2.as_slice::<T>()?, l2)?,
+                    contiguous(s3.as_slice::<T>()?, l3)?,
+                );
                 let y = forward(dm, self.eps, self.act, x, a, d);
                 Ok((T::storage(y), l1.shape().clone()))
             }
             Pass::Backward => {
-                let ad = slice::<T>(s2, l2)?;
-                let gy = slice::<T>(s3, l3)?;
+                let ad = contiguous(s2.as_slice::<T>()?, l2)?;
+                let gy = contiguous(s3.as_slice::<T>()?, l3)?;
                 let out = backward(dm, self.eps, self.act, x, &ad[..bc], &ad[bc..], gy);
                 let n = out.len();
                 Ok((T::storage(out), Shape::from(n)))

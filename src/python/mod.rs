@@ -73,6 +73,8 @@ fn tune_malloc() {}
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     tune_malloc();
+    // Registers the fork handler now, so a child forked before any parallel work knows it.
+    crate::kernels::parallel_allowed();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     schedule::register(m)?;
     samplers::register(m)?;

@@ -16,6 +16,12 @@ use crate::nn::{HostContext, Model, ModelConfig};
 use crate::sample::{Denoiser, GradLogProb, LabeledDenoiser, ModelOutput};
 use crate::train::{self, AdamWConfig, EmaConfig, LrDecay, TrainConfig, TrainHooks, Trainer};
 
+/// `py.detach(f)` (other Python threads run meanwhile) with `f`'s parallel work where rayon's
+/// workers exist, so a model also runs in a forked DataLoader worker ([`crate::kernels::in_pool`]).
+fn detach<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    py.detach(|| crate::kernels::in_pool(f))
+}
+
 fn json_dumps(obj: &Bound<'_, PyAny>) -> PyResult<String> {
     obj.py()
         .import("json")?
@@ -196,7 +202,7 @@ impl PyModel {
         let ro = a.readonly();
         let data = ro.as_slice()?;
         let m = &self.inner;
-        let out = py.detach(|| {
+        let out = detach(py, || {
             m.predict_host_cond(
                 data,
                 &shape,
@@ -331,8 +337,7 @@ impl Denoiser for PyModelDenoiser<'_> {
     fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
         let m = &self.model;
         let c = self.context.as_ref().map(ContextArg::host);
-        self.py
-            .detach(|| m.predict_host_cond(x, shape, t, None, c, None))
+        detach(self.py, || m.predict_host_cond(x, shape, t, None, c, None))
     }
 }
 
@@ -361,8 +366,9 @@ impl LabeledDenoiser for PyModelDenoiser<'_> {
             .map(|_| labels.iter().map(|&v| is_null(v)).collect());
         let m = &self.model;
         let c = self.context.as_ref().map(ContextArg::host);
-        self.py
-            .detach(|| m.predict_host_cond(x, shape, t, y.as_deref(), c, null_rows.as_deref()))
+        detach(self.py, || {
+            m.predict_host_cond(x, shape, t, y.as_deref(), c, null_rows.as_deref())
+        })
     }
 }
 
@@ -390,7 +396,7 @@ struct PyTrainHooks<'py> {
 
 impl TrainHooks for PyTrainHooks<'_> {
     fn run_step(&mut self, step: &mut (dyn FnMut() -> Result<f32> + Send)) -> Result<f32> {
-        self.py.detach(step)
+        detach(self.py, step)
     }
 
     fn after_step(&mut self, trainer: &Trainer, loss: f32) -> Result<()> {
@@ -568,7 +574,7 @@ impl PyTrainer {
     /// (`checkpoint.safetensors` + `config.json`) or to a `.safetensors` file; returns the file.
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<PathBuf> {
         let t = &self.inner;
-        Ok(py.detach(|| t.save(&path))?)
+        Ok(detach(py, || t.save(&path))?)
     }
 
     /// Continues a run from its checkpoint with the same data (and labels, contexts) it was
@@ -759,7 +765,7 @@ impl PyClassifier {
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<PathBuf> {
         let c = &self.inner;
         let s = self.fitted_schedule();
-        Ok(py.detach(|| train::save_classifier(c, s.as_ref(), &path))?)
+        Ok(detach(py, || train::save_classifier(c, s.as_ref(), &path))?)
     }
 
     /// Loads a classifier written by `save` (a file or its folder).
@@ -825,7 +831,7 @@ impl PyClassifier {
         }
         let c = &self.inner;
         let sch = schedule.as_ref().map(|s| s.inner.clone());
-        let losses = py.detach(|| {
+        let losses = detach(py, || {
             train::fit_classifier(c, sch.as_ref(), &values, &y, steps, batch_size, lr, seed)
         })?;
         if let Ok(mut fitted) = self.schedule.lock() {
@@ -846,7 +852,7 @@ impl PyClassifier {
         let xt = rows_tensor(x)?;
         let tf = times_arg(t, xt.dims()[0])?;
         let c = &self.inner;
-        let f = py.detach(|| c.features(&xt, tf.as_deref()))?;
+        let f = detach(py, || c.features(&xt, tf.as_deref()))?;
         to_array(py, f)
     }
 
@@ -861,7 +867,7 @@ impl PyClassifier {
         let xt = rows_tensor(x)?;
         let tf = times_arg(t, xt.dims()[0])?;
         let c = &self.inner;
-        let p = py.detach(|| -> Result<candle_core::Tensor> {
+        let p = detach(py, || -> Result<candle_core::Tensor> {
             Ok(c.log_probs(&xt, tf.as_deref())?.exp()?)
         })?;
         to_array(py, p)
@@ -881,7 +887,7 @@ impl PyClassifier {
         let tf = times_arg(t, n)?;
         let labels = labels_arg(y, n, self.inner.num_classes())?;
         let c = &self.inner;
-        let g = py.detach(|| c.grad_log_prob(&xt, tf.as_deref(), &labels))?;
+        let g = detach(py, || c.grad_log_prob(&xt, tf.as_deref(), &labels))?;
         to_array(py, g)
     }
 
@@ -944,7 +950,7 @@ impl GradLogProb for ClassifierGrad<'_> {
         labels: &[i64],
     ) -> Result<Vec<f32>> {
         let c = &self.clf;
-        self.py.detach(|| {
+        detach(self.py, || {
             let xt = candle_core::Tensor::from_slice(x, shape, &Device::Cpu)?;
             let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
             let y: Vec<u32> = labels.iter().map(|&v| v as u32).collect();
