@@ -272,9 +272,9 @@ fn im2col_same<T: Elem>(g: &Geom, x: &[T], cols: &mut [T]) {
 }
 
 /// Adds cols [Cin·k·k, Ho·Wo] back into the item gradient gx [Cin, H, W] (im2col's adjoint).
+/// `gx` must start at zero.
 fn col2im<T: Elem>(g: &Geom, cols: &[T], gx: &mut [T]) {
     let hw = g.hw_out();
-    gx.fill(T::ZERO);
     for c in 0..g.cin {
         let plane = &mut gx[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ky in 0..g.k {
@@ -304,7 +304,8 @@ fn col2im<T: Elem>(g: &Geom, cols: &[T], gx: &mut [T]) {
     }
 }
 
-fn conv_forward<T: Elem>(g: &Geom, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
+/// out = conv(x, w) + bias (per output channel), or no bias.
+fn conv_forward<T: Elem>(g: &Geom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let mut out = vec![T::ZERO; g.b * g.out_item()];
     out.par_chunks_mut(g.out_item())
@@ -314,15 +315,17 @@ fn conv_forward<T: Elem>(g: &Geom, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
             |cols, (o, xb)| {
                 im2col(g, xb, cols);
                 // The bias first, then the product accumulated onto it.
-                for (row, &bc) in o.chunks_mut(hw).zip(bias) {
-                    row.fill(bc);
+                if let Some(bias) = bias {
+                    for (row, &bc) in o.chunks_mut(hw).zip(bias) {
+                        row.fill(bc);
+                    }
                 }
                 matmul(
                     g.cout,
                     hw,
                     ckk,
                     o,
-                    true,
+                    bias.is_some(),
                     w,
                     (1, ckk as isize),
                     cols,
@@ -334,6 +337,9 @@ fn conv_forward<T: Elem>(g: &Geom, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
 }
 
 fn conv_input_grad<T: Elem>(g: &Geom, grad: &[T], w: &[T]) -> Vec<T> {
+    if g.stride == 1 && 2 * g.pad + 1 == g.k {
+        return same_conv_input_grad(g, grad, w);
+    }
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let mut gx = vec![T::ZERO; g.b * g.x_item()];
     gx.par_chunks_mut(g.x_item())
@@ -357,6 +363,31 @@ fn conv_input_grad<T: Elem>(g: &Geom, grad: &[T], w: &[T]) -> Vec<T> {
             },
         );
     gx
+}
+
+/// The input gradient of a stride-1 "same" convolution (the U-Net's 3x3 and 1x1 convs) is
+/// itself a same convolution: of the output gradient, with the weight's channel axes swapped
+/// and its taps flipped, W'[ci, co, ky, kx] = W[co, ci, k−1−ky, k−1−kx]. That runs as a
+/// forward pass (block-copy im2col, then one gemm per item writing gx directly) instead of a
+/// gemm followed by col2im's scattered adds over short rows.
+fn same_conv_input_grad<T: Elem>(g: &Geom, grad: &[T], w: &[T]) -> Vec<T> {
+    let k = g.k;
+    let mut flipped = vec![T::ZERO; w.len()];
+    for co in 0..g.cout {
+        for ci in 0..g.cin {
+            let src = &w[(co * g.cin + ci) * k * k..][..k * k];
+            let dst = &mut flipped[(ci * g.cout + co) * k * k..][..k * k];
+            for (d, &v) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = v;
+            }
+        }
+    }
+    let adjoint = Geom {
+        cin: g.cout,
+        cout: g.cin,
+        ..*g
+    };
+    conv_forward(&adjoint, grad, &flipped, None)
 }
 
 /// Batch items per partial sum of the weight gradient: fixed, so the summation order (and the
@@ -519,7 +550,7 @@ impl CustomOp3 for ConvOp {
                     g,
                     contiguous(x, l1)?,
                     contiguous(w, l2)?,
-                    contiguous(b, l3)?,
+                    Some(contiguous(b, l3)?),
                 ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
@@ -527,7 +558,7 @@ impl CustomOp3 for ConvOp {
                     g,
                     contiguous(x, l1)?,
                     contiguous(w, l2)?,
-                    contiguous(b, l3)?,
+                    Some(contiguous(b, l3)?),
                 ))
             }
             _ => return Err(msg("conv2d kernel: operands must be all f32 or all f64")),
