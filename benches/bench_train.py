@@ -23,6 +23,9 @@ Cases (float32, random data of the right shape, linear schedule T=1000):
   unet8   fd.nn.UNet() defaults (1x8x8, base 32, mult (1,2), attention at 4), batch 128
   unet28  UNet 1x28x28, base 32, mult (1,2,2), attention at 7, groups 8, batch 64
   ddim28  DDIM-50 sampling (eta=0) with the 28x28 U-Net, batch 64
+  ops     per-op table: each network kernel alone on the shapes those models run it on
+          (conv2d, GroupNorm + SiLU, attention, linear + SiLU, SiLU), forward and
+          forward + backward of the output's sum, against the same torch.nn.functional ops
 
 A training step is what ferrodiff's Trainer.step does: draw a batch of data, t ~ U{0..T-1} and
 noise, q_sample, forward, MSE to the noise, backward, clip the global gradient norm to 1.0,
@@ -48,7 +51,7 @@ import statistics
 import sys
 import time
 
-CASE_NAMES = ("mlp", "unet8", "unet28", "ddim28")
+CASE_NAMES = ("mlp", "unet8", "unet28", "ddim28", "ops")
 
 
 def _parse_args(argv=None):
@@ -597,6 +600,97 @@ def _busy_note(snap0, when):
     print(f"({flag}{when}: other processes used {other:.2f} cores on average, steal {steal:.2f})")
 
 
+# (op, dims for fd._core._time_op, where the models run it)
+OPS = [
+    ("conv2d", (64, 32, 28, 28, 32, 3, 1), "U-Net 28x28, 3x3 conv at 28x28"),
+    ("conv2d", (64, 64, 14, 14, 64, 3, 1), "U-Net 28x28, 3x3 conv at 14x14"),
+    ("conv2d", (64, 32, 28, 28, 32, 3, 2), "U-Net 28x28, downsampling conv"),
+    ("conv2d", (128, 64, 8, 8, 64, 3, 1), "U-Net 8x8, 3x3 conv at 8x8"),
+    ("conv2d", (128, 64, 4, 4, 64, 3, 1), "U-Net 8x8, 3x3 conv at 4x4"),
+    ("group_norm_silu", (64, 32, 28, 28, 8), "U-Net 28x28, GroupNorm(8) + SiLU at 28x28"),
+    ("group_norm_silu", (128, 64, 8, 8, 32), "U-Net 8x8, GroupNorm(32) + SiLU at 8x8"),
+    ("attention", (64, 49, 64), "U-Net 28x28, attention at 7x7"),
+    ("attention", (128, 16, 64), "U-Net 8x8, attention at 4x4"),
+    ("linear_silu", (1024, 256, 256), "MLP, hidden linear + SiLU"),
+    ("silu", (1024, 256), "MLP, SiLU"),
+]
+
+
+def torch_op(op, dims):
+    """A callable running the torch.nn.functional equivalent of `op` on fresh leaf tensors."""
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_(True)
+
+    if op == "conv2d":
+        b, cin, h, w, cout, k, stride = dims
+        x, wt, bias = leaf(b, cin, h, w), leaf(cout, cin, k, k), leaf(cout)
+        return lambda: F.conv2d(x, wt, bias, stride=stride, padding=k // 2)
+    if op == "group_norm_silu":
+        b, c, h, w, groups = dims
+        x, gamma, beta = leaf(b, c, h, w), leaf(c), leaf(c)
+        return lambda: F.silu(F.group_norm(x, groups, gamma, beta, eps=1e-5))
+    if op == "attention":
+        q, k, v = leaf(*dims), leaf(*dims), leaf(*dims)
+        return lambda: F.scaled_dot_product_attention(q, k, v)
+    if op == "linear_silu":
+        n, din, dout = dims
+        x, wt, bias = leaf(n, din), leaf(dout, din), leaf(dout)
+        return lambda: F.silu(F.linear(x, wt, bias))
+    if op == "silu":
+        x = leaf(*dims)
+        return lambda: F.silu(x)
+    raise ValueError(op)
+
+
+def time_torch_op(fn, repeats):
+    fwd, both = [], []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        y = fn()
+        t1 = time.perf_counter()
+        y.sum().backward()
+        t2 = time.perf_counter()
+        if i:
+            fwd.append(t1 - t0)
+            both.append(t2 - t0)
+    return statistics.median(fwd) * 1e3, statistics.median(both) * 1e3
+
+
+def run_ops():
+    """Per-op table: ferrodiff's kernel and torch's op, 3 interleaved rounds, median of round medians."""
+    rounds, repeats = (1, 3) if ARGS.quick else (3, 5)
+    rows = []
+    for op, dims, where in OPS:
+        fd_runs, th_runs = [], []
+        fn = torch_op(op, dims) if torch is not None else None
+        for _ in range(rounds):
+            fd_runs.append(fd._core._time_op(op, list(dims), repeats))
+            if fn is not None:
+                th_runs.append(time_torch_op(fn, repeats))
+        fdf, fdb = (statistics.median(r[i] for r in fd_runs) for i in (0, 1))
+        thf, thb = (statistics.median(r[i] for r in th_runs) for i in (0, 1)) if th_runs else (None, None)
+        rows.append((op, dims, where, fdf, thf, fdb, thb))
+        print(f"  {op} {dims}: ferrodiff {fmt(fdf)} / {fmt(fdb)} ms, torch {fmt(thf)} / {fmt(thb)} ms")
+        sys.stdout.flush()
+    print(f"\n#### per op, threads={THREADS}, float32 (forward / forward + backward of the sum, ms)\n")
+    print(
+        "| op | dims | where | ferrodiff fwd | torch fwd | ratio | ferrodiff fwd+bwd | torch fwd+bwd | ratio |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+
+    def ratio(a, b):
+        return f"{a / b:.2f}" if b else "-"
+
+    for op, dims, where, fdf, thf, fdb, thb in rows:
+        dims_s = "x".join(str(d) for d in dims)
+        print(
+            f"| {op} | {dims_s} | {where} | {fmt(fdf)} | {fmt(thf)} | {ratio(fdf, thf)} "
+            f"| {fmt(fdb)} | {fmt(thb)} | {ratio(fdb, thb)} |"
+        )
+
+
 def fmt(ms):
     if ms is None:
         return "-"
@@ -631,8 +725,9 @@ def main():
     snap = _cpu_snapshot()
     schedule = fd.Schedule.linear(T)
 
+    model_cases = [n for n in ARGS.only if n in CASES]
     kinds = []
-    for name in ARGS.only:
+    for name in model_cases:
         if CASES[name][1] not in kinds:
             kinds.append(CASES[name][1])
     if torch is None:
@@ -649,7 +744,7 @@ def main():
     sys.stdout.flush()
 
     results = []
-    for name in ARGS.only:
+    for name in model_cases:
         case_snap = _cpu_snapshot()
         res = run_case(name, schedule)
         results.append(res)
@@ -660,13 +755,18 @@ def main():
         )
         sys.stdout.flush()
 
-    print(f"\n#### threads={THREADS}, float32{' (quick)' if ARGS.quick else ''}\n")
-    print("| model | ferrodiff ms | torch ms | ratio (ferrodiff/torch) |")
-    print("|---|---:|---:|---:|")
-    for r in results:
-        ratio = f"{r['fd_ms'] / r['th_ms']:.2f}" if r["th_ms"] else "-"
-        print(f"| {r['title']} | {fmt(r['fd_ms'])} | {fmt(r['th_ms'])} | {ratio} |")
-    print()
+    if results:
+        print(f"\n#### threads={THREADS}, float32{' (quick)' if ARGS.quick else ''}\n")
+        print("| model | ferrodiff ms | torch ms | ratio (ferrodiff/torch) |")
+        print("|---|---:|---:|---:|")
+        for r in results:
+            ratio = f"{r['fd_ms'] / r['th_ms']:.2f}" if r["th_ms"] else "-"
+            print(f"| {r['title']} | {fmt(r['fd_ms'])} | {fmt(r['th_ms'])} | {ratio} |")
+        print()
+    if "ops" in ARGS.only:
+        print("\nPer-op timings (each kernel alone, interleaved with torch):")
+        run_ops()
+        print()
     _busy_note(snap, "during the run")
     print(f"total wall time {time.perf_counter() - wall0:.1f} s")
 

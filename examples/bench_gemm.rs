@@ -36,30 +36,93 @@ fn gemm_nn(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gemm_s(m: usize, n: usize, k: usize, c: &mut [f32], a: &[f32], a_cs: isize, a_rs: isize, b: &[f32], b_cs: isize, b_rs: isize) {
+fn gemm_s(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    a: &[f32],
+    a_cs: isize,
+    a_rs: isize,
+    b: &[f32],
+    b_cs: isize,
+    b_rs: isize,
+) {
     unsafe {
         gemm::gemm(
-            m, n, k, c.as_mut_ptr(), 1, n as isize, true, a.as_ptr(), a_cs, a_rs,
-            b.as_ptr(), b_cs, b_rs, 1.0, 1.0, false, false, false, gemm::Parallelism::None,
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         )
     }
 }
 
 fn weight_grad_layouts() {
-    for (cout, ckk, hw) in [(32usize, 288usize, 784usize), (64, 576, 196), (64, 576, 64), (64, 576, 16)] {
+    for (cout, ckk, hw) in [
+        (32usize, 288usize, 784usize),
+        (64, 576, 196),
+        (64, 576, 64),
+        (64, 576, 16),
+    ] {
         let g: Vec<f32> = (0..cout * hw).map(|i| (i % 7) as f32 * 0.1).collect();
         let cols: Vec<f32> = (0..ckk * hw).map(|i| (i % 5) as f32 * 0.1).collect();
         let mut acc = vec![0f32; cout * ckk];
         let fl = 2.0 * (cout * ckk * hw) as f64;
         let time = |f: &mut dyn FnMut()| {
             let mut ts = vec![];
-            for _ in 0..50 { let t0 = Instant::now(); f(); ts.push(t0.elapsed().as_secs_f64()); }
+            for _ in 0..50 {
+                let t0 = Instant::now();
+                f();
+                ts.push(t0.elapsed().as_secs_f64());
+            }
             fl / median(ts) / 1e9
         };
         // A: acc[cout, ckk] += g [cout, hw] . cols^T
-        let a = time(&mut || gemm_s(cout, ckk, hw, &mut acc, &g, 1, hw as isize, &cols, hw as isize, 1));
+        let a = time(&mut || {
+            gemm_s(
+                cout,
+                ckk,
+                hw,
+                &mut acc,
+                &g,
+                1,
+                hw as isize,
+                &cols,
+                hw as isize,
+                1,
+            )
+        });
         // B: accT[ckk, cout] += cols [ckk, hw] . g^T
-        let b = time(&mut || gemm_s(ckk, cout, hw, &mut acc, &cols, 1, hw as isize, &g, hw as isize, 1));
+        let b = time(&mut || {
+            gemm_s(
+                ckk,
+                cout,
+                hw,
+                &mut acc,
+                &cols,
+                1,
+                hw as isize,
+                &g,
+                hw as isize,
+                1,
+            )
+        });
         println!("weight grad cout {cout} ckk {ckk} hw {hw}: A {a:.1} GF/s, B {b:.1} GF/s");
     }
 }

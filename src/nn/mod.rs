@@ -10,6 +10,7 @@ pub mod layers;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
+pub mod op_timing;
 pub mod params;
 #[cfg(test)]
 mod test_util;

@@ -307,6 +307,18 @@ impl PyModel {
     }
 }
 
+/// Median milliseconds (forward, forward + backward) of one network kernel on random f32
+/// inputs: the per-op table of `benches/bench_train.py`. Ops and their dims:
+/// conv2d [B, Cin, H, W, Cout, k, stride]; group_norm_silu [B, C, H, W, groups];
+/// attention [BH, N, D]; linear_silu [N, Din, Dout]; silu [N, D].
+#[pyfunction]
+#[pyo3(signature = (op, dims, repeats=10))]
+fn _time_op(py: Python<'_>, op: &str, dims: Vec<usize>, repeats: usize) -> PyResult<(f64, f64)> {
+    Ok(detach(py, || {
+        crate::nn::op_timing::time_op(op, &dims, repeats)
+    })?)
+}
+
 #[pyfunction]
 fn _model_from_bytes(data: &[u8]) -> PyResult<PyModel> {
     Ok(PyModel {
@@ -682,6 +694,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTrainer>()?;
     m.add_class::<PyClassifier>()?;
     m.add_function(wrap_pyfunction!(_model_from_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(_time_op, m)?)?;
     m.add_function(wrap_pyfunction!(_classifier_from_bytes, m)?)?;
     Ok(())
 }
