@@ -1,4 +1,5 @@
-//! Throughput of the gemm crate (the matrix multiply under our kernels) on the training shapes,
+//! Throughput of the gemm crate (the matrix multiply under our kernels) on the training shapes:
+//! the two operand orders of the conv weight gradient, then plain products
 //! whole and split into the row blocks our kernels hand each thread:
 //!
 //!     cargo run --release --example bench_gemm
