@@ -144,22 +144,10 @@ pub fn silu(x: &Tensor) -> CResult<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_util::{filled_scaled, max_rel, with_threads};
-    use candle_core::{DType, Var};
-
-    /// Value and gradient of Σ f(x) · probe.
-    fn run(f: fn(&Tensor) -> CResult<Tensor>, x: &Tensor) -> (Tensor, Tensor) {
-        let v = Var::from_tensor(x).unwrap();
-        let y = f(v.as_tensor()).unwrap();
-        let probe = filled_scaled(y.dims(), 5, y.dtype(), 1.0);
-        let g = (&y * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        (y, g.get(v.as_tensor()).unwrap().clone())
-    }
+    use crate::nn::test_util::{
+        assert_thread_count_independent, filled_scaled, max_rel, value_and_grad as run,
+    };
+    use candle_core::DType;
 
     /// Shapes: a scalar-like one, odd sizes, and one large enough to split over threads.
     const SHAPES: [&[usize]; 4] = [&[1], &[3, 7], &[2, 5, 3, 3], &[3, 200, 129]];
@@ -195,7 +183,7 @@ mod tests {
     fn gradient_matches_finite_differences() {
         let x = filled_scaled(&[4, 9], 3, DType::F64, 6.0);
         let (_, g) = run(silu, &x);
-        let probe = filled_scaled(&[4, 9], 5, DType::F64, 1.0);
+        let probe = filled_scaled(&[4, 9], 7, DType::F64, 1.0);
         let loss = |x: &Tensor| -> f64 {
             (silu(x).unwrap() * &probe)
                 .unwrap()
@@ -220,17 +208,7 @@ mod tests {
 
     #[test]
     fn results_are_bit_identical_for_any_thread_count() {
-        let x = filled_scaled(&[3, 200, 129], 1, DType::F32, 10.0);
-        let go = || {
-            let (y, g) = run(silu, &x);
-            (
-                y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            )
-        };
-        let one = with_threads(1, go);
-        assert_eq!(one, with_threads(2, go));
-        assert_eq!(one, with_threads(3, go));
+        assert_thread_count_independent(silu, &filled_scaled(&[3, 200, 129], 1, DType::F32, 10.0));
     }
 
     #[test]

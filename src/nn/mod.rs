@@ -15,6 +15,7 @@ pub mod params;
 #[cfg(test)]
 mod test_util;
 pub mod unet;
+pub mod upsample;
 
 use std::collections::HashMap;
 

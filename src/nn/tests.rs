@@ -536,7 +536,7 @@ fn upsampling_by_broadcast_matches_candle_in_values_and_gradients() {
         3,
     ))
     .unwrap();
-    let ours = super::unet::upsample_nearest_2x(x.as_tensor()).unwrap();
+    let ours = super::upsample::upsample_nearest_2x(x.as_tensor()).unwrap();
     let theirs = x.as_tensor().upsample_nearest2d(16, 16).unwrap();
     let diff = |a: &Tensor, b: &Tensor| -> f32 {
         (a - b)

@@ -134,18 +134,8 @@ fn resample(x: &Tensor, r: Resample) -> Result<Tensor> {
     Ok(match r {
         Resample::None => x.clone(),
         Resample::Down => x.avg_pool2d(2)?,
-        Resample::Up => upsample_nearest_2x(x)?,
+        Resample::Up => super::upsample::upsample_nearest_2x(x)?,
     })
-}
-
-/// Nearest-neighbour 2x upsampling as a broadcast: its backward is a sum over the 2x2 copies
-/// (candle's `upsample_nearest2d` backward runs one grouped convolution per channel).
-pub(crate) fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    Ok(x.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, 2, w, 2))?
-        .contiguous()?
-        .reshape((b, c, 2 * h, 2 * w))?)
 }
 
 #[derive(Clone)]
