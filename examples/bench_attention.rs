@@ -5,15 +5,11 @@
 //!     CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1 cargo run --release --example bench_attention
 //!
 //! The reference is called directly: `FERRODIFF_REFERENCE_KERNELS` is read once per process.
-use std::time::Instant;
+#[path = "common/mod.rs"]
+mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use ferrodiff::nn::attention::{attention, attention_reference};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 fn main() -> candle_core::Result<()> {
     // (BH, N = M, D): the U-Net's self-attention at 8x8 (batch 128) and 7x7 (batch 64), one
@@ -35,19 +31,9 @@ fn main() -> candle_core::Result<()> {
         let scale = 1.0 / (d as f64).sqrt();
         let run = |ours: bool, backward: bool| -> candle_core::Result<f64> {
             let f = if ours { attention } else { attention_reference };
-            let mut times = Vec::new();
-            for _ in 0..reps {
-                let t0 = Instant::now();
-                let y = f(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale)?;
-                if backward {
-                    let g = y.sqr()?.sum_all()?.backward()?;
-                    assert!(g.get(k.as_tensor()).is_some());
-                } else {
-                    let _ = y.to_dtype(DType::F32)?;
-                }
-                times.push(t0.elapsed().as_secs_f64() * 1e3);
-            }
-            Ok(median(times[1..].to_vec()))
+            common::time_ms(reps, backward, || {
+                f(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale)
+            })
         };
         let (cf, of, cb, ob) = (
             run(false, false)?,

@@ -2,15 +2,11 @@
 //! side by side in one process (RAYON_NUM_THREADS sets the threads):
 //!
 //!     cargo run --release --example bench_conv
-use std::time::Instant;
+#[path = "common/mod.rs"]
+mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use ferrodiff::nn::kernels::conv2d;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 fn main() -> candle_core::Result<()> {
     // (batch, cin, cout, side, stride): the 28x28 U-Net's convs and the 8x8 U-Net's.
@@ -36,23 +32,13 @@ fn main() -> candle_core::Result<()> {
         )?)?;
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (cout, cin, 3, 3), &Device::Cpu)?)?;
         let run = |ours: bool, backward: bool| -> candle_core::Result<f64> {
-            let mut times = Vec::new();
-            for _ in 0..6 {
-                let t0 = Instant::now();
-                let y = if ours {
-                    conv2d(x.as_tensor(), w.as_tensor(), stride, 1)?
+            common::time_ms(6, backward, || {
+                if ours {
+                    conv2d(x.as_tensor(), w.as_tensor(), stride, 1)
                 } else {
-                    x.as_tensor().conv2d(w.as_tensor(), 1, stride, 1, 1)?
-                };
-                if backward {
-                    let g = y.sqr()?.sum_all()?.backward()?;
-                    assert!(g.get(w.as_tensor()).is_some());
-                } else {
-                    let _ = y.to_dtype(DType::F32)?;
+                    x.as_tensor().conv2d(w.as_tensor(), 1, stride, 1, 1)
                 }
-                times.push(t0.elapsed().as_secs_f64() * 1e3);
-            }
-            Ok(median(times[1..].to_vec()))
+            })
         };
         let (cf, of, cb, ob) = (
             run(false, false)?,

@@ -3,12 +3,10 @@
 //! whole and split into the row blocks our kernels hand each thread:
 //!
 //!     cargo run --release --example bench_gemm
+#[path = "common/mod.rs"]
+mod common;
+use common::median;
 use std::time::Instant;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 fn gemm_nn(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
     unsafe {

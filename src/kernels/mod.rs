@@ -72,9 +72,9 @@ fn child_pool() -> std::sync::Arc<rayon::ThreadPool> {
 
 /// Runs `f(start, out_chunk)` over `out` in chunks (in parallel when large); `start` is the
 /// global index of the chunk's first element. Returns the results of every chunk, in order.
-pub fn for_each_chunk<R: Send>(
-    out: &mut [f32],
-    f: impl Fn(usize, &mut [f32]) -> R + Sync,
+pub fn for_each_chunk<T: Send, R: Send>(
+    out: &mut [T],
+    f: impl Fn(usize, &mut [T]) -> R + Sync,
 ) -> Vec<R> {
     if out.len() < PARALLEL_MIN_ELEMENTS || !parallel_allowed() {
         return vec![f(0, out)];

@@ -346,7 +346,7 @@ mod x86 {
     /// `vpmuludq`/`vblendvps`.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA (see [`has_avx2_fma`]).
+    /// The CPU must support AVX2 and FMA (see [`crate::kernels::simd::avx2`]).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn fill_normal_avx2(seed: u64, stream: u64, start: u64, out: &mut [f32]) {
         super::fill_normal_body(seed, stream, start, out);
@@ -358,11 +358,6 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn box_muller_slice_avx2(radius: &[u32], angle: &[u32], out: &mut [f32]) {
         super::box_muller_slice(radius, angle, out);
-    }
-
-    /// The CPU has AVX2 and FMA (std caches the CPUID answer).
-    pub(super) fn has_avx2_fma() -> bool {
-        crate::kernels::simd::avx2()
     }
 }
 
@@ -376,7 +371,7 @@ mod x86 {
 /// allocation; on x86 an AVX2 build of the kernel is chosen at run time (CPUID checked once).
 pub fn fill_normal(seed: u64, stream: u64, start: u64, out: &mut [f32]) {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if x86::has_avx2_fma() {
+    if crate::kernels::simd::avx2() {
         // SAFETY: the CPU reported AVX2 and FMA.
         unsafe { x86::fill_normal_avx2(seed, stream, start, out) };
         return;
@@ -387,7 +382,7 @@ pub fn fill_normal(seed: u64, stream: u64, start: u64, out: &mut [f32]) {
 /// Which implementation [`fill_normal`] uses on this CPU: `"avx2"` or `"portable"`.
 pub fn fill_normal_path() -> &'static str {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if x86::has_avx2_fma() {
+    if crate::kernels::simd::avx2() {
         return "avx2";
     }
     "portable"
@@ -654,7 +649,7 @@ mod tests {
     fn simd_and_portable_paths_are_bit_identical() {
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         {
-            if !x86::has_avx2_fma() {
+            if !crate::kernels::simd::avx2() {
                 println!("CPU without AVX2+FMA: only the portable path exists here");
                 return;
             }

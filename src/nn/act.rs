@@ -8,11 +8,10 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use num_traits::Float;
-use rayon::prelude::*;
 
 use super::kernels::{contiguous, msg, use_kernel, Elem};
+use crate::kernels::for_each_chunk;
 use crate::kernels::simd::avx2_twin;
-use crate::kernels::{CHUNK_ELEMENTS, PARALLEL_MIN_ELEMENTS};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -38,29 +37,6 @@ avx2_twin! {
     }
 }
 
-/// Runs `f` over matching chunks of `out` and `ins`, on the pool when there is enough work.
-fn chunked<T: Elem>(out: &mut [T], ins: [&[T]; 2], f: impl Fn(&mut [T], [&[T]; 2]) + Sync) {
-    if out.len() < PARALLEL_MIN_ELEMENTS || !crate::kernels::parallel_allowed() {
-        return f(out, ins);
-    }
-    out.par_chunks_mut(CHUNK_ELEMENTS)
-        .enumerate()
-        .for_each(|(i, o)| {
-            let r = i * CHUNK_ELEMENTS..i * CHUNK_ELEMENTS + o.len();
-            f(o, [&ins[0][r.clone()], &ins[1][r]])
-        });
-}
-
-fn contiguous_slice<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> CResult<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((lo, hi)) => Ok(&s.as_slice::<T>()?[lo..hi]),
-        None => Err(msg("silu: inputs must be contiguous")),
-    }
-}
-
 struct Silu;
 struct SiluBackward;
 
@@ -71,7 +47,9 @@ impl Silu {
     ) -> CResult<(CpuStorage, Shape)> {
         let x = contiguous(s.as_slice::<T>()?, l)?;
         let mut y = vec![T::ZERO; x.len()];
-        chunked(&mut y, [x, x], |o, [x, _]| forward_chunk(x, o));
+        for_each_chunk(&mut y, |start, o| {
+            forward_chunk(&x[start..start + o.len()], o)
+        });
         Ok((T::storage(y), l.shape().clone()))
     }
 }
@@ -100,14 +78,17 @@ impl SiluBackward {
         (s2, l2): (&CpuStorage, &Layout),
     ) -> CResult<(CpuStorage, Shape)> {
         let (x, g) = (
-            contiguous_slice::<T>(s1, l1)?,
-            contiguous_slice::<T>(s2, l2)?,
+            contiguous(s1.as_slice::<T>()?, l1)?,
+            contiguous(s2.as_slice::<T>()?, l2)?,
         );
         if x.len() != g.len() {
             return Err(msg("silu backward: gradient and input differ in size"));
         }
         let mut gx = vec![T::ZERO; x.len()];
-        chunked(&mut gx, [x, g], |o, [x, g]| backward_chunk(x, g, o));
+        for_each_chunk(&mut gx, |start, o| {
+            let r = start..start + o.len();
+            backward_chunk(&x[r.clone()], &g[r], o)
+        });
         Ok((T::storage(gx), l1.shape().clone()))
     }
 }
@@ -145,7 +126,7 @@ pub fn silu(x: &Tensor) -> CResult<Tensor> {
 mod tests {
     use super::*;
     use crate::nn::test_util::{
-        assert_thread_count_independent, filled_scaled, max_rel, value_and_grad as run,
+        assert_same_for_any_thread_count, filled_scaled, flat, max_rel, value_and_grad as run,
     };
     use candle_core::DType;
 
@@ -208,7 +189,11 @@ mod tests {
 
     #[test]
     fn results_are_bit_identical_for_any_thread_count() {
-        assert_thread_count_independent(silu, &filled_scaled(&[3, 200, 129], 1, DType::F32, 10.0));
+        let x = filled_scaled(&[3, 200, 129], 1, DType::F32, 10.0);
+        assert_same_for_any_thread_count(|| {
+            let (y, g) = run(silu, &x);
+            flat::<f32>(&[&y, &g])
+        });
     }
 
     #[test]

@@ -530,7 +530,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> CResult<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_util::{filled_scaled as filled, max_abs, with_threads};
+    use crate::nn::test_util::{
+        assert_same_for_any_thread_count, filled_scaled as filled, flat, max_abs,
+    };
     use candle_core::{DType, Device, Var};
 
     /// max |a − b| / max(max |b|, 1e-300).
@@ -719,18 +721,10 @@ mod tests {
     #[test]
     fn results_are_bit_identical_for_any_thread_count() {
         let (qkv, probe) = inputs((7, 70, 33, 8), 5, DType::F32, 1.0);
-        let once = |threads: usize| -> Vec<Vec<f32>> {
-            with_threads(threads, || {
-                let (o, g) = run(attention, &qkv, &probe, 0.3);
-                [&o, &g[0], &g[1], &g[2]]
-                    .iter()
-                    .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
-                    .collect()
-            })
-        };
-        let one = once(1);
-        assert_eq!(one, once(2));
-        assert_eq!(one, once(3));
+        assert_same_for_any_thread_count(|| {
+            let (o, g) = run(attention, &qkv, &probe, 0.3);
+            flat::<f32>(&[&o, &g[0], &g[1], &g[2]])
+        });
     }
 
     #[test]

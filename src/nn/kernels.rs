@@ -654,7 +654,7 @@ pub fn conv2d_bias(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_util::{filled, max_diff, with_threads};
+    use crate::nn::test_util::{assert_same_for_any_thread_count, filled, flat, max_diff};
     use candle_core::{DType, Device, Var};
 
     /// (b, cin, h, w, cout, k, stride, pad)
@@ -809,21 +809,11 @@ mod tests {
     fn weight_gradient_is_bit_identical_for_any_thread_count() {
         let x = filled(&[11, 3, 6, 6], 6, DType::F32);
         let w = Var::from_tensor(&filled(&[4, 3, 3, 3], 7, DType::F32)).unwrap();
-        let run = |threads: usize| -> Vec<f32> {
-            with_threads(threads, || {
-                let y = conv2d(&x, w.as_tensor(), 1, 1).unwrap();
-                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-                g.get(w.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            })
-        };
-        let one = run(1);
-        assert_eq!(one, run(2));
-        assert_eq!(one, run(3));
+        assert_same_for_any_thread_count(|| {
+            let y = conv2d(&x, w.as_tensor(), 1, 1).unwrap();
+            let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            flat::<f32>(&[g.get(w.as_tensor()).unwrap()])
+        });
     }
 
     /// The fused bias: values and all three gradients against candle's conv2d + broadcast add.

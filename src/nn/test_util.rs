@@ -70,15 +70,19 @@ pub fn value_and_grad(
     (y, g.get(v.as_tensor()).unwrap().clone())
 }
 
-/// `value_and_grad` of an f32 op as flat vectors, on 1, 2 and 3 threads: asserts the three agree
-/// bit for bit.
-pub fn assert_thread_count_independent(f: fn(&Tensor) -> candle_core::Result<Tensor>, x: &Tensor) {
-    let go = || {
-        let (y, g) = value_and_grad(f, x);
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        (flat(&y), flat(&g))
-    };
-    let one = with_threads(1, go);
-    assert_eq!(one, with_threads(2, go));
-    assert_eq!(one, with_threads(3, go));
+/// Tensors as flat vectors.
+pub fn flat<T: candle_core::WithDType>(ts: &[&Tensor]) -> Vec<Vec<T>> {
+    ts.iter()
+        .map(|t| t.flatten_all().unwrap().to_vec1::<T>().unwrap())
+        .collect()
+}
+
+/// Runs `f` on rayon pools of 1, 2 and 3 threads and asserts the three results are equal (bit
+/// for bit, for float vectors).
+pub fn assert_same_for_any_thread_count<R: PartialEq + std::fmt::Debug + Send>(
+    f: impl Fn() -> R + Sync,
+) {
+    let one = with_threads(1, &f);
+    assert_eq!(one, with_threads(2, &f));
+    assert_eq!(one, with_threads(3, &f));
 }
