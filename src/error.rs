@@ -18,6 +18,9 @@ pub enum Error {
     /// A non-finite value appeared in a sampler step (usually a NaN/Inf model output).
     #[error("non-finite value (NaN or Inf) in the result of the step at timestep {timestep}: the model output or x contains NaN/Inf, or the schedule divides by zero there")]
     NonFinite { timestep: i64 },
+    /// A non-finite value appeared in a σ-space solver step.
+    #[error("non-finite value (NaN or Inf) in the result of step {step} (σ = {sigma}): the model output or x contains NaN/Inf")]
+    NonFiniteSigma { step: usize, sigma: f64 },
     /// A non-finite value appeared in a Langevin iterate (a NaN/Inf score, or a step size too
     /// large for the score's curvature).
     #[error("non-finite value (NaN or Inf) in the Langevin iterate after iteration {iteration}{}: the score returned NaN/Inf, or the step size is too large for it", level.map(|l| format!(" (noise level {l})")).unwrap_or_default())]

@@ -6,7 +6,7 @@
 //! E[ε | x_t] = -sqrt(1-ᾱ) ∇ log q(x_t) = sqrt(1-ᾱ) Σ_k r_k(x_t) (x_t - sqrt(ᾱ) μ_k)/(ᾱ s_k² + 1-ᾱ)
 //! with r_k the component posteriors.
 
-use crate::diffusion::{Prediction, ALPHA_BAR_FLOOR};
+use crate::diffusion::{floor_if_zero, Prediction};
 use crate::error::Result;
 use crate::kernels::rng::{fill_normal, philox4x32_10};
 use crate::sample::{Denoiser, ModelOutput};
@@ -197,9 +197,9 @@ impl Denoiser for MixtureDenoiser<'_> {
                 for j in b * dim..(b + 1) * dim {
                     let (xv, e) = (x[j] as f64, eps[j] as f64);
                     eps[j] = match self.prediction {
-                        Prediction::X0 => ((xv - so * e) / a.max(ALPHA_BAR_FLOOR).sqrt()) as f32,
+                        Prediction::X0 => ((xv - so * e) / floor_if_zero(a).sqrt()) as f32,
                         Prediction::V => {
-                            (sa * e - so * (xv - so * e) / a.max(ALPHA_BAR_FLOOR).sqrt()) as f32
+                            (sa * e - so * (xv - so * e) / floor_if_zero(a).sqrt()) as f32
                         }
                         Prediction::Epsilon => unreachable!(),
                     };
@@ -251,4 +251,57 @@ pub fn energy_distance(a: &[f32], n: usize, b: &[f32], m: usize, dim: usize) -> 
     let xx = mean_cross(a, n, a, n, true);
     let yy = mean_cross(b, m, b, m, true);
     Ok(2.0 * xy - xx - yy)
+}
+
+/// The mixture's exact denoiser in σ space, D(x, σ) = E[x0 | x0 + σ z = x], called with t = σ
+/// (a model with `Parameterization::Denoised`).
+pub struct SigmaMixtureDenoiser<'a> {
+    pub mixture: &'a GaussianMixture,
+}
+
+impl SigmaMixtureDenoiser<'_> {
+    /// D into `out` for rows at levels `sigmas`.
+    pub fn denoise(&self, x: &[f32], sigmas: &[f64], out: &mut [f32]) {
+        let dim = self.mixture.dim;
+        // x_σ / √(σ² + 1) is the variance-preserving x_t at ᾱ = 1/(σ² + 1).
+        let ab: Vec<f64> = sigmas.iter().map(|s| 1.0 / (s * s + 1.0)).collect();
+        let mut xt = x.to_vec();
+        for (b, a) in ab.iter().enumerate() {
+            for v in &mut xt[b * dim..(b + 1) * dim] {
+                *v = (*v as f64 * a.sqrt()) as f32;
+            }
+        }
+        self.mixture.eps(&xt, &ab, out);
+        for (b, &s) in sigmas.iter().enumerate() {
+            for j in b * dim..(b + 1) * dim {
+                out[j] = (x[j] as f64 - s * out[j] as f64) as f32;
+            }
+        }
+    }
+}
+
+impl Denoiser for SigmaMixtureDenoiser<'_> {
+    fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
+        let t: Vec<f64> = t.iter().map(|&v| v as f64).collect();
+        self.predict_continuous(x, shape, &t)
+    }
+    fn predict_continuous(&mut self, x: &[f32], shape: &[usize], t: &[f64]) -> Result<ModelOutput> {
+        let row: usize = shape[1..].iter().product();
+        if row != self.mixture.dim || t.len() != shape[0] {
+            shape_error!(
+                "the mixture has dimension {} but x has shape {shape:?} ({} levels)",
+                self.mixture.dim,
+                t.len()
+            );
+        }
+        if t.iter().any(|s| !(s.is_finite() && *s >= 0.0)) {
+            value_error!("σ must be finite and >= 0, got {t:?}");
+        }
+        let mut out = vec![0f32; x.len()];
+        self.denoise(x, t, &mut out);
+        Ok(ModelOutput {
+            data: out,
+            shape: shape.to_vec(),
+        })
+    }
 }

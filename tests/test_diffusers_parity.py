@@ -982,3 +982,36 @@ def test_zero_terminal_snr_epsilon_is_finite_where_diffusers_is_not():
     res = ddim.step(eps, t, x)
     assert_close(res.prev_sample, d_prev)
     assert_close(res.pred_x0, d_x0)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_cosine_last_timestep_epsilon_matches_diffusers_and_float64(spacing):
+    # ᾱ_999 = 2.43e-9 on the cosine schedule is small but a real noise level: the zero-terminal-SNR
+    # guard must not touch it (it used to floor ᾱ to 2^-24 here, a 5x error in x0).
+    cfg = make_cfg("squaredcos_cap_v2", prediction_type="epsilon", timestep_spacing=spacing)
+    ac = np.cumprod(1 - np_betas(cfg))
+    assert ac[999] == pytest.approx(2.428767e-9, rel=1e-5)
+    rng = np.random.default_rng(61)
+    x = rng.standard_normal(SHAPE).astype(np.float32)
+    eps = (x + 0.01 * rng.standard_normal(SHAPE)).astype(np.float32)
+    x0_f64 = (x.astype(np.float64) - math.sqrt(1 - ac[999]) * eps) / math.sqrt(ac[999])
+    dp = diffusers_ddpm(cfg, 10)
+    _, d_x0, noise = ddpm_diffusers_step(dp, eps, 999, x, 0)
+    dd = diffusers_ddim(cfg, 10)
+    dd_prev, dd_x0 = ddim_diffusers_step(dd, eps, 999, x, 0.0, None)
+    ddpm = fd.DDPM.from_diffusers_config(cfg, steps=10)
+    ddim = fd.DDIM.from_diffusers_config(cfg, steps=10)
+    assert int(ddpm.timesteps[0]) == 999 and int(ddim.timesteps[0]) == 999
+    for ref in (d_x0, dd_x0):
+        assert_close(ref, x0_f64)  # the reference itself agrees with exact arithmetic
+    r_ddpm = ddpm.step(eps, 999, x, noise=noise)
+    r_ddim = ddim.step(eps, 999, x)
+    for res in (r_ddpm, r_ddim):
+        assert_close(res.pred_x0, x0_f64, what="pred_x0 against float64")
+        assert_close(res.pred_x0, d_x0, what="pred_x0 against diffusers")
+    prev = int(ddim.timesteps[1])
+    ref_prev, _ = ddim_step_np(ac, 999, prev, x, eps)
+    assert_close(r_ddim.prev_sample, ref_prev, what="DDIM prev_sample against float64")
+    if spacing == "trailing":  # diffusers' t - T//N is then the list's next timestep
+        assert prev == 899
+        assert_close(r_ddim.prev_sample, dd_prev, what="DDIM prev_sample against diffusers")

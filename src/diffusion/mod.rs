@@ -15,6 +15,17 @@ use crate::{shape_error, value_error};
 /// stay finite (diffusers issues #3851, #5103). Use v-prediction with such schedules.
 pub const ALPHA_BAR_FLOOR: f64 = 1.0 / 16_777_216.0;
 
+/// `value`, or [`ALPHA_BAR_FLOOR`] where it is 0 in f32 (a division by it would be infinite).
+/// Small but representable values are kept: the cosine schedule's ᾱ_999 = 2.4e-9 is a real
+/// noise level, and flooring it changed x0 by 5x against diffusers, OpenAI and exact arithmetic.
+pub fn floor_if_zero(value: f64) -> f64 {
+    if (value as f32) > 0.0 {
+        value
+    } else {
+        ALPHA_BAR_FLOOR
+    }
+}
+
 /// What a denoiser predicts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prediction {
@@ -52,7 +63,7 @@ impl Prediction {
 pub fn x0_coefficients(prediction: Prediction, alpha_bar: f64) -> (f64, f64) {
     match prediction {
         Prediction::Epsilon => {
-            let a = alpha_bar.max(ALPHA_BAR_FLOOR);
+            let a = floor_if_zero(alpha_bar);
             (1.0 / a.sqrt(), -(1.0 - alpha_bar).sqrt() / a.sqrt())
         }
         Prediction::X0 => (0.0, 1.0),
@@ -66,7 +77,7 @@ pub fn eps_coefficients(prediction: Prediction, alpha_bar: f64) -> (f64, f64) {
         Prediction::Epsilon => (0.0, 1.0),
         Prediction::X0 => {
             // Where ᾱ = 1 nothing is noised and ε is undefined; floor 1 - ᾱ the same way.
-            let s = (1.0 - alpha_bar).max(ALPHA_BAR_FLOOR).sqrt();
+            let s = floor_if_zero(1.0 - alpha_bar).sqrt();
             (1.0 / s, -alpha_bar.sqrt() / s)
         }
         Prediction::V => ((1.0 - alpha_bar).sqrt(), alpha_bar.sqrt()),

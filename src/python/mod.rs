@@ -23,9 +23,9 @@ impl From<Error> for PyErr {
         match e {
             Error::Value(m) | Error::Shape(m) => PyValueError::new_err(m),
             Error::Type(m) => PyTypeError::new_err(m),
-            e @ (Error::NonFinite { .. } | Error::NonFiniteIterate { .. }) => {
-                PyFloatingPointError::new_err(e.to_string())
-            }
+            e @ (Error::NonFinite { .. }
+            | Error::NonFiniteSigma { .. }
+            | Error::NonFiniteIterate { .. }) => PyFloatingPointError::new_err(e.to_string()),
             Error::Callback(inner) => match inner.downcast::<PyErr>() {
                 Ok(py_err) => *py_err,
                 Err(other) => PyRuntimeError::new_err(other.to_string()),

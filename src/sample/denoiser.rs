@@ -16,6 +16,29 @@ pub struct ModelOutput {
 /// the bindings) a Python callable.
 pub trait Denoiser {
     fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput>;
+
+    /// The output at real-valued timesteps (σ-space samplers interpolate t between trained
+    /// timesteps). The default serves integral t through [`Denoiser::predict`] and refuses
+    /// fractional ones.
+    fn predict_continuous(&mut self, x: &[f32], shape: &[usize], t: &[f64]) -> Result<ModelOutput> {
+        let ti = integral_timesteps(t)?;
+        self.predict(x, shape, &ti)
+    }
+}
+
+/// `t` as integers, or an error naming the first fractional one.
+pub fn integral_timesteps(t: &[f64]) -> Result<Vec<i64>> {
+    t.iter()
+        .map(|&v| {
+            if v.fract() == 0.0 && v.is_finite() {
+                Ok(v as i64)
+            } else {
+                crate::value_error!(
+                    "this denoiser takes integer timesteps but the sampler asks for t = {v}: use timestep_mode='nearest'"
+                )
+            }
+        })
+        .collect()
 }
 
 /// What a loop's caller can do around each step: the bindings release the GIL during passes,
@@ -31,6 +54,16 @@ pub trait LoopHooks {
     }
     /// Called after step `i` (at timestep `t`) with the new x and, if wanted, the predicted x0.
     fn after_step(&mut self, _i: usize, _t: i64, _x: &[f32], _pred_x0: &[f32]) -> Result<()> {
+        Ok(())
+    }
+    /// Called after grid step `i` of a σ-space sampler, which brought x to level `sigma`.
+    fn after_sigma_step(
+        &mut self,
+        _i: usize,
+        _sigma: f64,
+        _x: &[f32],
+        _pred_x0: &[f32],
+    ) -> Result<()> {
         Ok(())
     }
 }

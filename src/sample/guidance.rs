@@ -20,6 +20,19 @@ pub trait LabeledDenoiser {
         t: &[i64],
         labels: &[i64],
     ) -> Result<ModelOutput>;
+
+    /// As [`LabeledDenoiser::predict_labeled`] at real-valued timesteps; the default serves
+    /// integral ones only.
+    fn predict_labeled_continuous(
+        &mut self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[f64],
+        labels: &[i64],
+    ) -> Result<ModelOutput> {
+        let ti = super::denoiser::integral_timesteps(t)?;
+        self.predict_labeled(x, shape, &ti, labels)
+    }
 }
 
 /// Guidance settings.
@@ -56,6 +69,15 @@ impl<T: LabeledDenoiser + ?Sized> LabeledDenoiser for Box<T> {
         labels: &[i64],
     ) -> Result<ModelOutput> {
         (**self).predict_labeled(x, shape, t, labels)
+    }
+    fn predict_labeled_continuous(
+        &mut self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[f64],
+        labels: &[i64],
+    ) -> Result<ModelOutput> {
+        (**self).predict_labeled_continuous(x, shape, t, labels)
     }
 }
 
@@ -105,6 +127,24 @@ pub fn combine(
 
 impl<D: LabeledDenoiser> Denoiser for Conditioned<D> {
     fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
+        self.guided(x, shape, t, |d, x, s, t, y| d.predict_labeled(x, s, t, y))
+    }
+    fn predict_continuous(&mut self, x: &[f32], shape: &[usize], t: &[f64]) -> Result<ModelOutput> {
+        self.guided(x, shape, t, |d, x, s, t, y| {
+            d.predict_labeled_continuous(x, s, t, y)
+        })
+    }
+}
+
+impl<D: LabeledDenoiser> Conditioned<D> {
+    /// The labelled call, or one call on the doubled batch combined by guidance.
+    fn guided<T: Copy>(
+        &mut self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[T],
+        call: impl Fn(&mut D, &[f32], &[usize], &[T], &[i64]) -> Result<ModelOutput>,
+    ) -> Result<ModelOutput> {
         let batch = shape.first().copied().unwrap_or(0);
         if self.labels.len() != batch {
             shape_error!(
@@ -114,7 +154,7 @@ impl<D: LabeledDenoiser> Denoiser for Conditioned<D> {
         }
         let g = match self.guidance {
             Some(g) if g.scale != 1.0 => g,
-            _ => return self.inner.predict_labeled(x, shape, t, &self.labels),
+            _ => return call(&mut self.inner, x, shape, t, &self.labels),
         };
         let mut x2 = Vec::with_capacity(2 * x.len());
         x2.extend_from_slice(x);
@@ -125,7 +165,7 @@ impl<D: LabeledDenoiser> Denoiser for Conditioned<D> {
         y2.extend(std::iter::repeat_n(g.null_label, batch));
         let mut shape2 = shape.to_vec();
         shape2[0] = 2 * batch;
-        let out = self.inner.predict_labeled(&x2, &shape2, &t2, &y2)?;
+        let out = call(&mut self.inner, &x2, &shape2, &t2, &y2)?;
         let (mean_len, out_row) = model_output_layout(&shape2, &out.shape)?;
         if out.data.len() != 2 * batch * out_row {
             shape_error!(
@@ -158,7 +198,38 @@ pub trait GradLogProb {
 /// ε' = ε − k_t s ∇ log f(y | x_t, t), with k_t from [`super::Sampler::classifier_guidance_factor`]
 /// (DDIM: the ε form, algorithm 2; DDPM: the mean shift s Σ ∇, algorithm 1). Only the ε half of
 /// a learned-variance output is shifted.
-pub struct ClassifierGuided<'s, D: Denoiser, G: GradLogProb, S: super::Sampler + ?Sized> {
+/// Where classifier guidance gets its prediction type and ε-shift factor: every discrete
+/// [`super::Sampler`], and the σ-space samplers of a discrete model.
+pub trait ClassifierFactor {
+    fn prediction(&self) -> Option<crate::diffusion::Prediction>;
+    fn classifier_guidance_factor(&self, t: i64) -> Result<f64>;
+}
+
+impl<S: super::Sampler + ?Sized> ClassifierFactor for S {
+    fn prediction(&self) -> Option<crate::diffusion::Prediction> {
+        Some(super::Sampler::prediction(self))
+    }
+    fn classifier_guidance_factor(&self, t: i64) -> Result<f64> {
+        super::Sampler::classifier_guidance_factor(self, t)
+    }
+}
+
+impl ClassifierFactor for super::ode::SigmaSampler {
+    fn prediction(&self) -> Option<crate::diffusion::Prediction> {
+        super::ode::SigmaSampler::prediction(self)
+    }
+    /// The ε form: √(1 − ᾱ_t) = σ_t/√(σ_t² + 1).
+    fn classifier_guidance_factor(&self, t: i64) -> Result<f64> {
+        let logs = &self.grid.log_sigmas;
+        if t < 0 || t as usize >= logs.len() {
+            value_error!("timestep {t} is outside the schedule's [0, {})", logs.len());
+        }
+        let sigma = logs[t as usize].exp();
+        Ok(sigma / (sigma * sigma + 1.0).sqrt())
+    }
+}
+
+pub struct ClassifierGuided<'s, D: Denoiser, G: GradLogProb, S: ClassifierFactor + ?Sized> {
     pub inner: D,
     pub classifier: G,
     pub sampler: &'s S,
@@ -166,11 +237,11 @@ pub struct ClassifierGuided<'s, D: Denoiser, G: GradLogProb, S: super::Sampler +
     pub scale: f64,
 }
 
-impl<D: Denoiser, G: GradLogProb, S: super::Sampler + ?Sized> Denoiser
+impl<D: Denoiser, G: GradLogProb, S: ClassifierFactor + ?Sized> Denoiser
     for ClassifierGuided<'_, D, G, S>
 {
     fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
-        if self.sampler.prediction() != crate::diffusion::Prediction::Epsilon {
+        if self.sampler.prediction() != Some(crate::diffusion::Prediction::Epsilon) {
             value_error!("classifier guidance shifts the ε-prediction: the sampler must use prediction='epsilon'");
         }
         let batch = shape.first().copied().unwrap_or(0);
@@ -204,6 +275,9 @@ impl<D: Denoiser, G: GradLogProb, S: super::Sampler + ?Sized> Denoiser
 impl<T: Denoiser + ?Sized> Denoiser for Box<T> {
     fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
         (**self).predict(x, shape, t)
+    }
+    fn predict_continuous(&mut self, x: &[f32], shape: &[usize], t: &[f64]) -> Result<ModelOutput> {
+        (**self).predict_continuous(x, shape, t)
     }
 }
 

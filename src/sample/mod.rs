@@ -6,6 +6,8 @@ mod ddpm;
 mod denoiser;
 pub mod guidance;
 pub mod langevin;
+pub mod ode;
+pub mod sigma;
 
 pub use ddim::{Ddim, DdimConfig};
 pub use ddpm::{Ddpm, DdpmConfig, VarianceType};
