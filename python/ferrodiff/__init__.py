@@ -18,11 +18,17 @@ import os as _os
 # it empty, so every parallel pass runs on rayon's pool. A value the user set is kept.
 _os.environ.setdefault("CANDLE_NUM_THREADS", "1")
 
-from ferrodiff import datasets, langevin, likelihood, losses, metrics, nn, notebook, oracles
+from ferrodiff import datasets, langevin, likelihood, losses, metrics, nn, notebook, oracles, sample
 from ferrodiff._core import (
     DDIM,
     DDPM,
+    DPMSolver,
     DynamicThreshold,
+    Euler,
+    EulerAncestral,
+    Heun,
+    SigmaSampler,
+    SolverState,
     Schedule,
     StepOutput,
     Trainer,
@@ -37,7 +43,13 @@ from ferrodiff._core import (
 __all__ = [
     "DDIM",
     "DDPM",
+    "DPMSolver",
     "DynamicThreshold",
+    "Euler",
+    "EulerAncestral",
+    "Heun",
+    "SigmaSampler",
+    "SolverState",
     "Schedule",
     "StepOutput",
     "Trainer",
@@ -53,6 +65,7 @@ __all__ = [
     "notebook",
     "oracles",
     "randn",
+    "sample",
     "space_timesteps",
     "timesteps",
 ]

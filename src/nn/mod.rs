@@ -281,6 +281,21 @@ impl Model {
         context: Option<HostContext>,
         null_context: Option<&[bool]>,
     ) -> Result<ModelOutput> {
+        let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
+        self.predict_host_real_t(x, shape, &tf, labels, context, null_context)
+    }
+
+    /// As [`Model::predict_host_cond`] at real-valued timesteps (the time embedding is
+    /// sinusoidal, so fractional t between trained ones is well defined).
+    pub fn predict_host_real_t(
+        &self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[f32],
+        labels: Option<&[u32]>,
+        context: Option<HostContext>,
+        null_context: Option<&[bool]>,
+    ) -> Result<ModelOutput> {
         self.check_input(shape)?;
         let batch = shape[0];
         if t.len() != batch {
@@ -311,7 +326,7 @@ impl Model {
                 self.device(),
             )?
             .to_dtype(self.params.dtype())?;
-            let tf: Vec<f32> = t[start..start + n].iter().map(|&v| v as f32).collect();
+            let tf = &t[start..start + n];
             let ctx_chunk = match &context {
                 Some(c) => Some(c.narrow(0, start, n)?),
                 None => None,
@@ -321,7 +336,7 @@ impl Model {
                 context: ctx_chunk.as_ref(),
                 null_context: null_context.map(|m| &m[start..start + n]),
             };
-            let y = self.forward_cond(&xt, &tf, &cond, &Ctx::eval())?;
+            let y = self.forward_cond(&xt, tf, &cond, &Ctx::eval())?;
             if out_shape.is_empty() {
                 out_shape = y.dims().to_vec();
                 out_shape[0] = batch;

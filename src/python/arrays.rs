@@ -145,3 +145,14 @@ pub fn batch_of(shape: &[usize], name: &str) -> PyResult<usize> {
         ))
     })
 }
+
+/// A shape argument as sizes, a `ValueError` naming `name` for a negative size (an unsigned
+/// extraction would raise OverflowError).
+pub fn shape_arg(shape: Vec<i64>, name: &str) -> PyResult<Vec<usize>> {
+    if shape.iter().any(|&d| d < 0) {
+        return Err(PyValueError::new_err(format!(
+            "{name} must have non-negative sizes, got {shape:?}"
+        )));
+    }
+    Ok(shape.into_iter().map(|d| d as usize).collect())
+}

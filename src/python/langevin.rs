@@ -95,7 +95,7 @@ fn annealed<'py>(
     py: Python<'py>,
     score_fn: &Bound<'py, PyAny>,
     sigmas: &Bound<'py, PyAny>,
-    shape: Option<Vec<usize>>,
+    shape: Option<Vec<i64>>,
     steps_per_level: usize,
     eps: f64,
     seed: u64,
@@ -103,6 +103,9 @@ fn annealed<'py>(
     progress: bool,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     callable_arg(score_fn, "score_fn", "score_fn(x, sigma)")?;
+    let shape = shape
+        .map(|s| super::arrays::shape_arg(s, "shape"))
+        .transpose()?;
     let sigmas = f64_vec(sigmas, "sigmas")?;
     // Checked before sigmas[0] is read for the initial x.
     langevin::annealed_step_sizes(&sigmas, eps)?;

@@ -9,6 +9,7 @@ mod nn;
 mod oracles;
 mod samplers;
 mod schedule;
+mod sigma_samplers;
 
 use pyo3::exceptions::{
     PyFileNotFoundError, PyFloatingPointError, PyKeyboardInterrupt, PyOSError, PyRuntimeError,
@@ -78,6 +79,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     schedule::register(m)?;
     samplers::register(m)?;
+    sigma_samplers::register(m)?;
     oracles::register(m)?;
     losses::register(m)?;
     langevin::register(m)?;

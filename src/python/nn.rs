@@ -351,6 +351,14 @@ impl Denoiser for PyModelDenoiser<'_> {
         let c = self.context.as_ref().map(ContextArg::host);
         detach(self.py, || m.predict_host_cond(x, shape, t, None, c, None))
     }
+    fn predict_continuous(&mut self, x: &[f32], shape: &[usize], t: &[f64]) -> Result<ModelOutput> {
+        let m = &self.model;
+        let c = self.context.as_ref().map(ContextArg::host);
+        let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
+        detach(self.py, || {
+            m.predict_host_real_t(x, shape, &tf, None, c, None)
+        })
+    }
 }
 
 impl LabeledDenoiser for PyModelDenoiser<'_> {
@@ -364,6 +372,18 @@ impl LabeledDenoiser for PyModelDenoiser<'_> {
         t: &[i64],
         labels: &[i64],
     ) -> Result<ModelOutput> {
+        let tf: Vec<f64> = t.iter().map(|&v| v as f64).collect();
+        self.predict_labeled_continuous(x, shape, &tf, labels)
+    }
+
+    fn predict_labeled_continuous(
+        &mut self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[f64],
+        labels: &[i64],
+    ) -> Result<ModelOutput> {
+        let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
         let classes = self.model.config().num_classes() as i64;
         let is_null = |v: i64| v < 0 || (classes > 0 && v >= classes);
         let y: Option<Vec<u32>> = (classes > 0).then(|| {
@@ -379,7 +399,7 @@ impl LabeledDenoiser for PyModelDenoiser<'_> {
         let m = &self.model;
         let c = self.context.as_ref().map(ContextArg::host);
         detach(self.py, || {
-            m.predict_host_cond(x, shape, t, y.as_deref(), c, null_rows.as_deref())
+            m.predict_host_real_t(x, shape, &tf, y.as_deref(), c, null_rows.as_deref())
         })
     }
 }

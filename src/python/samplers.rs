@@ -8,7 +8,9 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
-use super::arrays::{batch_of, f32_array, new_f32, timesteps_arg, type_name, vec_to_array};
+use super::arrays::{
+    batch_of, f32_array, new_f32, shape_arg, timesteps_arg, type_name, vec_to_array,
+};
 use super::callback_error;
 use super::schedule::{config_json, spacing_arg, PySchedule};
 use crate::diffusion::Prediction;
@@ -79,7 +81,7 @@ pub struct StepOutput {
 #[pymethods]
 impl StepOutput {
     #[new]
-    fn new(prev_sample: Py<PyAny>, pred_x0: Py<PyAny>) -> Self {
+    pub(crate) fn new(prev_sample: Py<PyAny>, pred_x0: Py<PyAny>) -> Self {
         StepOutput {
             prev_sample,
             pred_x0,
@@ -120,7 +122,7 @@ impl StepOutput {
     }
 }
 
-fn fresh_seed() -> u64 {
+pub(crate) fn fresh_seed() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
         std::time::SystemTime::now()
@@ -138,10 +140,11 @@ fn fresh_seed() -> u64 {
 #[pyo3(signature = (shape, seed=None, *, out=None))]
 fn randn<'py>(
     py: Python<'py>,
-    shape: Vec<usize>,
+    shape: Vec<i64>,
     seed: Option<u64>,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let shape = shape_arg(shape, "shape")?;
     let n: usize = shape.iter().product();
     let seed = seed.unwrap_or_else(fresh_seed);
     match out {
@@ -302,20 +305,40 @@ impl LabeledDenoiser for PyDenoiser<'_> {
         let y = labels.to_vec().into_pyarray(self.f.py()).into_any();
         self.call(x, shape, t, Some(y))
     }
+    fn predict_labeled_continuous(
+        &mut self,
+        x: &[f32],
+        shape: &[usize],
+        t: &[f64],
+        labels: &[i64],
+    ) -> Result<ModelOutput> {
+        let y = labels.to_vec().into_pyarray(self.f.py()).into_any();
+        match sample::integral_timesteps(t) {
+            Ok(ti) => self.call(x, shape, &ti, Some(y)),
+            Err(_) => self.call(x, shape, t, Some(y)),
+        }
+    }
 }
 
 impl Denoiser for PyDenoiser<'_> {
     fn predict(&mut self, x: &[f32], shape: &[usize], t: &[i64]) -> Result<ModelOutput> {
         self.call(x, shape, t, None)
     }
+    /// Whole timesteps reach the callable as int64, fractional ones as float64.
+    fn predict_continuous(&mut self, x: &[f32], shape: &[usize], t: &[f64]) -> Result<ModelOutput> {
+        match sample::integral_timesteps(t) {
+            Ok(ti) => self.call(x, shape, &ti, None),
+            Err(_) => self.call(x, shape, t, None),
+        }
+    }
 }
 
 impl<'py> PyDenoiser<'py> {
-    fn call(
+    fn call<T: numpy::Element + Copy>(
         &mut self,
         x: &[f32],
         shape: &[usize],
-        t: &[i64],
+        t: &[T],
         labels: Option<Bound<'py, PyAny>>,
     ) -> Result<ModelOutput> {
         let py = self.f.py();
@@ -399,6 +422,22 @@ impl LoopHooks for PyHooks<'_> {
         self.callback.is_some() && !self.iterate_callback
     }
     fn after_step(&mut self, i: usize, t: i64, x: &[f32], pred_x0: &[f32]) -> Result<()> {
+        self.report(i, t, x, pred_x0)
+    }
+    fn after_sigma_step(&mut self, i: usize, sigma: f64, x: &[f32], pred_x0: &[f32]) -> Result<()> {
+        self.report(i, sigma, x, pred_x0)
+    }
+}
+
+impl PyHooks<'_> {
+    /// Ctrl-C, progress and `callback(i, level, x, pred_x0)` after step i.
+    fn report<L: for<'a> IntoPyObject<'a>>(
+        &mut self,
+        i: usize,
+        level: L,
+        x: &[f32],
+        pred_x0: &[f32],
+    ) -> Result<()> {
         let py = self.py;
         py.check_signals().map_err(callback_error)?;
         if let Some(p) = &self.progress {
@@ -418,7 +457,7 @@ impl LoopHooks for PyHooks<'_> {
                     .into_any()
                     .unbind()
             };
-            cb.call1((i, t, xa, pa)).map_err(callback_error)?;
+            cb.call1((i, level, xa, pa)).map_err(callback_error)?;
         }
         Ok(())
     }
@@ -426,7 +465,7 @@ impl LoopHooks for PyHooks<'_> {
 
 /// `step` shared by DDPM and DDIM.
 #[allow(clippy::too_many_arguments)]
-fn step_impl<'py, S: Sampler>(
+pub(crate) fn step_impl<'py, S: Sampler>(
     sampler: &S,
     py: Python<'py>,
     model_output: &Bound<'py, PyAny>,
@@ -556,7 +595,7 @@ fn step_impl<'py, S: Sampler>(
 }
 
 /// Whether the memory of two non-empty C-contiguous float32 arrays intersects.
-fn overlaps(a: &Bound<'_, PyArrayDyn<f32>>, b: &Bound<'_, PyArrayDyn<f32>>) -> bool {
+pub(crate) fn overlaps(a: &Bound<'_, PyArrayDyn<f32>>, b: &Bound<'_, PyArrayDyn<f32>>) -> bool {
     let span = |arr: &Bound<'_, PyArrayDyn<f32>>| {
         let start = arr.data() as usize;
         (start, start + std::mem::size_of::<f32>() * arr.len())
@@ -566,7 +605,7 @@ fn overlaps(a: &Bound<'_, PyArrayDyn<f32>>, b: &Bound<'_, PyArrayDyn<f32>>) -> b
 }
 
 /// Checks a caller's `pred_x0_out`: C-contiguous float32 of x's shape, overlapping nothing else.
-fn pred_x0_out_arg<'py>(
+pub(crate) fn pred_x0_out_arg<'py>(
     p: &Bound<'py, PyAny>,
     shape: &[usize],
     others: &[&Bound<'py, PyArrayDyn<f32>>],
@@ -599,6 +638,7 @@ fn initial_noise(
     shape: Option<Vec<usize>>,
     x_t: Option<&Bound<'_, PyAny>>,
     seed: u64,
+    scale: f64,
 ) -> PyResult<(Vec<f32>, Vec<usize>)> {
     match (shape, x_t) {
         (shape, Some(x)) => {
@@ -618,21 +658,90 @@ fn initial_noise(
         (Some(sh), None) => {
             batch_of(&sh, "shape")?;
             let n = sh.iter().product();
-            Ok((
-                py.detach(|| sample::randn(n, seed, sample::INITIAL_NOISE_STREAM)),
-                sh,
-            ))
+            let mut x = py.detach(|| sample::randn(n, seed, sample::INITIAL_NOISE_STREAM));
+            if scale != 1.0 {
+                let s = scale as f32;
+                x.iter_mut().for_each(|v| *v *= s);
+            }
+            Ok((x, sh))
         }
         (None, None) => Err(PyValueError::new_err("sample() needs shape= or x_T=")),
     }
 }
 
+/// What `sample` needs of a sampler: the discrete samplers (DDPM, DDIM) and the σ-space ones.
+pub(crate) trait Engine: sample::ClassifierFactor + Sync {
+    fn num_steps(&self) -> usize;
+    /// The std of a fresh x at the first step (σ samplers: σ_0).
+    fn init_noise_scale(&self) -> f64 {
+        1.0
+    }
+    /// An image noised to the level of step `start` (SDEdit).
+    fn noised_start(&self, image: &[f32], start: usize, seed: u64) -> Result<Vec<f32>>;
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        denoiser: &mut dyn Denoiser,
+        x: Vec<f32>,
+        shape: &[usize],
+        seed: u64,
+        check_finite: bool,
+        hooks: &mut dyn LoopHooks,
+        edit: sample::Edit<'_>,
+    ) -> Result<Vec<f32>>;
+}
+
+impl<S: Sampler> Engine for S {
+    fn num_steps(&self) -> usize {
+        self.timesteps().len()
+    }
+    fn noised_start(&self, image: &[f32], start: usize, seed: u64) -> Result<Vec<f32>> {
+        sample::noised_start(self, image, start, seed)
+    }
+    fn run(
+        &self,
+        denoiser: &mut dyn Denoiser,
+        x: Vec<f32>,
+        shape: &[usize],
+        seed: u64,
+        check_finite: bool,
+        hooks: &mut dyn LoopHooks,
+        edit: sample::Edit<'_>,
+    ) -> Result<Vec<f32>> {
+        sample::sample_loop_edit(self, denoiser, x, shape, seed, check_finite, hooks, edit)
+    }
+}
+
+impl Engine for sample::ode::SigmaSampler {
+    fn num_steps(&self) -> usize {
+        self.steps()
+    }
+    fn init_noise_scale(&self) -> f64 {
+        self.init_noise_sigma()
+    }
+    fn noised_start(&self, image: &[f32], start: usize, seed: u64) -> Result<Vec<f32>> {
+        sample::ode::SigmaSampler::noised_start(self, image, start, seed)
+    }
+    fn run(
+        &self,
+        denoiser: &mut dyn Denoiser,
+        x: Vec<f32>,
+        shape: &[usize],
+        seed: u64,
+        check_finite: bool,
+        hooks: &mut dyn LoopHooks,
+        edit: sample::Edit<'_>,
+    ) -> Result<Vec<f32>> {
+        self.sample(denoiser, x, shape, seed, check_finite, hooks, edit)
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
-fn sample_impl<'py, S: Sampler>(
+pub(crate) fn sample_impl<'py, S: Engine>(
     sampler: &S,
     py: Python<'py>,
     denoiser: &Bound<'py, PyAny>,
-    shape: Option<Vec<usize>>,
+    shape: Option<Vec<i64>>,
     x_t: Option<&Bound<'py, PyAny>>,
     seed: Option<u64>,
     progress: bool,
@@ -651,7 +760,8 @@ fn sample_impl<'py, S: Sampler>(
         }
     }
     let seed = seed.unwrap_or_else(fresh_seed);
-    let steps = sampler.timesteps().len();
+    let shape = shape.map(|s| shape_arg(s, "shape")).transpose()?;
+    let steps = sampler.num_steps();
     let (image, start) = match edit.image {
         Some(img) => {
             if x_t.is_some() || shape.is_some() {
@@ -676,10 +786,10 @@ fn sample_impl<'py, S: Sampler>(
     };
     let (x, sh) = match &image {
         Some((img, sh)) => (
-            py.detach(|| sample::noised_start(sampler, img, start, seed))?,
+            py.detach(|| sampler.noised_start(img, start, seed))?,
             sh.clone(),
         ),
-        None => initial_noise(py, shape, x_t, seed)?,
+        None => initial_noise(py, shape, x_t, seed, sampler.init_noise_scale())?,
     };
     let mask = match edit.mask {
         None => None,
@@ -742,16 +852,7 @@ fn sample_impl<'py, S: Sampler>(
         start,
         inpaint: mask.as_ref().map(|(k, m)| (k.as_slice(), m.as_slice())),
     };
-    let r = sample::sample_loop_edit(
-        sampler,
-        d.as_mut(),
-        x,
-        &sh,
-        seed,
-        check_finite,
-        &mut hooks,
-        edit,
-    );
+    let r = sampler.run(d.as_mut(), x, &sh, seed, check_finite, &mut hooks, edit);
     hooks.close();
     vec_to_array(py, r?, &sh)
 }
@@ -759,15 +860,15 @@ fn sample_impl<'py, S: Sampler>(
 /// The image-editing arguments of `sample`.
 /// Editing, classifier-guidance and context arguments of `sample`.
 pub(crate) struct EditArgs<'a, 'py> {
-    context: Option<&'a Bound<'py, PyAny>>,
-    image: Option<&'a Bound<'py, PyAny>>,
-    strength: f64,
-    mask: Option<&'a Bound<'py, PyAny>>,
-    classifier: Option<&'a Bound<'py, PyAny>>,
-    classifier_scale: f64,
+    pub(crate) context: Option<&'a Bound<'py, PyAny>>,
+    pub(crate) image: Option<&'a Bound<'py, PyAny>>,
+    pub(crate) strength: f64,
+    pub(crate) mask: Option<&'a Bound<'py, PyAny>>,
+    pub(crate) classifier: Option<&'a Bound<'py, PyAny>>,
+    pub(crate) classifier_scale: f64,
 }
 
-fn x0_processing_arg(
+pub(crate) fn x0_processing_arg(
     clip_sample: Option<f64>,
     threshold: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<X0Processing> {
@@ -818,7 +919,7 @@ fn x0_processing_to_dict(d: &Bound<'_, PyDict>, p: X0Processing) -> PyResult<()>
 }
 
 /// Turns a stored dict back into constructor kwargs (threshold dicts -> DynamicThreshold).
-fn from_dict_impl<'py>(
+pub(crate) fn from_dict_impl<'py>(
     cls: &Bound<'py, pyo3::types::PyType>,
     d: &Bound<'py, PyDict>,
 ) -> PyResult<Bound<'py, PyAny>> {
@@ -1009,7 +1110,7 @@ impl PyDdpm {
         &self,
         py: Python<'py>,
         denoiser: &Bound<'py, PyAny>,
-        shape: Option<Vec<usize>>,
+        shape: Option<Vec<i64>>,
         x_T: Option<&Bound<'py, PyAny>>,
         seed: Option<u64>,
         progress: bool,
@@ -1231,7 +1332,7 @@ impl PyDdim {
         &self,
         py: Python<'py>,
         denoiser: &Bound<'py, PyAny>,
-        shape: Option<Vec<usize>>,
+        shape: Option<Vec<i64>>,
         x_T: Option<&Bound<'py, PyAny>>,
         seed: Option<u64>,
         progress: bool,

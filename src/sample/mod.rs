@@ -12,10 +12,12 @@ pub mod sigma;
 pub use ddim::{Ddim, DdimConfig};
 pub use ddpm::{Ddpm, DdpmConfig, VarianceType};
 pub use denoiser::{
-    edit_start, invert_loop, noised_start, sample_loop, sample_loop_edit, Denoiser, Edit,
-    LoopHooks, ModelOutput, NoHooks,
+    edit_start, integral_timesteps, invert_loop, noised_start, sample_loop, sample_loop_edit,
+    Denoiser, Edit, LoopHooks, ModelOutput, NoHooks,
 };
-pub use guidance::{ClassifierGuided, Conditioned, GradLogProb, Guidance, LabeledDenoiser};
+pub use guidance::{
+    ClassifierFactor, ClassifierGuided, Conditioned, GradLogProb, Guidance, LabeledDenoiser,
+};
 
 use crate::diffusion::{x0_coefficients, Prediction};
 use crate::error::{Error, Result};

@@ -1,0 +1,33 @@
+"""Samplers: the discrete ones (DDPM, DDIM) and the σ-space ones (Euler, EulerAncestral, Heun,
+DPMSolver), which share the base class :class:`SigmaSampler`.
+
+``from ferrodiff.sample import DDIM`` and ``ferrodiff.DDIM`` are the same class.
+"""
+
+from ferrodiff._core import (
+    DDIM,
+    DDPM,
+    DPMSolver,
+    DynamicThreshold,
+    Euler,
+    EulerAncestral,
+    Heun,
+    SigmaSampler,
+    SolverState,
+    StepOutput,
+    randn,
+)
+
+__all__ = [
+    "DDIM",
+    "DDPM",
+    "DPMSolver",
+    "DynamicThreshold",
+    "Euler",
+    "EulerAncestral",
+    "Heun",
+    "SigmaSampler",
+    "SolverState",
+    "StepOutput",
+    "randn",
+]
