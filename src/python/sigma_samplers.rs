@@ -527,7 +527,12 @@ impl PySigmaSampler {
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = cls.py();
         let name = cls.name()?.to_string();
-        let text = config_json(config)?;
+        // diffusers writes lambda_min_clipped = -inf as -Infinity, which is not JSON: read
+        // non-finite numbers as absent (their defaults).
+        let text = config_json(config)?
+            .replace("-Infinity", "null")
+            .replace("Infinity", "null")
+            .replace("NaN", "null");
         let c = DiffusersConfig::from_json(&text)?;
         let v: Value = serde_json::from_str(&text).map_err(|e| {
             PyValueError::new_err(format!("scheduler config is not valid JSON: {e}"))

@@ -102,6 +102,15 @@ pub(super) fn plan(
     steps: usize,
 ) -> Result<Plan> {
     let (s, t) = (sigmas[i], sigmas[i + 1]);
+    let slots = c.order as usize;
+    let store_denoised = (slots > 1).then_some(state.done % slots);
+    if t == s {
+        // A step of length 0 (a Karras grid ending at σ_min followed by a final σ_min): the
+        // identity, where the formulas divide 0 by 0 (diffusers returns NaN there).
+        let mut p = Plan::simple(1.0, 0.0, t);
+        p.store_denoised = store_denoised;
+        return Ok(p);
+    }
     let short = c.lower_order_final && steps < LOWER_ORDER_FINAL_STEPS;
     let final_first = i == steps - 1 && (c.euler_at_final || short || t == 0.0);
     let final_second = i + 2 == steps && short;
@@ -138,7 +147,6 @@ pub(super) fn plan(
             0.0,
         )
     };
-    let slots = c.order as usize;
     let mut from_buffers = [0.0; 3];
     let mut from_denoised = a;
     if order >= 2 {
@@ -173,7 +181,7 @@ pub(super) fn plan(
         from_buffers,
         noise_std: noise,
         store_x: None,
-        store_denoised: (slots > 1).then_some(history % slots),
+        store_denoised,
         sigma_next: t,
     })
 }
