@@ -24,7 +24,13 @@ def stub_signatures():
         if isinstance(node, ast.FunctionDef):
             out[node.name] = params(node)
         elif isinstance(node, ast.ClassDef):
-            out[node.name] = {n.name: params(n) for n in node.body if isinstance(n, ast.FunctionDef)}
+            # a stubbed subclass inherits its stubbed base's methods, as at run time
+            inherited = {}
+            for base in node.bases:
+                if isinstance(base, ast.Name) and isinstance(out.get(base.id), dict):
+                    inherited.update(out[base.id])
+            own = {n.name: params(n) for n in node.body if isinstance(n, ast.FunctionDef)}
+            out[node.name] = {**inherited, **own}
     return out
 
 

@@ -262,6 +262,159 @@ class DDIM:
     def to_dict(self) -> dict[str, Any]: ...
     def __reduce__(self) -> Any: ...
 
+class SolverState:
+    @property
+    def next(self) -> int: ...
+
+class SigmaSampler:
+    @classmethod
+    def from_diffusers_config(cls, config: Config, steps: int = 25, **overrides: Any) -> SigmaSampler: ...
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SigmaSampler: ...
+    @property
+    def sigmas(self) -> F64: ...
+    @property
+    def timesteps(self) -> F64: ...
+    @property
+    def evaluation_sigmas(self) -> F64: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def num_evaluations(self) -> int: ...
+    @property
+    def init_noise_sigma(self) -> float: ...
+    @property
+    def prediction(self) -> str: ...
+    @property
+    def schedule(self) -> Schedule | None: ...
+    def new_state(self) -> SolverState: ...
+    def scale_model_input(self, x: ArrayLike, i: int) -> F32: ...
+    def step(
+        self,
+        model_output: ArrayLike,
+        i: int,
+        x: ArrayLike,
+        *,
+        state: SolverState | None = None,
+        noise: ArrayLike | None = None,
+        seed: int | None = None,
+        check_finite: bool = True,
+    ) -> StepOutput: ...
+    def sample(
+        self,
+        denoiser: Denoiser,
+        shape: Sequence[int] | None = None,
+        *,
+        x_T: ArrayLike | None = None,
+        seed: int | None = 0,
+        progress: bool = False,
+        callback: Callable[[int, float, F32, F32 | None], Any] | None = None,
+        check_finite: bool = True,
+        labels: Timesteps | None = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        null_label: int | None = None,
+        image: ArrayLike | None = None,
+        strength: float = 1.0,
+        mask: ArrayLike | None = None,
+        classifier: Classifier | Callable[[F32, I64, I64], ArrayLike] | None = None,
+        classifier_scale: float = 1.0,
+        context: ArrayLike | None = None,
+    ) -> F32: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    def __reduce__(self) -> Any: ...
+
+class Euler(SigmaSampler):
+    def __init__(
+        self,
+        schedule: Schedule | None = None,
+        steps: int | None = None,
+        *,
+        prediction: str = "epsilon",
+        sigmas: str | Sequence[float] | None = None,
+        rho: float = 7.0,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        spacing: str = "linspace",
+        steps_offset: int = 0,
+        final_sigmas_type: str = "zero",
+        timestep_mode: str = "interpolate",
+        sigma_data: float = 0.5,
+        clip_sample: float | None = None,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = ...,
+        s_noise: float = 1.0,
+    ) -> None: ...
+
+class EulerAncestral(SigmaSampler):
+    def __init__(
+        self,
+        schedule: Schedule | None = None,
+        steps: int | None = None,
+        *,
+        eta: float = 1.0,
+        s_noise: float = 1.0,
+        prediction: str = "epsilon",
+        sigmas: str | Sequence[float] | None = None,
+        rho: float = 7.0,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        spacing: str = "linspace",
+        steps_offset: int = 0,
+        final_sigmas_type: str = "zero",
+        timestep_mode: str = "interpolate",
+        sigma_data: float = 0.5,
+        clip_sample: float | None = None,
+    ) -> None: ...
+
+class Heun(SigmaSampler):
+    def __init__(
+        self,
+        schedule: Schedule | None = None,
+        steps: int | None = None,
+        *,
+        prediction: str = "epsilon",
+        sigmas: str | Sequence[float] | None = None,
+        rho: float = 7.0,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        spacing: str = "linspace",
+        steps_offset: int = 0,
+        final_sigmas_type: str = "zero",
+        timestep_mode: str = "interpolate",
+        sigma_data: float = 0.5,
+        clip_sample: float | None = None,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = ...,
+        s_noise: float = 1.0,
+    ) -> None: ...
+
+class DPMSolver(SigmaSampler):
+    def __init__(
+        self,
+        schedule: Schedule | None = None,
+        steps: int | None = None,
+        *,
+        algorithm: str = "dpmsolver++",
+        order: int = 2,
+        solver_type: str = "midpoint",
+        lower_order_final: bool = True,
+        euler_at_final: bool = False,
+        prediction: str = "epsilon",
+        sigmas: str | Sequence[float] | None = None,
+        rho: float = 7.0,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        spacing: str = "linspace",
+        steps_offset: int = 0,
+        final_sigmas_type: str = "zero",
+        timestep_mode: str = "interpolate",
+        sigma_data: float = 0.5,
+        clip_sample: float | None = None,
+    ) -> None: ...
+
 class GaussianMixture:
     def __init__(self, weights: ArrayLike, means: ArrayLike, stds: ArrayLike) -> None: ...
     @property

@@ -669,75 +669,8 @@ fn initial_noise(
     }
 }
 
-/// What `sample` needs of a sampler: the discrete samplers (DDPM, DDIM) and the σ-space ones.
-pub(crate) trait Engine: sample::ClassifierFactor + Sync {
-    fn num_steps(&self) -> usize;
-    /// The std of a fresh x at the first step (σ samplers: σ_0).
-    fn init_noise_scale(&self) -> f64 {
-        1.0
-    }
-    /// An image noised to the level of step `start` (SDEdit).
-    fn noised_start(&self, image: &[f32], start: usize, seed: u64) -> Result<Vec<f32>>;
-    #[allow(clippy::too_many_arguments)]
-    fn run(
-        &self,
-        denoiser: &mut dyn Denoiser,
-        x: Vec<f32>,
-        shape: &[usize],
-        seed: u64,
-        check_finite: bool,
-        hooks: &mut dyn LoopHooks,
-        edit: sample::Edit<'_>,
-    ) -> Result<Vec<f32>>;
-}
-
-impl<S: Sampler> Engine for S {
-    fn num_steps(&self) -> usize {
-        self.timesteps().len()
-    }
-    fn noised_start(&self, image: &[f32], start: usize, seed: u64) -> Result<Vec<f32>> {
-        sample::noised_start(self, image, start, seed)
-    }
-    fn run(
-        &self,
-        denoiser: &mut dyn Denoiser,
-        x: Vec<f32>,
-        shape: &[usize],
-        seed: u64,
-        check_finite: bool,
-        hooks: &mut dyn LoopHooks,
-        edit: sample::Edit<'_>,
-    ) -> Result<Vec<f32>> {
-        sample::sample_loop_edit(self, denoiser, x, shape, seed, check_finite, hooks, edit)
-    }
-}
-
-impl Engine for sample::ode::SigmaSampler {
-    fn num_steps(&self) -> usize {
-        self.steps()
-    }
-    fn init_noise_scale(&self) -> f64 {
-        self.init_noise_sigma()
-    }
-    fn noised_start(&self, image: &[f32], start: usize, seed: u64) -> Result<Vec<f32>> {
-        sample::ode::SigmaSampler::noised_start(self, image, start, seed)
-    }
-    fn run(
-        &self,
-        denoiser: &mut dyn Denoiser,
-        x: Vec<f32>,
-        shape: &[usize],
-        seed: u64,
-        check_finite: bool,
-        hooks: &mut dyn LoopHooks,
-        edit: sample::Edit<'_>,
-    ) -> Result<Vec<f32>> {
-        self.sample(denoiser, x, shape, seed, check_finite, hooks, edit)
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn sample_impl<'py, S: Engine>(
+pub(crate) fn sample_impl<'py, S: sample::engine::Solver + sample::ClassifierFactor>(
     sampler: &S,
     py: Python<'py>,
     denoiser: &Bound<'py, PyAny>,
@@ -786,7 +719,7 @@ pub(crate) fn sample_impl<'py, S: Engine>(
     };
     let (x, sh) = match &image {
         Some((img, sh)) => (
-            py.detach(|| sampler.noised_start(img, start, seed))?,
+            py.detach(|| sample::engine::noised_start(sampler, img, start, seed))?,
             sh.clone(),
         ),
         None => initial_noise(py, shape, x_t, seed, sampler.init_noise_scale())?,
@@ -852,7 +785,16 @@ pub(crate) fn sample_impl<'py, S: Engine>(
         start,
         inpaint: mask.as_ref().map(|(k, m)| (k.as_slice(), m.as_slice())),
     };
-    let r = sampler.run(d.as_mut(), x, &sh, seed, check_finite, &mut hooks, edit);
+    let r = sample::engine::run(
+        sampler,
+        d.as_mut(),
+        x,
+        &sh,
+        seed,
+        check_finite,
+        &mut hooks,
+        edit,
+    );
     hooks.close();
     vec_to_array(py, r?, &sh)
 }

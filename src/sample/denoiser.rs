@@ -1,6 +1,6 @@
 //! The denoiser boundary and the sampling loops written once against it.
 
-use super::{model_output_layout, step_into, Ddim, Sampler, StepArgs};
+use super::{model_output_layout, Ddim, Sampler};
 use crate::error::Result;
 use crate::kernels::{fused_step, Noise};
 use crate::shape_error;
@@ -72,21 +72,6 @@ pub trait LoopHooks {
 pub struct NoHooks;
 impl LoopHooks for NoHooks {}
 
-fn check_output(out: &ModelOutput, shape: &[usize]) -> Result<()> {
-    model_output_layout(shape, &out.shape)?;
-    if out.data.len() != out.shape.iter().product::<usize>() {
-        shape_error!(
-            "the denoiser returned {} values for shape {:?}",
-            out.data.len(),
-            out.shape
-        );
-    }
-    Ok(())
-}
-
-/// Stream of the noise that takes the known region of an inpainting to the level of step `i`.
-const INPAINT_STREAM: u64 = 1 << 48;
-
 /// Editing a given image: SDEdit / img2img starts part-way (`start`), inpainting keeps a known
 /// region (`known`, `mask` with 1 = keep, same layout as x) at the current noise level.
 #[derive(Clone, Copy, Default)]
@@ -111,30 +96,6 @@ pub fn edit_start(steps: usize, strength: f64) -> Result<usize> {
     Ok(steps - run)
 }
 
-/// x_t = √ᾱ x0 + √(1-ᾱ) z at `alpha_bar`, blended into `x` where `mask` is 1 (SDEdit's start
-/// with a full mask; inpainting's known region).
-fn blend_noised(
-    x: &mut [f32],
-    known: &[f32],
-    mask: &[f32],
-    alpha_bar: f64,
-    seed: u64,
-    stream: u64,
-) {
-    let (a, b) = (
-        alpha_bar.sqrt() as f32,
-        (1.0 - alpha_bar).max(0.0).sqrt() as f32,
-    );
-    crate::kernels::for_each_chunk(x, |start, chunk| {
-        let mut z = vec![0f32; chunk.len()];
-        crate::kernels::rng::fill_normal(seed, stream, start as u64, &mut z);
-        for (j, v) in chunk.iter_mut().enumerate() {
-            let m = mask[start + j];
-            *v = m * (a * known[start + j] + b * z[j]) + (1.0 - m) * *v;
-        }
-    });
-}
-
 /// Runs a sampler from x_T over its timesteps; noise from `seed` (stream = timestep).
 pub fn sample_loop<S: Sampler + ?Sized>(
     sampler: &S,
@@ -157,7 +118,8 @@ pub fn sample_loop<S: Sampler + ?Sized>(
     )
 }
 
-/// [`sample_loop`] starting at step `edit.start` and keeping an inpainting's known region.
+/// [`sample_loop`] starting at step `edit.start` and keeping an inpainting's known region:
+/// the one loop of [`super::engine::run`].
 #[allow(clippy::too_many_arguments)]
 pub fn sample_loop_edit<S: Sampler + ?Sized>(
     sampler: &S,
@@ -169,68 +131,16 @@ pub fn sample_loop_edit<S: Sampler + ?Sized>(
     hooks: &mut dyn LoopHooks,
     edit: Edit<'_>,
 ) -> Result<Vec<f32>> {
-    let n = x_t.len();
-    if let Some((known, mask)) = edit.inpaint {
-        if known.len() != n || mask.len() != n {
-            shape_error!(
-                "the known image and mask must have x's {n} elements, got {} and {}",
-                known.len(),
-                mask.len()
-            );
-        }
-    }
-    if n != shape.iter().product::<usize>() {
-        shape_error!("x_T has {n} elements but the shape is {shape:?}");
-    }
-    let batch = shape.first().copied().unwrap_or(0);
-    let mut x = x_t;
-    let mut next = vec![0f32; n];
-    let mut pred_x0 = if hooks.wants_pred_x0() {
-        vec![0f32; n]
-    } else {
-        Vec::new()
-    };
-    let timesteps = sampler.timesteps();
-    for (i, &t) in timesteps.iter().enumerate().skip(edit.start) {
-        let tb = vec![t; batch];
-        let out = denoiser.predict(&x, shape, &tb)?;
-        check_output(&out, shape)?;
-        {
-            let args = StepArgs {
-                model_output: &out.data,
-                model_shape: &out.shape,
-                t: &tb,
-                x: Some(&x),
-                x_shape: shape,
-                noise: Noise::Seeded(seed),
-                check_finite,
-            };
-            let (next_ref, px) = (&mut next, &mut pred_x0);
-            hooks.run_pass(&mut || {
-                let px = if px.is_empty() {
-                    None
-                } else {
-                    Some(px.as_mut_slice())
-                };
-                step_into(sampler, &args, next_ref, px)
-            })?;
-        }
-        std::mem::swap(&mut x, &mut next);
-        if let Some((known, mask)) = edit.inpaint {
-            // The known region, forward-noised to the level this step reached.
-            let alpha_bar = match timesteps.get(i + 1) {
-                Some(&tp) => sampler.schedule().alphas_cumprod[tp as usize],
-                None => 1.0,
-            };
-            let xr = &mut x;
-            hooks.run_pass(&mut || {
-                blend_noised(xr, known, mask, alpha_bar, seed, INPAINT_STREAM + i as u64);
-                Ok(())
-            })?;
-        }
-        hooks.after_step(i, t, &x, &pred_x0)?;
-    }
-    Ok(x)
+    super::engine::run(
+        sampler,
+        denoiser,
+        x_t,
+        shape,
+        seed,
+        check_finite,
+        hooks,
+        edit,
+    )
 }
 
 /// The starting x of an SDEdit run: `image` forward-noised to the sampler's timestep at
@@ -241,22 +151,7 @@ pub fn noised_start<S: Sampler + ?Sized>(
     start: usize,
     seed: u64,
 ) -> Result<Vec<f32>> {
-    let t = *sampler
-        .timesteps()
-        .get(start)
-        .ok_or_else(|| crate::Error::Value(format!("start {start} is past the sampler's steps")))?;
-    let mut x = vec![0f32; image.len()];
-    let ones = vec![1f32; image.len()];
-    let alpha_bar = sampler.schedule().alphas_cumprod[t as usize];
-    blend_noised(
-        &mut x,
-        image,
-        &ones,
-        alpha_bar,
-        seed,
-        super::INITIAL_NOISE_STREAM,
-    );
-    Ok(x)
+    super::engine::noised_start(sampler, image, start, seed)
 }
 
 /// DDIM inversion (η = 0 run forwards in t): maps clean data to the x at the sampler's first
@@ -284,7 +179,7 @@ pub fn invert_loop(
         let eval = if i == 0 { target } else { ascending[i - 1] };
         let tb = vec![eval; batch];
         let out = denoiser.predict(&x, shape, &tb)?;
-        check_output(&out, shape)?;
+        super::engine::check_output(&out, shape)?;
         let (_, stride) = model_output_layout(shape, &out.shape)?;
         let rows = sampler.inversion_rows(batch, alpha_bar_current, eval, target);
         let mut bad = None;

@@ -4,6 +4,7 @@
 mod ddim;
 mod ddpm;
 mod denoiser;
+pub mod engine;
 pub mod guidance;
 pub mod langevin;
 pub mod ode;

@@ -20,6 +20,7 @@ mod heun;
 pub use dpm_solver::{DpmAlgorithm, DpmSolverConfig, SolverType};
 
 use super::denoiser::{Edit, LoopHooks};
+use super::engine;
 use super::{model_output_layout, Denoiser};
 use crate::diffusion::Prediction;
 use crate::error::{Error, Result};
@@ -169,6 +170,16 @@ pub struct SigmaSampler {
     evaluations: Vec<Evaluation>,
 }
 
+impl SolverState {
+    /// A fresh state for a run starting at evaluation `start`.
+    pub fn at(start: usize) -> Self {
+        SolverState {
+            next: start,
+            ..Default::default()
+        }
+    }
+}
+
 impl SigmaSampler {
     pub fn new(grid: SigmaGrid, method: Method, clip_sample: Option<f64>) -> Result<Self> {
         if let Some(r) = clip_sample {
@@ -237,10 +248,7 @@ impl SigmaSampler {
 
     /// A fresh state for a run starting at evaluation `start`.
     pub fn new_state(&self, start: usize) -> SolverState {
-        SolverState {
-            next: start,
-            ..Default::default()
-        }
+        SolverState::at(start)
     }
 
     /// c_in(σ): the factor applied to x before the model sees it.
@@ -442,133 +450,13 @@ impl SigmaSampler {
         hooks: &mut dyn LoopHooks,
         edit: Edit<'_>,
     ) -> Result<Vec<f32>> {
-        let n = x.len();
-        if n != shape.iter().product::<usize>() {
-            shape_error!("x has {n} elements but the shape is {shape:?}");
-        }
-        if let Some((known, mask)) = edit.inpaint {
-            if known.len() != n || mask.len() != n {
-                shape_error!(
-                    "the known image and mask must have x's {n} elements, got {} and {}",
-                    known.len(),
-                    mask.len()
-                );
-            }
-        }
-        let batch = shape.first().copied().unwrap_or(0);
-        let start = self.first_evaluation_of(edit.start)?;
-        let mut state = self.new_state(start);
-        let mut x = x;
-        let mut next = vec![0f32; n];
-        let mut model_input = vec![0f32; n];
-        let mut pred = vec![0f32; if hooks.wants_pred_x0() { n } else { 0 }];
-        let param = self.grid.parameterization;
-        for k in start..self.evaluations.len() {
-            let e = self.evaluations[k];
-            let (sigma_hat, churn_std) = self.churn(k);
-            if churn_std > 0.0 {
-                let xr = &mut x;
-                hooks.run_pass(&mut || {
-                    add_noise(
-                        xr,
-                        churn_std,
-                        Noise::Seeded(seed),
-                        SIGMA_NOISE_STREAM + k as u64,
-                    );
-                    Ok(())
-                })?;
-            }
-            let timestep = if sigma_hat == e.sigma {
-                e.timestep
-            } else {
-                self.grid.timestep_of(sigma_hat)
-            };
-            let c_in = param.c_in(sigma_hat) as f32;
-            let input: &[f32] = if c_in == 1.0 {
-                &x
-            } else {
-                let (xr, mi) = (&x, &mut model_input);
-                hooks.run_pass(&mut || {
-                    scale_into(xr, c_in, mi);
-                    Ok(())
-                })?;
-                &model_input
-            };
-            let out = denoiser.predict_continuous(input, shape, &vec![timestep; batch])?;
-            if out.data.len() != out.shape.iter().product::<usize>() {
-                shape_error!(
-                    "the denoiser returned {} values for shape {:?}",
-                    out.data.len(),
-                    out.shape
-                );
-            }
-            {
-                let (xr, nr, st, pr) = (&x, &mut next, &mut state, &mut pred);
-                hooks.run_pass(&mut || {
-                    let p = if pr.is_empty() {
-                        None
-                    } else {
-                        Some(pr.as_mut_slice())
-                    };
-                    self.update(
-                        k,
-                        sigma_hat,
-                        xr,
-                        shape,
-                        &out.data,
-                        &out.shape,
-                        st,
-                        Noise::Seeded(seed),
-                        check_finite,
-                        nr,
-                        p,
-                    )
-                })?;
-            }
-            std::mem::swap(&mut x, &mut next);
-            let sigma_next = self.grid.sigmas[e.step + 1];
-            if let Some((known, mask)) = edit.inpaint {
-                let xr = &mut x;
-                hooks.run_pass(&mut || {
-                    blend_known(
-                        xr,
-                        known,
-                        mask,
-                        sigma_next,
-                        seed,
-                        SIGMA_INPAINT_STREAM + k as u64,
-                    );
-                    Ok(())
-                })?;
-            }
-            let last_of_step = self
-                .evaluations
-                .get(k + 1)
-                .is_none_or(|next| next.step != e.step);
-            if last_of_step {
-                hooks.after_sigma_step(e.step, sigma_next, &x, &pred)?;
-            }
-        }
-        Ok(x)
+        engine::run(self, denoiser, x, shape, seed, check_finite, hooks, edit)
     }
 
     /// The starting x of an SDEdit run at grid step `start`: image + σ_start z, z from the
     /// initial-noise stream of `seed` (as `randn(shape, seed)`).
     pub fn noised_start(&self, image: &[f32], start: usize, seed: u64) -> Result<Vec<f32>> {
-        let sigma = *self
-            .grid
-            .sigmas
-            .get(start)
-            .filter(|_| start < self.steps())
-            .ok_or_else(|| Error::Value(format!("start {start} is past the sampler's steps")))?;
-        let mut x = image.to_vec();
-        add_noise(
-            &mut x,
-            sigma,
-            Noise::Seeded(seed),
-            super::INITIAL_NOISE_STREAM,
-        );
-        Ok(x)
+        engine::noised_start(self, image, start, seed)
     }
 
     /// The prediction type of a discrete model (classifier guidance shifts ε).
@@ -599,28 +487,6 @@ fn add_noise(x: &mut [f32], std: f64, noise: Noise<'_>, stream: u64) {
                     *v += s * zj;
                 }
             }
-        }
-    });
-}
-
-fn scale_into(x: &[f32], c: f32, out: &mut [f32]) {
-    for_each_chunk(out, |start, chunk| {
-        let len = chunk.len();
-        for (o, &v) in chunk.iter_mut().zip(&x[start..start + len]) {
-            *o = c * v;
-        }
-    });
-}
-
-/// x ← m (known + σ z) + (1 − m) x: the known region at level σ.
-fn blend_known(x: &mut [f32], known: &[f32], mask: &[f32], sigma: f64, seed: u64, stream: u64) {
-    let s = sigma as f32;
-    for_each_chunk(x, |start, chunk| {
-        let mut z = vec![0f32; chunk.len()];
-        fill_normal(seed, stream, start as u64, &mut z);
-        for (j, v) in chunk.iter_mut().enumerate() {
-            let m = mask[start + j];
-            *v = m * (known[start + j] + s * z[j]) + (1.0 - m) * *v;
         }
     });
 }
@@ -741,6 +607,91 @@ fn fused_update(
         first_bad
     });
     results.into_iter().flatten().next()
+}
+
+impl engine::Solver for SigmaSampler {
+    fn num_steps(&self) -> usize {
+        self.steps()
+    }
+    fn num_evaluations(&self) -> usize {
+        self.evaluations.len()
+    }
+    fn first_evaluation_of(&self, step: usize) -> Result<usize> {
+        SigmaSampler::first_evaluation_of(self, step)
+    }
+    fn new_state(&self, start: usize) -> SolverState {
+        SolverState::at(start)
+    }
+    fn init_noise_scale(&self) -> f64 {
+        self.init_noise_sigma()
+    }
+    /// x = x0 + σ z.
+    fn level_of_step(&self, step: usize) -> Result<(f64, f64)> {
+        if step >= self.steps() {
+            value_error!("start {step} is past the sampler's {} steps", self.steps());
+        }
+        Ok((1.0, self.grid.sigmas[step]))
+    }
+    fn churns(&self, k: usize) -> bool {
+        self.churn(k).1 > 0.0
+    }
+    fn churn(&self, k: usize, x: &mut [f32], seed: u64) {
+        let (_, std) = SigmaSampler::churn(self, k);
+        add_noise(x, std, Noise::Seeded(seed), SIGMA_NOISE_STREAM + k as u64);
+    }
+    fn model_time(&self, k: usize) -> (engine::ModelTime, f32) {
+        let e = self.evaluations[k];
+        let (sigma_hat, _) = SigmaSampler::churn(self, k);
+        let t = if sigma_hat == e.sigma {
+            e.timestep
+        } else {
+            self.grid.timestep_of(sigma_hat)
+        };
+        (
+            engine::ModelTime::Continuous(t),
+            self.model_input_scale(sigma_hat) as f32,
+        )
+    }
+    fn update(
+        &self,
+        k: usize,
+        x: &[f32],
+        shape: &[usize],
+        model_output: &super::ModelOutput,
+        state: &mut SolverState,
+        seed: u64,
+        check_finite: bool,
+        out: &mut [f32],
+        pred_x0: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let (sigma_hat, _) = SigmaSampler::churn(self, k);
+        SigmaSampler::update(
+            self,
+            k,
+            sigma_hat,
+            x,
+            shape,
+            &model_output.data,
+            &model_output.shape,
+            state,
+            Noise::Seeded(seed),
+            check_finite,
+            out,
+            pred_x0,
+        )
+    }
+    fn level_after(&self, k: usize) -> ((f64, f64), u64) {
+        let next = self.grid.sigmas[self.evaluations[k].step + 1];
+        ((1.0, next), SIGMA_INPAINT_STREAM + k as u64)
+    }
+    fn report(&self, k: usize) -> Option<engine::StepReport> {
+        let e = self.evaluations[k];
+        let last_of_step = self
+            .evaluations
+            .get(k + 1)
+            .is_none_or(|next| next.step != e.step);
+        last_of_step.then(|| engine::StepReport::Sigma(e.step, self.grid.sigmas[e.step + 1]))
+    }
 }
 
 #[cfg(test)]
