@@ -108,7 +108,9 @@ def diffusers_scheduler(cls, cfg, steps):
 def check_grid(ours, d, check_timesteps=True):
     np.testing.assert_allclose(np.asarray(ours.sigmas), d.sigmas.double().numpy(), rtol=2e-5)
     if check_timesteps:
-        np.testing.assert_allclose(np.asarray(ours.timesteps), d.timesteps.double().numpy(), rtol=1e-5, atol=2e-3)
+        np.testing.assert_allclose(
+            np.asarray(ours.timesteps), d.timesteps.double().numpy(), rtol=1e-5, atol=2e-3
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +124,9 @@ def test_euler_steps_match_diffusers(case):
     churn = case % 4 == 3
     # diffusers reads a v-prediction at σ but an ε one at the churned σ̂ (docs/differences.md):
     # churn is compared for ε and x0 models.
-    cfg = random_config(rng, predictions=("epsilon", "sample") if churn else ("epsilon", "v_prediction", "sample"))
+    cfg = random_config(
+        rng, predictions=("epsilon", "sample") if churn else ("epsilon", "v_prediction", "sample")
+    )
     cfg["final_sigmas_type"] = str(rng.choice(["zero", "sigma_min"]))
     steps = int(rng.integers(4, 12))
     d = diffusers_scheduler(EulerDiscreteScheduler, cfg, steps)
@@ -158,7 +162,9 @@ def test_euler_ancestral_steps_match_diffusers(case):
     for i, t in enumerate(d.timesteps):
         out = random_output(rng)
         noise = torch_noise(i)
-        ref = d.step(torch.from_numpy(out), t, torch.from_numpy(x), generator=torch.Generator().manual_seed(i))
+        ref = d.step(
+            torch.from_numpy(out), t, torch.from_numpy(x), generator=torch.Generator().manual_seed(i)
+        )
         res = ours.step(out, i, x, noise=noise)
         what = f"{cfg} step {i}"
         assert_close(res.pred_x0, ref.pred_original_sample.numpy(), what + " pred_x0", x=x)
@@ -212,7 +218,9 @@ def test_dpm_solver_steps_match_diffusers(case):
     cfg["euler_at_final"] = bool(rng.integers(2))
     cfg["final_sigmas_type"] = str(rng.choice(["zero", "sigma_min"]))
     steps = int(rng.choice([5, 8, 16, 20]))
-    if cfg["final_sigmas_type"] == "sigma_min" and (cfg["use_karras_sigmas"] or cfg["use_exponential_sigmas"]):
+    if cfg["final_sigmas_type"] == "sigma_min" and (
+        cfg["use_karras_sigmas"] or cfg["use_exponential_sigmas"]
+    ):
         # the grid already ends at σ_min: a last step of length 0, NaN in diffusers (0/0),
         # the identity in ferrodiff (test_dpm_solver_zero_length_last_step_is_the_identity)
         cfg["final_sigmas_type"] = "zero"
@@ -221,7 +229,8 @@ def test_dpm_solver_steps_match_diffusers(case):
     # diffusers truncates (int64 cast) the fractional timesteps of cosine/exponential grids
     # where ferrodiff rounds them (docs/differences.md); the σ levels agree in every case.
     exact_t = not (
-        cfg.get("use_exponential_sigmas") or (cfg.get("use_karras_sigmas") and "squaredcos" in cfg["beta_schedule"])
+        cfg.get("use_exponential_sigmas")
+        or (cfg.get("use_karras_sigmas") and "squaredcos" in cfg["beta_schedule"])
     )
     check_grid(ours, d, check_timesteps=exact_t)
     sig = np.asarray(ours.sigmas)
@@ -248,7 +257,13 @@ def test_dpm_solver_defaults_match_diffusers_defaults():
 
 
 @pytest.mark.parametrize(
-    "option", [{"use_lu_lambdas": True}, {"thresholding": True}, {"use_beta_sigmas": True}, {"timestep_type": "continuous"}]
+    "option",
+    [
+        {"use_lu_lambdas": True},
+        {"thresholding": True},
+        {"use_beta_sigmas": True},
+        {"timestep_type": "continuous"},
+    ],
 )
 def test_unsupported_diffusers_options_are_named(option):
     cfg = {"num_train_timesteps": 1000, **option}
@@ -263,7 +278,9 @@ def test_dpm_solver_zero_length_last_step_is_the_identity():
     ours = fd.DPMSolver.from_diffusers_config(cfg, steps=5, order=3, lower_order_final=False)
     sig = np.asarray(ours.sigmas)
     assert sig[-1] == sig[-2]
-    d = diffusers_scheduler(DPMSolverMultistepScheduler, dict(cfg, solver_order=3, lower_order_final=False), 5)
+    d = diffusers_scheduler(
+        DPMSolverMultistepScheduler, dict(cfg, solver_order=3, lower_order_final=False), 5
+    )
     rng = np.random.default_rng(0)
     state = ours.new_state()
     x = rng.standard_normal(SHAPE).astype(np.float32)

@@ -295,10 +295,12 @@ impl PySigmaSampler {
         self.schedule.clone()
     }
 
-    /// A fresh state for a hand-written loop of `step` calls.
-    fn new_state(&self) -> PySolverState {
+    /// A fresh state for a hand-written loop of `step` calls starting at model call `start`
+    /// (0, or the first call of an SDEdit run).
+    #[pyo3(signature = (start=0))]
+    fn new_state(&self, start: usize) -> PySolverState {
         PySolverState {
-            inner: self.inner.new_state(0),
+            inner: self.inner.new_state(start),
         }
     }
 

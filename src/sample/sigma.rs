@@ -343,6 +343,13 @@ impl SigmaGrid {
                 big_t - 1
             );
         }
+        // With nearest timesteps, levels placed at the timesteps sit exactly on trained ones.
+        let spaced: Vec<f64> = match (config.timestep_mode, config.sigmas) {
+            (TimestepMode::Nearest, SigmaSpacing::Timesteps) => {
+                spaced.iter().map(|t| t.round_ties_even()).collect()
+            }
+            _ => spaced,
+        };
         let at_steps: Vec<f64> = spaced.iter().map(|&t| sigma_at(t, &train)).collect();
         let (lo, hi) = match rule {
             // diffusers' multistep scheduler spans the whole trained range; Euler / Heun the
