@@ -176,7 +176,12 @@ def test_sampling_a_trained_model_runs_in_rust_with_labels_and_guidance(linear):
     assert x.shape == (4, 2) and np.all(np.isfinite(x))
     # the same model as a Python callable gives the same result
     ref = s.sample(
-        lambda x, t, lab: model(x, t, lab), (4, 2), seed=0, labels=y, guidance_scale=2.0, null_label=3
+        lambda x, t, lab: model(x, t, lab),  # noqa: PLW0108 (a callable, not the Model: the Python path)
+        (4, 2),
+        seed=0,
+        labels=y,
+        guidance_scale=2.0,
+        null_label=3,
     )
     np.testing.assert_allclose(x, ref, rtol=1e-4, atol=1e-5)
     # fractional timesteps reach the network's sinusoidal embedding directly
