@@ -294,3 +294,34 @@ def test_bad_step_and_sample_arguments(linear):
     # a callable that takes whole timesteps only says so itself when given fractional ones
     with pytest.raises(TypeError, match="integer timesteps"):
         fd.Euler(linear, 4).sample(fd.oracles.eight_gaussians().denoiser(linear), (2, 2))
+
+
+def test_dpm_adaptive_reports_its_evaluations_and_tighter_tolerances_cost_more(mixture):
+    s = fd.Schedule.linear(1000)
+    truth = [mixture.sample(N, seed=100 + i) for i in range(5)]
+    floor = max(abs(fd.oracles.energy_distance(truth[0], t)) for t in truth[1:])
+    den = mixture.denoiser(s)
+    loose = fd.DPMAdaptive(s, timestep_mode="nearest")
+    tight = fd.DPMAdaptive(s, timestep_mode="nearest", rtol=0.005, atol=0.0008)
+    x1, i1 = loose.sample(den, (N, 2), seed=5, return_info=True)
+    x2, i2 = tight.sample(den, (N, 2), seed=5, return_info=True)
+    assert i1["nfe"] == 3 * (i1["accepted"] + i1["rejected"]) + 1
+    assert i2["nfe"] > i1["nfe"] > 0
+    for x in (x1, x2):
+        assert fd.oracles.energy_distance(x, mixture.sample(N, seed=98)) < 3 * floor + 1e-3
+    assert isinstance(loose.sample(den, (4, 2), seed=5), np.ndarray)
+
+
+def test_dpm_adaptive_config_pickles_and_rejects_editing(linear):
+    a = fd.DPMAdaptive(linear, order=2, rtol=0.01)
+    b = pickle.loads(pickle.dumps(a))
+    assert b.to_dict() == a.to_dict() and b.sigma_max == a.sigma_max
+    np.testing.assert_array_equal(a.sample(affine_eps, (2, 3), seed=1), b.sample(affine_eps, (2, 3), seed=1))
+    with pytest.raises(ValueError, match="image="):
+        a.sample(affine_eps, image=np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="order"):
+        fd.DPMAdaptive(linear, order=4)
+    with pytest.raises(ValueError, match="rtol"):
+        fd.DPMAdaptive(linear, rtol=0.0, atol=0.0)
+    with pytest.raises(ValueError, match="schedule"):
+        fd.DPMAdaptive(None)

@@ -22,6 +22,7 @@ from ferrodiff import datasets, langevin, likelihood, losses, metrics, nn, noteb
 from ferrodiff._core import (
     DDIM,
     DDPM,
+    DPMAdaptive,
     DPMSolver,
     DynamicThreshold,
     Euler,
@@ -43,6 +44,7 @@ from ferrodiff._core import (
 __all__ = [
     "DDIM",
     "DDPM",
+    "DPMAdaptive",
     "DPMSolver",
     "DynamicThreshold",
     "Euler",

@@ -415,6 +415,63 @@ class DPMSolver(SigmaSampler):
         clip_sample: float | None = None,
     ) -> None: ...
 
+class DPMAdaptive:
+    def __init__(
+        self,
+        schedule: Schedule | None = None,
+        *,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        order: int = 3,
+        rtol: float = 0.05,
+        atol: float = 0.0078,
+        h_init: float = 0.05,
+        pcoeff: float = 0.0,
+        icoeff: float = 1.0,
+        dcoeff: float = 0.0,
+        accept_safety: float = 0.81,
+        eta: float = 0.0,
+        s_noise: float = 1.0,
+        denoise_to_zero: bool = True,
+        prediction: str = "epsilon",
+        timestep_mode: str = "interpolate",
+        sigma_data: float = 0.5,
+    ) -> None: ...
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DPMAdaptive: ...
+    @property
+    def sigma_min(self) -> float: ...
+    @property
+    def sigma_max(self) -> float: ...
+    @property
+    def init_noise_sigma(self) -> float: ...
+    @property
+    def schedule(self) -> Schedule | None: ...
+    def sample(
+        self,
+        denoiser: Denoiser,
+        shape: Sequence[int] | None = None,
+        *,
+        x_T: ArrayLike | None = None,
+        seed: int | None = 0,
+        progress: bool = False,
+        callback: Callable[[int, float, F32, F32 | None], Any] | None = None,
+        check_finite: bool = True,
+        labels: Timesteps | None = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        null_label: int | None = None,
+        image: ArrayLike | None = None,
+        strength: float = 1.0,
+        mask: ArrayLike | None = None,
+        classifier: Classifier | Callable[[F32, I64, I64], ArrayLike] | None = None,
+        classifier_scale: float = 1.0,
+        context: ArrayLike | None = None,
+        return_info: bool = False,
+    ) -> Any: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    def __reduce__(self) -> Any: ...
+
 class GaussianMixture:
     def __init__(self, weights: ArrayLike, means: ArrayLike, stds: ArrayLike) -> None: ...
     @property

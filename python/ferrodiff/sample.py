@@ -7,6 +7,7 @@ DPMSolver), which share the base class :class:`SigmaSampler`.
 from ferrodiff._core import (
     DDIM,
     DDPM,
+    DPMAdaptive,
     DPMSolver,
     DynamicThreshold,
     Euler,
@@ -21,6 +22,7 @@ from ferrodiff._core import (
 __all__ = [
     "DDIM",
     "DDPM",
+    "DPMAdaptive",
     "DPMSolver",
     "DynamicThreshold",
     "Euler",

@@ -633,7 +633,7 @@ pub(crate) fn pred_x0_out_arg<'py>(
 }
 
 /// The starting x_T and its shape from `shape` / `x_T`.
-fn initial_noise(
+pub(crate) fn initial_noise(
     py: Python<'_>,
     shape: Option<Vec<usize>>,
     x_t: Option<&Bound<'_, PyAny>>,
@@ -667,6 +667,49 @@ fn initial_noise(
         }
         (None, None) => Err(PyValueError::new_err("sample() needs shape= or x_T=")),
     }
+}
+
+/// The denoiser of a `sample` call: the model or callable with its labels, context,
+/// classifier-free guidance and, with `classifier`, classifier guidance for `sampler`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn guided_denoiser<'a, 'py: 'a, S: sample::ClassifierFactor + ?Sized>(
+    sampler: &'a S,
+    denoiser: &Bound<'py, PyAny>,
+    labels: Option<&Bound<'py, PyAny>>,
+    context: Option<&Bound<'py, PyAny>>,
+    guidance: GuidanceArgs,
+    classifier: Option<&Bound<'py, PyAny>>,
+    classifier_scale: f64,
+    batch: usize,
+) -> PyResult<Box<dyn Denoiser + 'a>> {
+    let py = denoiser.py();
+    Ok(match classifier {
+        None => denoiser_for(denoiser, labels, context, guidance, batch)?,
+        Some(clf) => {
+            let Some(l) = labels else {
+                return Err(PyValueError::new_err(
+                    "classifier= needs labels= (the classes to guide towards)",
+                ));
+            };
+            let y = timesteps_arg(l, batch)
+                .map_err(|e| PyValueError::new_err(format!("labels: {}", e.value(py))))?;
+            // The denoiser sees the labels only when classifier-free guidance is also on.
+            let model_labels = if guidance.scale.is_some() {
+                Some(l)
+            } else {
+                None
+            };
+            let inner = denoiser_for(denoiser, model_labels, context, guidance, batch)?;
+            let classifier = super::nn::grad_fn_for(clf, &y)?;
+            Box::new(sample::ClassifierGuided {
+                inner,
+                classifier,
+                sampler,
+                labels: y,
+                scale: classifier_scale,
+            })
+        }
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -753,33 +796,16 @@ pub(crate) fn sample_impl<'py, S: sample::engine::Solver + sample::ClassifierFac
             Some((img.clone(), v))
         }
     };
-    let mut d = match edit.classifier {
-        None => denoiser_for(denoiser, labels, edit.context, guidance, sh[0])?,
-        Some(clf) => {
-            let Some(l) = labels else {
-                return Err(PyValueError::new_err(
-                    "classifier= needs labels= (the classes to guide towards)",
-                ));
-            };
-            let y = timesteps_arg(l, sh[0])
-                .map_err(|e| PyValueError::new_err(format!("labels: {}", e.value(py))))?;
-            // The denoiser sees the labels only when classifier-free guidance is also on.
-            let model_labels = if guidance.scale.is_some() {
-                Some(l)
-            } else {
-                None
-            };
-            let inner = denoiser_for(denoiser, model_labels, edit.context, guidance, sh[0])?;
-            let classifier = super::nn::grad_fn_for(clf, &y)?;
-            Box::new(sample::ClassifierGuided {
-                inner,
-                classifier,
-                sampler,
-                labels: y,
-                scale: edit.classifier_scale,
-            }) as Box<dyn Denoiser + '_>
-        }
-    };
+    let mut d = guided_denoiser(
+        sampler,
+        denoiser,
+        labels,
+        edit.context,
+        guidance,
+        edit.classifier,
+        edit.classifier_scale,
+        sh[0],
+    )?;
     let mut hooks = PyHooks::new(py, steps - start, progress, callback, &sh, desc)?;
     let edit = sample::Edit {
         start,

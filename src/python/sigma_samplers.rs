@@ -10,12 +10,16 @@ use pyo3::PyClassInitializer;
 use serde_json::Value;
 
 use super::arrays::{batch_of, f32_array, new_f32, type_name};
-use super::samplers::{fresh_seed, sample_impl, EditArgs, GuidanceArgs, StepOutput};
+use super::samplers::{
+    fresh_seed, guided_denoiser, initial_noise, sample_impl, EditArgs, GuidanceArgs, PyHooks,
+    StepOutput,
+};
 use super::schedule::{config_json, PySchedule};
 use crate::diffusion::Prediction;
 use crate::kernels::Noise;
 use crate::sample::ode::{
-    Churn, DpmAlgorithm, DpmSolverConfig, Method, SigmaSampler, SolverState, SolverType,
+    sample_adaptive, AdaptiveConfig, Churn, DpmAlgorithm, DpmSolverConfig, Method, SigmaSampler,
+    SolverState, SolverType,
 };
 use crate::sample::sigma::{
     FinalSigma, GridConfig, Parameterization, SigmaGrid, SigmaSpacing, TimestepMode, TimestepRule,
@@ -901,7 +905,258 @@ impl PyDpmSolver {
     }
 }
 
+/// Error-controlled DPM-Solver (Lu et al. 2022; k-diffusion's `dpm_adaptive`): DPM-Solver-23
+/// (`order=3`) or -12 (`order=2`) steps in λ = −ln σ from `sigma_max` to `sigma_min`, sized by a
+/// PID controller so that the two solutions of each step agree within max(atol, rtol |x|);
+/// `eta > 0` adds ancestral noise. The number of model evaluations follows from the
+/// tolerances: `sample(..., return_info=True)` reports it. There is no fixed grid, so there is
+/// no `step` and no image editing (use a fixed-step sampler for those).
+#[pyclass(name = "DPMAdaptive", module = "ferrodiff", frozen)]
+pub struct PyDpmAdaptive {
+    config: AdaptiveConfig,
+    grid: SigmaGrid,
+    schedule: Option<PySchedule>,
+    kwargs: Py<PyDict>,
+}
+
+#[pymethods]
+impl PyDpmAdaptive {
+    #[new]
+    #[pyo3(signature = (schedule=None, *, sigma_min=None, sigma_max=None, order=3, rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81, eta=0.0, s_noise=1.0, denoise_to_zero=true, prediction="epsilon", timestep_mode="interpolate", sigma_data=EDM_SIGMA_DATA))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        schedule: Option<PyRef<'_, PySchedule>>,
+        sigma_min: Option<f64>,
+        sigma_max: Option<f64>,
+        order: u8,
+        rtol: f64,
+        atol: f64,
+        h_init: f64,
+        pcoeff: f64,
+        icoeff: f64,
+        dcoeff: f64,
+        accept_safety: f64,
+        eta: f64,
+        s_noise: f64,
+        denoise_to_zero: bool,
+        prediction: &str,
+        timestep_mode: &str,
+        sigma_data: f64,
+    ) -> PyResult<Self> {
+        let param = parameterization(prediction, sigma_data)?;
+        let mode = TimestepMode::parse(timestep_mode)?;
+        let sched = schedule.as_deref().map(|s| &s.inner);
+        // The range: the schedule's trained σ (a discrete model) or EDM's.
+        let (lo, hi) = match (param, sched) {
+            (Parameterization::Discrete(_), Some(s)) => {
+                let sig = crate::sample::sigma::schedule_sigmas(s);
+                (sig[0], sig[sig.len() - 1])
+            }
+            (Parameterization::Discrete(_), None) => {
+                return Err(PyValueError::new_err(format!(
+                    "prediction={prediction:?} needs the model's schedule (or prediction='edm' / 'denoised')"
+                )))
+            }
+            (_, Some(_)) => {
+                return Err(PyValueError::new_err(format!(
+                    "prediction={prediction:?} is a continuous-σ model: pass schedule=None"
+                )))
+            }
+            (_, None) => (crate::sample::sigma::EDM_SIGMA_MIN, crate::sample::sigma::EDM_SIGMA_MAX),
+        };
+        let config = AdaptiveConfig {
+            sigma_min: sigma_min.unwrap_or(lo),
+            sigma_max: sigma_max.unwrap_or(hi),
+            order,
+            rtol,
+            atol,
+            h_init,
+            pcoeff,
+            icoeff,
+            dcoeff,
+            accept_safety,
+            eta,
+            s_noise,
+            denoise_to_zero,
+        };
+        config.check()?;
+        let grid =
+            SigmaGrid::explicit(vec![config.sigma_max, config.sigma_min], sched, mode, param)?;
+        let kw = PyDict::new(py);
+        kw.set_item("sigma_min", config.sigma_min)?;
+        kw.set_item("sigma_max", config.sigma_max)?;
+        kw.set_item("order", order)?;
+        kw.set_item("rtol", rtol)?;
+        kw.set_item("atol", atol)?;
+        kw.set_item("h_init", h_init)?;
+        kw.set_item("pcoeff", pcoeff)?;
+        kw.set_item("icoeff", icoeff)?;
+        kw.set_item("dcoeff", dcoeff)?;
+        kw.set_item("accept_safety", accept_safety)?;
+        kw.set_item("eta", eta)?;
+        kw.set_item("s_noise", s_noise)?;
+        kw.set_item("denoise_to_zero", denoise_to_zero)?;
+        kw.set_item("prediction", prediction)?;
+        kw.set_item("timestep_mode", mode.name())?;
+        kw.set_item("sigma_data", sigma_data)?;
+        Ok(PyDpmAdaptive {
+            config,
+            grid,
+            schedule: schedule.as_deref().cloned(),
+            kwargs: kw.unbind(),
+        })
+    }
+
+    #[getter]
+    fn sigma_min(&self) -> f64 {
+        self.config.sigma_min
+    }
+    #[getter]
+    fn sigma_max(&self) -> f64 {
+        self.config.sigma_max
+    }
+    /// The std of a fresh x: σ_max.
+    #[getter]
+    fn init_noise_sigma(&self) -> f64 {
+        self.config.sigma_max
+    }
+    #[getter]
+    fn schedule(&self) -> Option<PySchedule> {
+        self.schedule.clone()
+    }
+
+    /// Runs the adaptive solver (arguments as `DDIM.sample`; image editing is not available).
+    /// With `return_info=True` returns `(x, info)`, info holding `nfe` (model evaluations),
+    /// `accepted` and `rejected` steps. `callback(i, sigma, x, None)` runs after each accepted
+    /// step; the progress bar counts accepted steps.
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, classifier=None, classifier_scale=1.0, context=None, return_info=false))]
+    #[allow(clippy::too_many_arguments, non_snake_case)]
+    fn sample<'py>(
+        &self,
+        py: Python<'py>,
+        denoiser: &Bound<'py, PyAny>,
+        shape: Option<Vec<i64>>,
+        x_T: Option<&Bound<'py, PyAny>>,
+        seed: Option<u64>,
+        progress: bool,
+        callback: Option<Bound<'py, PyAny>>,
+        check_finite: bool,
+        labels: Option<&Bound<'py, PyAny>>,
+        guidance_scale: Option<f64>,
+        guidance_rescale: f64,
+        null_label: Option<i64>,
+        image: Option<&Bound<'py, PyAny>>,
+        strength: f64,
+        mask: Option<&Bound<'py, PyAny>>,
+        classifier: Option<&Bound<'py, PyAny>>,
+        classifier_scale: f64,
+        context: Option<&Bound<'py, PyAny>>,
+        return_info: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if image.is_some() || mask.is_some() || strength != 1.0 {
+            return Err(PyValueError::new_err(
+                "DPMAdaptive has no fixed grid to start part-way or to blend an inpainting into: use Euler, Heun or DPMSolver for image=, strength= and mask=",
+            ));
+        }
+        if let Some(cb) = &callback {
+            if !cb.is_callable() {
+                return Err(PyTypeError::new_err(
+                    "callback must be callable as callback(i, sigma, x, pred_x0)",
+                ));
+            }
+        }
+        let seed = seed.unwrap_or_else(fresh_seed);
+        let shape = shape
+            .map(|s| super::arrays::shape_arg(s, "shape"))
+            .transpose()?;
+        let (x, sh) = initial_noise(py, shape, x_T, seed, self.config.sigma_max)?;
+        let guidance = GuidanceArgs {
+            scale: guidance_scale,
+            rescale: guidance_rescale,
+            null_label,
+        };
+        let mut d = guided_denoiser(
+            &self.grid,
+            denoiser,
+            labels,
+            context,
+            guidance,
+            classifier,
+            classifier_scale,
+            sh[0],
+        )?;
+        // The number of accepted steps is not known in advance; the bar counts them.
+        let mut hooks = PyHooks::new(py, 0, progress, callback, &sh, "DPMAdaptive")?;
+        let r = sample_adaptive(
+            &self.config,
+            &self.grid,
+            d.as_mut(),
+            x,
+            &sh,
+            seed,
+            check_finite,
+            &mut hooks,
+        );
+        hooks.close();
+        let (x, info) = r?;
+        let x = super::arrays::vec_to_array(py, x, &sh)?.into_any();
+        if !return_info {
+            return Ok(x);
+        }
+        let i = PyDict::new(py);
+        i.set_item("nfe", info.nfe)?;
+        i.set_item("accepted", info.accepted)?;
+        i.set_item("rejected", info.rejected)?;
+        Ok((x, i).into_pyobject(py)?.into_any())
+    }
+
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("type", "DPMAdaptive")?;
+        match &self.schedule {
+            Some(s) => d.set_item("schedule", s.to_dict(py)?)?,
+            None => d.set_item("schedule", py.None())?,
+        }
+        d.update(self.kwargs.bind(py).as_mapping())?;
+        Ok(d)
+    }
+
+    #[classmethod]
+    fn from_dict<'py>(
+        cls: &Bound<'py, PyType>,
+        d: &Bound<'py, PyDict>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let kw = d.copy()?;
+        let _ = kw.del_item("type");
+        if let Some(sd) = kw.get_item("schedule")? {
+            if let Ok(sd) = sd.cast::<PyDict>() {
+                kw.set_item("schedule", PySchedule::from_dict(sd)?)?;
+            }
+        }
+        cls.call((), Some(&kw))
+    }
+
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyDict>,))> {
+        Ok((
+            slf.get_type().getattr("from_dict")?,
+            (slf.get().to_dict(slf.py())?,),
+        ))
+    }
+
+    fn __repr__(&self) -> String {
+        let c = &self.config;
+        format!(
+            "DPMAdaptive(order={}, rtol={}, atol={}, sigma_min={}, sigma_max={}, eta={})",
+            c.order, c.rtol, c.atol, c.sigma_min, c.sigma_max, c.eta
+        )
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyDpmAdaptive>()?;
     m.add_class::<PySolverState>()?;
     m.add_class::<PySigmaSampler>()?;
     m.add_class::<PyEuler>()?;

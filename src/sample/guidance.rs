@@ -214,18 +214,30 @@ impl<S: super::Sampler + ?Sized> ClassifierFactor for S {
     }
 }
 
-impl ClassifierFactor for super::ode::SigmaSampler {
+impl ClassifierFactor for super::sigma::SigmaGrid {
     fn prediction(&self) -> Option<crate::diffusion::Prediction> {
-        super::ode::SigmaSampler::prediction(self)
+        match self.parameterization {
+            super::sigma::Parameterization::Discrete(p) => Some(p),
+            _ => None,
+        }
     }
     /// The ε form: √(1 − ᾱ_t) = σ_t/√(σ_t² + 1).
     fn classifier_guidance_factor(&self, t: i64) -> Result<f64> {
-        let logs = &self.grid.log_sigmas;
+        let logs = &self.log_sigmas;
         if t < 0 || t as usize >= logs.len() {
             value_error!("timestep {t} is outside the schedule's [0, {})", logs.len());
         }
         let sigma = logs[t as usize].exp();
         Ok(sigma / (sigma * sigma + 1.0).sqrt())
+    }
+}
+
+impl ClassifierFactor for super::ode::SigmaSampler {
+    fn prediction(&self) -> Option<crate::diffusion::Prediction> {
+        self.grid.prediction()
+    }
+    fn classifier_guidance_factor(&self, t: i64) -> Result<f64> {
+        self.grid.classifier_guidance_factor(t)
     }
 }
 

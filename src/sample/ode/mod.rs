@@ -13,10 +13,12 @@
 //! generator (the element index is the counter), so a run is a pure function of its seed and
 //! identical for any thread count.
 
+mod adaptive;
 mod dpm_solver;
 mod euler;
 mod heun;
 
+pub use adaptive::{sample_adaptive, AdaptiveConfig, AdaptiveInfo};
 pub use dpm_solver::{DpmAlgorithm, DpmSolverConfig, SolverType};
 
 use super::denoiser::{Edit, LoopHooks};

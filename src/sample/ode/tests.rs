@@ -1,6 +1,7 @@
 use super::*;
 use crate::oracles::{energy_distance, GaussianMixture, SigmaMixtureDenoiser};
 use crate::sample::denoiser::NoHooks;
+use crate::sample::ode::{sample_adaptive, AdaptiveConfig, AdaptiveInfo};
 use crate::sample::sigma::{FinalSigma, GridConfig, SigmaSpacing, TimestepMode};
 use crate::sample::{randn, INITIAL_NOISE_STREAM};
 
@@ -306,4 +307,118 @@ fn grid_with_timestep_mode_nearest_gives_integral_timesteps() {
     )
     .unwrap();
     assert!(g.timesteps.iter().all(|t| t.fract() == 0.0));
+}
+
+fn adaptive(
+    config: AdaptiveConfig,
+    x_t: &[f32],
+    mixture: &GaussianMixture,
+) -> (Vec<f32>, AdaptiveInfo) {
+    let grid = SigmaGrid::explicit(
+        vec![config.sigma_max, config.sigma_min],
+        None,
+        TimestepMode::Interpolate,
+        Parameterization::Denoised,
+    )
+    .unwrap();
+    let mut d = SigmaMixtureDenoiser { mixture };
+    let n = x_t.len() / 2;
+    sample_adaptive(
+        &config,
+        &grid,
+        &mut d,
+        x_t.to_vec(),
+        &[n, 2],
+        0,
+        true,
+        &mut NoHooks,
+    )
+    .unwrap()
+}
+
+#[test]
+fn adaptive_solver_meets_tighter_tolerances_with_more_evaluations() {
+    let mixture = ring(4, 1.0, 0.3);
+    let n = 256;
+    let x_t: Vec<f32> = randn(2 * n, 7, INITIAL_NOISE_STREAM)
+        .iter()
+        .map(|v| v * 80.0)
+        .collect();
+    let reference = run(Method::Heun { churn: Churn::NONE }, 2000, &x_t, &mixture, 0);
+    let mut last = (f64::INFINITY, 0usize);
+    for (order, rtol, atol) in [
+        (3u8, 0.05, 0.0078),
+        (3, 0.005, 0.00078),
+        (3, 0.0005, 0.000078),
+        (2, 0.005, 0.00078),
+    ] {
+        let config = AdaptiveConfig {
+            order,
+            rtol,
+            atol,
+            ..Default::default()
+        };
+        let (x, info) = adaptive(config, &x_t, &mixture);
+        let err = rms(&x, &reference);
+        assert_eq!(
+            info.nfe,
+            info.accepted * order as usize + info.rejected * order as usize + 1,
+            "{info:?}"
+        );
+        if order == 3 {
+            assert!(
+                err < last.0 && info.nfe > last.1,
+                "rtol {rtol}: error {err}, {info:?}, before {last:?}"
+            );
+            last = (err, info.nfe);
+        }
+        // every setting tracks the ODE's solution closely
+        assert!(err < 0.05, "order {order} rtol {rtol}: {err}");
+    }
+    assert!(last.0 < 2e-3, "{last:?}");
+}
+
+#[test]
+fn adaptive_solver_with_eta_samples_the_mixture() {
+    let mixture = ring(8, 2.0, 0.15);
+    let n = 1500;
+    let fl = floor(&mixture, n);
+    let x_t: Vec<f32> = randn(2 * n, 3, INITIAL_NOISE_STREAM)
+        .iter()
+        .map(|v| v * 80.0)
+        .collect();
+    let config = AdaptiveConfig {
+        eta: 1.0,
+        rtol: 0.02,
+        atol: 0.003,
+        ..Default::default()
+    };
+    let (x, info) = adaptive(config, &x_t, &mixture);
+    let d = energy_distance(&x, n, &mixture.sample(n, 99), n, 2).unwrap();
+    assert!(d < 2.0 * fl + 1e-3, "{d} vs {fl}, {info:?}");
+}
+
+#[test]
+fn adaptive_settings_are_checked() {
+    for bad in [
+        AdaptiveConfig {
+            order: 1,
+            ..Default::default()
+        },
+        AdaptiveConfig {
+            rtol: 0.0,
+            atol: 0.0,
+            ..Default::default()
+        },
+        AdaptiveConfig {
+            sigma_min: 0.0,
+            ..Default::default()
+        },
+        AdaptiveConfig {
+            h_init: -1.0,
+            ..Default::default()
+        },
+    ] {
+        assert!(bad.check().is_err(), "{bad:?}");
+    }
 }
