@@ -99,10 +99,47 @@ def check_guidance(results: dict) -> None:
     assert results["inpainting"]["known_region_kept"] is True, results["inpainting"]
 
 
+def check_fast_sampling(results: dict) -> None:
+    assert results["fast"] is True
+    frechet = results["frechet"]  # sampler -> {model evaluations: distance}, the default (Karras) grid
+    budgets = {"5", "10", "20", "50"}
+    assert set(frechet["Heun"]) == {"5", "9", "19", "49"}, frechet["Heun"]  # 2N - 1 calls for N steps
+    for name, row in frechet.items():
+        assert name == "Heun" or set(row) == budgets, (name, row)
+        assert all(math.isfinite(v) and v > 0 for v in row.values()), (name, row)
+    assert math.isfinite(frechet["DDIM"]["50"]) and math.isfinite(frechet["DPM-Solver++ 2M"]["10"]), frechet
+    grid = results["frechet_by_grid"]["timesteps"]
+    for name, row in grid.items():
+        assert all(math.isfinite(v) for v in row.values()), (name, row)
+    ddim, sde = frechet["DDIM"], frechet["DPM-Solver++ 2M SDE"]
+    deterministic_at_50 = [ddim["50"]] + [
+        frechet[name][max(frechet[name], key=int)]
+        for name in ("Euler", "Heun", "DPM-Solver++ 2M", "DPM-Solver++ 3M")
+    ]
+    # Beyond 10-20 NFE the deterministic solvers agree (the model, not the solver, sets the score)
+    # and the SDE sampler beats all of them (fast mode: 0.78 of DDIM-50; full run: 0.78).
+    assert max(deterministic_at_50) < 1.25 * ddim["50"], frechet
+    assert sde["50"] < 0.9 * min(deterministic_at_50), frechet
+    assert grid["DPM-Solver++ 2M SDE"]["10"] < 0.9 * ddim["10"], (grid, ddim)
+    assert frechet["Euler"]["50"] < frechet["Euler"]["5"], frechet["Euler"]
+    # At 5 NFE the grid decides: on the timestep grid 3M beats DDIM, on the Karras grid 2M fails;
+    # Heun with 3 and 5 steps fails.
+    assert grid["DPM-Solver++ 3M"]["5"] < ddim["5"], (grid, ddim)
+    assert frechet["DPM-Solver++ 2M"]["5"] > 2 * grid["DPM-Solver++ 2M"]["5"], (frechet, grid)
+    assert frechet["Heun"]["5"] > 5 * frechet["Euler"]["5"], frechet
+    # Distance to the ODE's solution: Euler is first order, 2M and 3M converge much faster.
+    ode = results["ode_error"]
+    assert 1.6 < ode["Euler"]["50"] / ode["Euler"]["100"] < 2.5, ode
+    assert ode["DPM-Solver++ 2M"]["50"] < ode["Euler"]["50"] / 4, ode
+    assert ode["DPM-Solver++ 3M"]["50"] < ode["Euler"]["50"] / 4, ode
+    assert results["euler_ddim_gap"] < 1e-2, results["euler_ddim_gap"]
+
+
 CHECKS = {
     "01_quickstart.ipynb": check_quickstart,
     "02_samplers.ipynb": check_samplers,
     "03_guidance.ipynb": check_guidance,
+    "04_fast_sampling.ipynb": check_fast_sampling,
 }
 
 

@@ -472,6 +472,26 @@ class DPMAdaptive:
     def to_dict(self) -> dict[str, Any]: ...
     def __reduce__(self) -> Any: ...
 
+def ode_bits_per_dim(
+    model: Any,
+    schedule: Schedule | None,
+    x0: ArrayLike,
+    *,
+    labels: Timesteps | None = None,
+    prediction: str = "epsilon",
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    data_variance: float | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    dequantize: bool = False,
+    seed: int = 0,
+    timestep_mode: str = "interpolate",
+    sigma_data: float = 0.5,
+    delta: float = 0.001,
+    return_info: bool = False,
+) -> Any: ...
+
 class GaussianMixture:
     def __init__(self, weights: ArrayLike, means: ArrayLike, stds: ArrayLike) -> None: ...
     @property

@@ -5,6 +5,7 @@
 pub mod act;
 pub mod attention;
 pub mod classifier;
+pub mod flow;
 pub mod kernels;
 pub mod layers;
 pub mod linear;

@@ -6,6 +6,7 @@ mod langevin;
 mod losses;
 mod metrics;
 mod nn;
+mod ode_likelihood;
 mod oracles;
 mod samplers;
 mod schedule;
@@ -80,6 +81,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     schedule::register(m)?;
     samplers::register(m)?;
     sigma_samplers::register(m)?;
+    ode_likelihood::register(m)?;
     oracles::register(m)?;
     losses::register(m)?;
     langevin::register(m)?;

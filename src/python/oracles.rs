@@ -15,7 +15,7 @@ use crate::sample::Denoiser;
 /// p(k | x_t). `means` is [K, D]; `weights` and `stds` are [K].
 #[pyclass(name = "GaussianMixture", module = "ferrodiff.oracles", frozen)]
 pub struct PyGaussianMixture {
-    inner: GaussianMixture,
+    pub(crate) inner: GaussianMixture,
 }
 
 fn rows_2d(x: &Bound<'_, PyAny>, name: &str, dim: usize) -> PyResult<(Vec<f32>, Vec<usize>)> {

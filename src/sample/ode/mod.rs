@@ -17,6 +17,7 @@ mod adaptive;
 mod dpm_solver;
 mod euler;
 mod heun;
+pub mod likelihood;
 
 pub use adaptive::{sample_adaptive, AdaptiveConfig, AdaptiveInfo};
 pub use dpm_solver::{DpmAlgorithm, DpmSolverConfig, SolverType};

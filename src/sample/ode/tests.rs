@@ -422,3 +422,73 @@ fn adaptive_settings_are_checked() {
         assert!(bad.check().is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn ode_likelihood_of_the_mixture_equals_its_true_log_density() {
+    use crate::sample::ode::likelihood::{ode_log_likelihood, MixtureFlow, OdeLikelihoodConfig};
+    let mixture = ring(8, 2.0, 0.15);
+    let pts = mixture.sample(64, 3);
+    let x: Vec<f64> = pts.iter().map(|&v| v as f64).collect();
+    let config = OdeLikelihoodConfig {
+        sigma_min: 0.002,
+        sigma_max: 80.0,
+        data_variance: 4.0, // the ring's radius², the spread of its means
+        rtol: 1e-5,
+        atol: 1e-5,
+    };
+    let (ll, info) = ode_log_likelihood(
+        &mut MixtureFlow { mixture: &mixture },
+        &x,
+        64,
+        &config,
+        |_| Ok(()),
+    )
+    .unwrap();
+    let truth = mixture.log_density(&x, 0.002);
+    let mean_truth = truth.iter().sum::<f64>() / 64.0;
+    let mean_ll = ll.iter().sum::<f64>() / 64.0;
+    assert!(
+        (mean_ll - mean_truth).abs() < 0.01 * mean_truth.abs(),
+        "{mean_ll} vs {mean_truth}, {info:?}"
+    );
+    for (a, b) in ll.iter().zip(&truth) {
+        assert!((a - b).abs() < 0.02 * b.abs().max(1.0), "{a} vs {b}");
+    }
+    assert!(info.nfe > 10 && info.rejected < info.accepted);
+}
+
+#[test]
+fn hutchinson_by_differences_is_unbiased_for_the_mixture() {
+    use crate::sample::ode::likelihood::{
+        rademacher, FiniteDifferenceFlow, FlowField, MixtureFlow,
+    };
+    let mixture = ring(4, 1.0, 0.3);
+    let x: Vec<f64> = mixture.sample(1, 4).iter().map(|&v| v as f64).collect();
+    let (_, exact) = MixtureFlow { mixture: &mixture }.field(&x, 0.7).unwrap();
+    let mut den = |xs: &[f32], sigma: f64| -> Result<Vec<f32>> {
+        let mut out = vec![0f32; xs.len()];
+        SigmaMixtureDenoiser { mixture: &mixture }.denoise(
+            xs,
+            &vec![sigma; xs.len() / 2],
+            &mut out,
+        );
+        Ok(out)
+    };
+    let mut total = 0.0;
+    let probes_n = 400;
+    for seed in 0..probes_n {
+        let mut flow = FiniteDifferenceFlow {
+            denoise: &mut den,
+            probes: rademacher(2, seed),
+            delta: 1e-2,
+            dim: 2,
+        };
+        total += flow.field(&x, 0.7).unwrap().1[0];
+    }
+    let mean = total / probes_n as f64;
+    assert!(
+        (mean - exact[0]).abs() < 0.05 * exact[0].abs().max(1.0),
+        "{mean} vs {}",
+        exact[0]
+    );
+}
