@@ -17,6 +17,10 @@ Cases, per shape:
   ddpm_noise   DDPM fixed_small with seeded noise
 plus np.copyto(dst, src) as the memory-bandwidth reference and the Gaussian generator alone.
 
+The σ-space samplers (`--only sigma` runs just them) are timed per model evaluation on the
+headline shape against ferrodiff's own DDIM.step (the overhead target: no more per step than
+DDIM) and against the matching diffusers scheduler's step, each checked equal first.
+
 `--threads N` sets RAYON_NUM_THREADS (ferrodiff) before ferrodiff is imported and
 torch.set_num_threads(N); compare thread counts by running the script once per count.
 """
@@ -54,6 +58,7 @@ def _parse_args(argv=None):
         help="run the 64M-element case (64, 1024, 1024) (default unless --quick; ~2.5 GB of RAM)",
     )
     large.add_argument("--no-large", dest="large", action="store_false", help="skip the 64M-element case")
+    p.add_argument("--only", choices=["sigma"], default=None, help="run only the σ-space samplers' table")
     p.add_argument(
         "--min-time",
         type=float,
@@ -561,6 +566,116 @@ def _busy_warning(snap0, when):
         print(f"({when}: other processes used {other:.2f} cores on average, steal {steal:.2f})")
 
 
+# ----------------------------------------------------------------------------------------------
+# σ-space samplers
+# ----------------------------------------------------------------------------------------------
+
+SIGMA_STEPS = 20
+
+
+def bench_sigma(shape):
+    """Per model call of a whole 20-step run: each σ sampler's hand loop of `.step` (fixed model
+    output, seeded or given noise) against ferrodiff's DDIM loop and the matching diffusers
+    scheduler's loop, after checking that the two libraries' final samples agree."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        HeunDiscreteScheduler,
+    )
+
+    rng = np.random.default_rng(0)
+    cfg = {
+        "num_train_timesteps": T,
+        "beta_start": BETA_START,
+        "beta_end": BETA_END,
+        "beta_schedule": "linear",
+    }
+    eps = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    noise = rng.standard_normal(shape).astype(np.float32)
+    x0 = rng.standard_normal(shape).astype(np.float32)
+    epst, noiset = torch.from_numpy(eps), torch.from_numpy(noise)
+
+    def ours_loop(sampler, scale=1.0):
+        state = sampler.new_state()
+        x = x0 * np.float32(scale)
+        for i in range(sampler.num_evaluations):
+            x = sampler.step(eps, i, x, state=state, noise=noise).prev_sample
+        return x
+
+    def diffusers_loop(d, extra):
+        d.set_timesteps(SIGMA_STEPS)
+        x = torch.from_numpy(x0) * float(d.init_noise_sigma)
+        for t in d.timesteps:
+            x = d.step(epst, t, x, **extra).prev_sample
+        return x
+
+    ddim = fd.DDIM(fd.Schedule.linear(T, BETA_START, BETA_END), steps=SIGMA_STEPS)
+
+    def ddim_loop():
+        x = x0
+        for t in ddim.timesteps:
+            x = ddim.step(eps, int(t), x, noise=noise).prev_sample
+        return x
+
+    d_ddim = DDIMScheduler.from_config(cfg)
+    (t_ddim, _), (t_ddim_diff, _) = measure(
+        [ddim_loop, lambda: diffusers_loop(d_ddim, {})], min_reps=3, max_time=MIN_TIME * 10
+    )
+    base = t_ddim / SIGMA_STEPS
+    rows = [
+        [
+            "DDIM (reference)",
+            fmt_time(base, "ms"),
+            "1.00",
+            fmt_time(t_ddim_diff / SIGMA_STEPS, "ms"),
+            f"{t_ddim_diff / t_ddim:.1f}x",
+        ]
+    ]
+    cases = [
+        ("Euler", fd.Euler, EulerDiscreteScheduler, {}, {}),
+        ("EulerAncestral", fd.EulerAncestral, EulerAncestralDiscreteScheduler, {}, {"generator": None}),
+        ("Heun", fd.Heun, HeunDiscreteScheduler, {}, {}),
+        ("DPMSolver 2M", fd.DPMSolver, DPMSolverMultistepScheduler, {}, {}),
+        (
+            "DPMSolver SDE 2M",
+            fd.DPMSolver,
+            DPMSolverMultistepScheduler,
+            {"algorithm_type": "sde-dpmsolver++"},
+            {"variance_noise": noiset},
+        ),
+        ("DPMSolver 3M", fd.DPMSolver, DPMSolverMultistepScheduler, {"solver_order": 3}, {}),
+    ]
+    for name, kind, cls, extra_cfg, extra_step in cases:
+        c = dict(cfg, **extra_cfg)
+        ours = kind.from_diffusers_config(c, steps=SIGMA_STEPS)
+        d = cls.from_config(c)
+        if name == "Euler" or name == "Heun" or name.startswith("DPMSolver 2M") or name == "DPMSolver 3M":
+            # diffusers' DPM-Solver holds α x (x0 + σ z scaled by α = 1/√(σ²+1)): start at x/α
+            s0 = float(ours.init_noise_sigma)
+            a = ours_loop(ours, s0 if cls is not DPMSolverMultistepScheduler else math.sqrt(s0 * s0 + 1.0))
+            b = diffusers_loop(d, extra_step).numpy()
+            check_close(f"{name} final sample", a, b, 1e-3, 1e-3)
+        calls = ours.num_evaluations
+        (t_ours, _), (t_diff, _) = measure(
+            [lambda: ours_loop(ours), lambda: diffusers_loop(d, extra_step)],
+            min_reps=3,
+            max_time=MIN_TIME * 10,
+        )
+        per = t_ours / calls
+        rows.append(
+            [
+                name,
+                fmt_time(per, "ms"),
+                f"{per / base:.2f}",
+                fmt_time(t_diff / calls, "ms"),
+                f"{t_diff / t_ours:.1f}x",
+            ]
+        )
+    return rows
+
+
 def main():
     wall0 = time.perf_counter()
     cpu = platform.processor() or platform.machine()
@@ -599,6 +714,18 @@ def main():
     _busy_warning(snap, "before the run")
     snap = _cpu_snapshot()
 
+    if ARGS.only == "sigma" or diffusers is not None:
+        rows = bench_sigma(HEADLINE_SHAPE)
+        print_table(
+            f"σ-space samplers, shape {HEADLINE_SHAPE}: time per model call over a {SIGMA_STEPS}-step run "
+            "(fixed model output), vs ferrodiff's DDIM and the matching diffusers scheduler",
+            ["sampler", "ferrodiff ms/call", "÷ DDIM", "diffusers ms/call", "diffusers ÷ ferrodiff"],
+            rows,
+            ARGS.markdown,
+        )
+        sys.stdout.flush()
+        if ARGS.only == "sigma":
+            return
     f = Ferrodiff()
     sched = make_diffusers()
     shapes = SHAPES + ([LARGE_SHAPE] if RUN_LARGE else [])

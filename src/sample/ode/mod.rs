@@ -558,6 +558,7 @@ fn fused_update(
     let results = for_each_chunk(out, |start, o| {
         let mut first_bad = None;
         let mut z = [0f32; NOISE_BLOCK];
+        let mut dbuf = [0f32; NOISE_BLOCK];
         for (b, piece) in o.chunks_mut(NOISE_BLOCK).enumerate() {
             let s0 = start + b * NOISE_BLOCK;
             let len = piece.len();
@@ -576,36 +577,44 @@ fn fused_update(
                     pred.map(|s| s.range(s0, len)),
                 )
             };
-            let (mut sx, mut sd, mut px) = (sx, sd, px);
+            // D over the block (model rows may be strided: a learned-variance output), then
+            // x' term by term, each a plain loop over the block; the order of the additions is
+            // the formula's, so results do not depend on how the work is split.
+            let dblock = &mut dbuf[..len];
             for_each_row_piece(s0, len, row_len, |row, s, e| {
                 let m_off = row * stride + (s - row * row_len);
                 let m = &model[m_off..m_off + (e - s)];
-                for (j, i) in (s..e).enumerate() {
-                    let l = i - s0;
-                    let xv = x[i];
-                    let d = (da * xv + db * m[j]).clamp(lo, hi);
-                    let mut v = cx * xv + cd * d;
-                    for (c, r) in &reads {
-                        v += c * r[i];
-                    }
-                    if ns != 0.0 {
-                        v += ns * zb[l];
-                    }
-                    piece[l] = v;
-                    if let Some(sx) = sx.as_deref_mut() {
-                        sx[l] = xv;
-                    }
-                    if let Some(sd) = sd.as_deref_mut() {
-                        sd[l] = d;
-                    }
-                    if let Some(px) = px.as_deref_mut() {
-                        px[l] = d;
-                    }
-                    if first_bad.is_none() && !v.is_finite() {
-                        first_bad = Some(i);
-                    }
+                let dd = &mut dblock[s - s0..e - s0];
+                for ((d, &xv), &mv) in dd.iter_mut().zip(&x[s..e]).zip(m) {
+                    *d = (da * xv + db * mv).clamp(lo, hi);
                 }
             });
+            let xs = &x[s0..s0 + len];
+            for ((o, &xv), &d) in piece.iter_mut().zip(xs).zip(dblock.iter()) {
+                *o = cx * xv + cd * d;
+            }
+            for (c, r) in &reads {
+                for (o, &rv) in piece.iter_mut().zip(&r[s0..s0 + len]) {
+                    *o += c * rv;
+                }
+            }
+            if ns != 0.0 {
+                for (o, &zv) in piece.iter_mut().zip(zb.iter()) {
+                    *o += ns * zv;
+                }
+            }
+            if let Some(sx) = sx {
+                sx.copy_from_slice(xs);
+            }
+            if let Some(sd) = sd {
+                sd.copy_from_slice(dblock);
+            }
+            if let Some(px) = px {
+                px.copy_from_slice(dblock);
+            }
+            if first_bad.is_none() && piece.iter().fold(false, |bad, v| bad | !v.is_finite()) {
+                first_bad = piece.iter().position(|v| !v.is_finite()).map(|p| s0 + p);
+            }
         }
         first_bad
     });
