@@ -208,14 +208,20 @@ def test_configs_round_trip_through_dict_and_pickle(linear, kind):
 
 
 def test_grids_karras_exponential_explicit_and_final_sigma(linear):
-    k = fd.Euler(linear, 5)
     sig = np.asarray(linear.alphas_cumprod)
     sig = np.sqrt((1 - sig) / sig)
-    assert (
-        k.sigmas[0] == pytest.approx(sig[-1]) and k.sigmas[-2] == pytest.approx(sig[0]) and k.sigmas[-1] == 0
-    )
-    e = fd.Euler(linear, 5, sigmas="exponential")
+    # Karras levels from EDM's σ_max = 80 (below the schedule's 157) down to the schedule's σ_min
+    k = fd.Euler(linear, 5)
+    assert k.sigmas[0] == 80.0 and k.sigmas[-2] == pytest.approx(sig[0]) and k.sigmas[-1] == 0
+    rho = 7.0
+    ramp = np.linspace(0, 1, 5)
+    ref = (80.0 ** (1 / rho) + ramp * (sig[0] ** (1 / rho) - 80.0 ** (1 / rho))) ** rho
+    np.testing.assert_allclose(k.sigmas[:-1], ref, rtol=1e-12)
+    full = fd.Euler(linear, 5, sigma_max="schedule")
+    assert full.sigmas[0] == pytest.approx(sig[-1])
+    e = fd.Euler(linear, 5, sigmas="exponential", sigma_max="schedule")
     np.testing.assert_allclose(np.diff(np.log(e.sigmas[:-1])), np.log(sig[0] / sig[-1]) / 4)
+    assert fd.Euler(linear, 5, sigma_max=20.0).sigmas[0] == 20.0
     m = fd.Euler(linear, 5, final_sigmas_type="sigma_min")
     assert m.sigmas[-1] == pytest.approx(sig[0])
     ex = fd.Heun(None, sigmas=[10.0, 1.0, 0.1, 0.0], prediction="denoised")
@@ -244,6 +250,7 @@ def test_submodule_shim_exports_the_samplers():
         ({"clip_sample": -1.0}, "clip_sample"),
         ({"steps": 0}, "steps"),
         ({"sigma_min": 5.0, "sigma_max": 1.0}, "sigma_min"),
+        ({"sigma_max": "everything"}, "sigma_max"),
     ],
 )
 def test_bad_constructor_arguments_are_value_errors_naming_them(linear, kwargs, match):
@@ -325,3 +332,19 @@ def test_dpm_adaptive_config_pickles_and_rejects_editing(linear):
         fd.DPMAdaptive(linear, rtol=0.0, atol=0.0)
     with pytest.raises(ValueError, match="schedule"):
         fd.DPMAdaptive(None)
+
+
+def test_a_model_called_from_python_takes_fractional_timesteps(linear):
+    model = fd.nn.MLP((2,), hidden=16, blocks=1)
+    x = np.ones((3, 2), np.float32)
+    whole = model(x, np.array([10, 10, 10]))
+    np.testing.assert_array_equal(model(x, np.array([10.0, 10.0, 10.0])), whole)
+    between = model(x, np.array([10.5, 10.5, 10.5]))
+    assert not np.array_equal(between, whole)
+    s = fd.DPMSolver(linear, 6)  # interpolated t: the Rust path and the Python callable agree
+    np.testing.assert_allclose(
+        s.sample(model, (3, 2), seed=0),
+        s.sample(lambda x, t: model(x, t), (3, 2), seed=0),  # noqa: PLW0108 (the Python path)
+        rtol=1e-5,
+        atol=1e-6,
+    )

@@ -145,6 +145,8 @@ class DDPM:
     @property
     def steps(self) -> int: ...
     @property
+    def num_evaluations(self) -> int: ...
+    @property
     def prediction(self) -> str: ...
     @property
     def variance(self) -> str: ...
@@ -210,6 +212,8 @@ class DDIM:
     def schedule(self) -> Schedule: ...
     @property
     def steps(self) -> int: ...
+    @property
+    def num_evaluations(self) -> int: ...
     @property
     def eta(self) -> float: ...
     @property
@@ -334,7 +338,7 @@ class Euler(SigmaSampler):
         sigmas: str | Sequence[float] | None = None,
         rho: float = 7.0,
         sigma_min: float | None = None,
-        sigma_max: float | None = None,
+        sigma_max: float | str | None = None,
         spacing: str = "linspace",
         steps_offset: int = 0,
         final_sigmas_type: str = "zero",
@@ -359,7 +363,7 @@ class EulerAncestral(SigmaSampler):
         sigmas: str | Sequence[float] | None = None,
         rho: float = 7.0,
         sigma_min: float | None = None,
-        sigma_max: float | None = None,
+        sigma_max: float | str | None = None,
         spacing: str = "linspace",
         steps_offset: int = 0,
         final_sigmas_type: str = "zero",
@@ -378,7 +382,7 @@ class Heun(SigmaSampler):
         sigmas: str | Sequence[float] | None = None,
         rho: float = 7.0,
         sigma_min: float | None = None,
-        sigma_max: float | None = None,
+        sigma_max: float | str | None = None,
         spacing: str = "linspace",
         steps_offset: int = 0,
         final_sigmas_type: str = "zero",
@@ -406,7 +410,7 @@ class DPMSolver(SigmaSampler):
         sigmas: str | Sequence[float] | None = None,
         rho: float = 7.0,
         sigma_min: float | None = None,
-        sigma_max: float | None = None,
+        sigma_max: float | str | None = None,
         spacing: str = "linspace",
         steps_offset: int = 0,
         final_sigmas_type: str = "zero",

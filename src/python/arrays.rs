@@ -116,6 +116,43 @@ pub fn timesteps_arg(obj: &Bound<'_, PyAny>, batch: usize) -> PyResult<Vec<i64>>
     }
 }
 
+/// Timesteps for a network's time embedding: integers as `timesteps_arg`, or real values (a
+/// float or float array, as σ-space samplers pass between trained timesteps).
+pub fn real_timesteps_arg(obj: &Bound<'_, PyAny>, batch: usize) -> PyResult<Vec<f32>> {
+    let py = obj.py();
+    let np = py.import("numpy")?;
+    let is_float = obj.is_instance_of::<pyo3::types::PyFloat>()
+        || np
+            .call_method1("asarray", (obj,))
+            .ok()
+            .and_then(|a| {
+                a.cast::<numpy::PyUntypedArray>()
+                    .ok()
+                    .map(|a| a.dtype().kind() == b'f')
+            })
+            .unwrap_or(false);
+    if !is_float {
+        return Ok(timesteps_arg(obj, batch)?
+            .into_iter()
+            .map(|v| v as f32)
+            .collect());
+    }
+    let c = np.call_method1("ascontiguousarray", (obj, "float64"))?;
+    let c = c.cast::<PyArrayDyn<f64>>()?;
+    let v = c.to_vec()?;
+    if v.iter().any(|t| !t.is_finite()) {
+        return Err(PyValueError::new_err("t contains NaN or Inf"));
+    }
+    match c.ndim() {
+        0 => Ok(vec![v[0] as f32; batch]),
+        1 if v.len() == batch => Ok(v.into_iter().map(|t| t as f32).collect()),
+        _ => Err(PyValueError::new_err(format!(
+            "t must be a number or a 1-D array of shape [{batch}], got shape {:?}",
+            c.shape()
+        ))),
+    }
+}
+
 /// A fresh, uninitialised float32 array that the caller fills completely.
 pub fn new_f32<'py>(py: Python<'py>, shape: &[usize]) -> Bound<'py, PyArrayDyn<f32>> {
     // SAFETY: every caller writes all elements before the array is returned to Python.

@@ -190,7 +190,7 @@ impl PyModel {
         let a = f32_array(x, "x")?;
         let shape = a.shape().to_vec();
         let batch = batch_of(&shape, "x")?;
-        let ts = timesteps_arg(t, batch)?;
+        let ts = super::arrays::real_timesteps_arg(t, batch)?;
         let labels = match y {
             Some(y) => Some(labels_arg(y, batch, self.inner.config().num_classes())?),
             None => None,
@@ -203,7 +203,7 @@ impl PyModel {
         let data = ro.as_slice()?;
         let m = &self.inner;
         let out = detach(py, || {
-            m.predict_host_cond(
+            m.predict_host_real_t(
                 data,
                 &shape,
                 &ts,

@@ -1028,6 +1028,11 @@ impl PyDdpm {
     fn steps(&self) -> usize {
         self.inner.timesteps().len()
     }
+    /// Model evaluations per run (one per step).
+    #[getter]
+    fn num_evaluations(&self) -> usize {
+        self.inner.timesteps().len()
+    }
     #[getter]
     fn prediction(&self) -> &'static str {
         self.inner.config.prediction.name()
@@ -1251,6 +1256,11 @@ impl PyDdim {
     }
     #[getter]
     fn steps(&self) -> usize {
+        self.inner.timesteps().len()
+    }
+    /// Model evaluations per run (one per step).
+    #[getter]
+    fn num_evaluations(&self) -> usize {
         self.inner.timesteps().len()
     }
     #[getter]

@@ -68,7 +68,7 @@ struct GridArgs<'a, 'py> {
     sigmas: &'a Bound<'py, PyAny>,
     rho: f64,
     sigma_min: Option<f64>,
-    sigma_max: Option<f64>,
+    sigma_max: Option<&'a Bound<'py, PyAny>>,
     spacing: &'a str,
     steps_offset: i64,
     final_sigmas_type: &'a str,
@@ -100,6 +100,26 @@ fn parameterization(prediction: &str, sigma_data: f64) -> PyResult<Parameterizat
 }
 
 impl GridArgs<'_, '_> {
+    /// `sigma_max`: a level, "schedule" (the whole trained range, diffusers' choice) or None
+    /// (EDM's 80 or the schedule's σ_max, whichever is lower: the cosine schedule's
+    /// σ_999 ≈ 2e4 makes the first step of a few-step run useless).
+    fn sigma_max_arg(&self) -> PyResult<(Option<f64>, Option<f64>)> {
+        match self.sigma_max {
+            None => Ok((None, Some(crate::sample::sigma::EDM_SIGMA_MAX))),
+            Some(v) => {
+                if let Ok(s) = v.extract::<String>() {
+                    if s == "schedule" {
+                        return Ok((None, None));
+                    }
+                    return Err(PyValueError::new_err(format!(
+                        "sigma_max must be a number, 'schedule' or None, got {s:?}"
+                    )));
+                }
+                Ok((Some(v.extract::<f64>()?), None))
+            }
+        }
+    }
+
     /// The grid and the normalised kwargs.
     fn build<'py>(
         &self,
@@ -138,13 +158,15 @@ impl GridArgs<'_, '_> {
                 }
             };
             kw.set_item("sigmas", &name)?;
+            let (sigma_max, sigma_max_cap) = self.sigma_max_arg()?;
             let config = GridConfig {
                 steps: self.steps.unwrap_or(DEFAULT_STEPS),
                 spacing: Spacing::parse(self.spacing)?,
                 steps_offset: self.steps_offset,
                 sigmas: spacing,
                 sigma_min: self.sigma_min,
-                sigma_max: self.sigma_max,
+                sigma_max,
+                sigma_max_cap,
                 final_sigma,
                 timestep_mode: mode,
             };
@@ -597,6 +619,8 @@ impl PySigmaSampler {
             "timesteps"
         };
         kw.set_item("sigmas", sigmas)?;
+        // diffusers spans the schedule's whole range unless the config names a σ_max.
+        kw.set_item("sigma_max", "schedule")?;
         for key in ["sigma_min", "sigma_max"] {
             if let Some(x) = get(key).and_then(Value::as_f64) {
                 kw.set_item(key, x)?;
@@ -648,7 +672,7 @@ impl PyEuler {
         sigmas: Option<&Bound<'_, PyAny>>,
         rho: f64,
         sigma_min: Option<f64>,
-        sigma_max: Option<f64>,
+        sigma_max: Option<&Bound<'_, PyAny>>,
         spacing: &str,
         steps_offset: i64,
         final_sigmas_type: &str,
@@ -709,7 +733,7 @@ impl PyEulerAncestral {
         sigmas: Option<&Bound<'_, PyAny>>,
         rho: f64,
         sigma_min: Option<f64>,
-        sigma_max: Option<f64>,
+        sigma_max: Option<&Bound<'_, PyAny>>,
         spacing: &str,
         steps_offset: i64,
         final_sigmas_type: &str,
@@ -764,7 +788,7 @@ impl PyHeun {
         sigmas: Option<&Bound<'_, PyAny>>,
         rho: f64,
         sigma_min: Option<f64>,
-        sigma_max: Option<f64>,
+        sigma_max: Option<&Bound<'_, PyAny>>,
         spacing: &str,
         steps_offset: i64,
         final_sigmas_type: &str,
@@ -829,7 +853,7 @@ impl PyDpmSolver {
         sigmas: Option<&Bound<'_, PyAny>>,
         rho: f64,
         sigma_min: Option<f64>,
-        sigma_max: Option<f64>,
+        sigma_max: Option<&Bound<'_, PyAny>>,
         spacing: &str,
         steps_offset: i64,
         final_sigmas_type: &str,
@@ -967,7 +991,9 @@ impl PyDpmAdaptive {
         };
         let config = AdaptiveConfig {
             sigma_min: sigma_min.unwrap_or(lo),
-            sigma_max: sigma_max.unwrap_or(hi),
+            // EDM's 80 at most by default, as the fixed-step samplers (the cosine schedule's
+            // σ_999 ≈ 2e4 only costs steps).
+            sigma_max: sigma_max.unwrap_or(hi.min(crate::sample::sigma::EDM_SIGMA_MAX)),
             order,
             rtol,
             atol,

@@ -230,6 +230,9 @@ pub struct GridConfig {
     /// Range of Karras / exponential grids; None: the schedule's (or, without one, EDM's).
     pub sigma_min: Option<f64>,
     pub sigma_max: Option<f64>,
+    /// With `sigma_max` unset, the highest level of a Karras / exponential grid on a discrete
+    /// schedule is at most this (EDM's 80; None: the schedule's whole range, as diffusers).
+    pub sigma_max_cap: Option<f64>,
     pub final_sigma: FinalSigma,
     pub timestep_mode: TimestepMode,
 }
@@ -243,6 +246,7 @@ impl Default for GridConfig {
             sigmas: SigmaSpacing::Karras { rho: KARRAS_RHO },
             sigma_min: None,
             sigma_max: None,
+            sigma_max_cap: None,
             final_sigma: FinalSigma::Zero,
             timestep_mode: TimestepMode::Interpolate,
         }
@@ -356,6 +360,10 @@ impl SigmaGrid {
             // spaced levels'.
             TimestepRule::Multistep => (train[0], train[big_t - 1]),
             TimestepRule::Euler => (at_steps[n - 1], at_steps[0]),
+        };
+        let hi = match config.sigma_max_cap {
+            Some(cap) => hi.min(cap),
+            None => hi,
         };
         let (lo, hi) = (
             config.sigma_min.unwrap_or(lo),

@@ -130,7 +130,7 @@ pub fn ode_log_likelihood(
     mut after_step: impl FnMut(f64) -> Result<()>,
 ) -> Result<(Vec<f64>, OdeLikelihoodInfo)> {
     config.check()?;
-    if batch == 0 || x0.len() % batch != 0 {
+    if batch == 0 || !x0.len().is_multiple_of(batch) {
         crate::shape_error!(
             "x0 has {} values, not a whole number of {batch} rows",
             x0.len()
@@ -311,9 +311,11 @@ impl crate::oracles::GaussianMixture {
 
 /// Hutchinson's estimate for a denoiser seen through central differences of the field:
 /// εᵀ (g(x + δε) − g(x − δε))/(2δ), for callables without autograd.
+/// D(x, σ) for a batch ([B, dim], f32).
+pub type DenoiseFn<'a> = dyn FnMut(&[f32], f64) -> Result<Vec<f32>> + 'a;
+
 pub struct FiniteDifferenceFlow<'a> {
-    /// D(x, σ) for a batch ([B, dim], f32).
-    pub denoise: &'a mut dyn FnMut(&[f32], f64) -> Result<Vec<f32>>,
+    pub denoise: &'a mut DenoiseFn<'a>,
     pub probes: Vec<f32>,
     pub delta: f64,
     /// Values per row.
