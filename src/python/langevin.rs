@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 
 use super::arrays::{batch_of, f32_array, f64_vec, new_f32, type_name, vec_to_array};
 use super::callback_error;
-use super::samplers::PyHooks;
+use super::sampling::PyHooks;
 use crate::error::Result;
 use crate::sample::langevin::{self, AnnealedConfig};
 

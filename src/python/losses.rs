@@ -6,7 +6,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::arrays::{batch_of, f32_array, f64_vec, new_f32, timesteps_arg};
-use super::samplers::{denoiser_for, GuidanceArgs, PyHooks};
+use super::sampling::{denoiser_for, GuidanceArgs, PyHooks};
 use super::schedule::PySchedule;
 use crate::diffusion::Prediction;
 use crate::error::Result;

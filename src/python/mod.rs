@@ -9,6 +9,7 @@ mod nn;
 mod ode_likelihood;
 mod oracles;
 mod samplers;
+mod sampling;
 mod schedule;
 mod sigma_samplers;
 
@@ -79,6 +80,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     crate::kernels::parallel_allowed();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     schedule::register(m)?;
+    sampling::register(m)?;
     samplers::register(m)?;
     sigma_samplers::register(m)?;
     ode_likelihood::register(m)?;

@@ -9,7 +9,7 @@ use pyo3::types::PyDict;
 
 use super::arrays::{batch_of, f32_array};
 use super::oracles::PyGaussianMixture;
-use super::samplers::{denoiser_for, GuidanceArgs};
+use super::sampling::{denoiser_for, GuidanceArgs};
 use super::schedule::PySchedule;
 use crate::kernels::rng::philox4x32_10;
 use crate::sample::model_output_layout;

@@ -10,7 +10,7 @@ use pyo3::PyClassInitializer;
 use serde_json::Value;
 
 use super::arrays::{batch_of, f32_array, new_f32, type_name};
-use super::samplers::{
+use super::sampling::{
     fresh_seed, guided_denoiser, initial_noise, sample_impl, EditArgs, GuidanceArgs, PyHooks,
     StepOutput,
 };
