@@ -121,23 +121,13 @@ class StepOutput:
     def __len__(self) -> int: ...
     def __getitem__(self, i: int) -> Any: ...
 
-class DDPM:
-    def __init__(
-        self,
-        schedule: Schedule,
-        steps: int | None = None,
-        spacing: Spacing | None = None,
-        prediction: str = "epsilon",
-        variance: str = "fixed_small",
-        clip_sample: float | None = None,
-        threshold: DynamicThreshold | None = None,
-        *,
-        steps_offset: int = 0,
-    ) -> None: ...
+class DiscreteSampler:
     @classmethod
-    def from_diffusers_config(cls, config: Config, steps: int | None = None, **overrides: Any) -> DDPM: ...
+    def from_diffusers_config(
+        cls, config: Config, steps: int | None = None, **overrides: Any
+    ) -> DiscreteSampler: ...
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DDPM: ...
+    def from_dict(cls, d: Mapping[str, Any]) -> DiscreteSampler: ...
     @property
     def timesteps(self) -> I64: ...
     @property
@@ -148,8 +138,6 @@ class DDPM:
     def num_evaluations(self) -> int: ...
     @property
     def prediction(self) -> str: ...
-    @property
-    def variance(self) -> str: ...
     def step(
         self,
         model_output: ArrayLike,
@@ -187,7 +175,23 @@ class DDPM:
     def to_dict(self) -> dict[str, Any]: ...
     def __reduce__(self) -> Any: ...
 
-class DDIM:
+class DDPM(DiscreteSampler):
+    def __init__(
+        self,
+        schedule: Schedule,
+        steps: int | None = None,
+        spacing: Spacing | None = None,
+        prediction: str = "epsilon",
+        variance: str = "fixed_small",
+        clip_sample: float | None = None,
+        threshold: DynamicThreshold | None = None,
+        *,
+        steps_offset: int = 0,
+    ) -> None: ...
+    @property
+    def variance(self) -> str: ...
+
+class DDIM(DiscreteSampler):
     def __init__(
         self,
         schedule: Schedule,
@@ -202,56 +206,8 @@ class DDIM:
         *,
         steps_offset: int = 0,
     ) -> None: ...
-    @classmethod
-    def from_diffusers_config(cls, config: Config, steps: int = 50, **overrides: Any) -> DDIM: ...
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DDIM: ...
-    @property
-    def timesteps(self) -> I64: ...
-    @property
-    def schedule(self) -> Schedule: ...
-    @property
-    def steps(self) -> int: ...
-    @property
-    def num_evaluations(self) -> int: ...
     @property
     def eta(self) -> float: ...
-    @property
-    def prediction(self) -> str: ...
-    def step(
-        self,
-        model_output: ArrayLike,
-        t: Timesteps,
-        x: ArrayLike,
-        *,
-        noise: ArrayLike | None = None,
-        seed: int | None = None,
-        out: F32 | None = None,
-        pred_x0_out: F32 | None = None,
-        return_pred_x0: bool = True,
-        check_finite: bool = True,
-    ) -> StepOutput: ...
-    def sample(
-        self,
-        denoiser: Denoiser,
-        shape: Sequence[int] | None = None,
-        *,
-        x_T: ArrayLike | None = None,
-        seed: int | None = 0,
-        progress: bool = False,
-        callback: Callback | None = None,
-        check_finite: bool = True,
-        labels: Timesteps | None = None,
-        guidance_scale: float | None = None,
-        guidance_rescale: float = 0.0,
-        null_label: int | None = None,
-        image: ArrayLike | None = None,
-        strength: float = 1.0,
-        mask: ArrayLike | None = None,
-        classifier: Classifier | Callable[[F32, I64, I64], ArrayLike] | None = None,
-        classifier_scale: float = 1.0,
-        context: ArrayLike | None = None,
-    ) -> F32: ...
     def invert(
         self,
         denoiser: Denoiser,
@@ -263,8 +219,6 @@ class DDIM:
         labels: Timesteps | None = None,
         context: ArrayLike | None = None,
     ) -> F32: ...
-    def to_dict(self) -> dict[str, Any]: ...
-    def __reduce__(self) -> Any: ...
 
 class SolverState:
     @property

@@ -5,6 +5,7 @@ use numpy::{IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArrayMet
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
+use pyo3::PyClassInitializer;
 
 use super::arrays::{batch_of, f32_array, new_f32, timesteps_arg, type_name, vec_to_array};
 use super::sampling::{
@@ -350,49 +351,70 @@ fn diffusers_kwargs<'py>(py: Python<'py>, c: &DiffusersConfig) -> PyResult<Bound
     Ok(kw)
 }
 
-/// DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), over all T timesteps (`steps=None`)
-/// or a strided subset, which uses the respaced betas 1 - ᾱ[τ_i]/ᾱ[τ_{i-1}] (Nichol & Dhariwal).
-///
-/// `variance`: "fixed_small" (β̃_t), "fixed_large" (β_t), "learned_range" (2C-channel model
-/// output, Nichol & Dhariwal eq. 15). No noise is added at the last step.
-#[pyclass(name = "DDPM", module = "ferrodiff", frozen)]
-pub struct PyDdpm {
-    inner: Ddpm,
+/// The discrete samplers' Rust side: DDPM or DDIM.
+#[derive(Clone, Debug)]
+pub enum DiscreteKind {
+    Ddpm(Ddpm),
+    Ddim(Ddim),
+}
+
+/// The Sampler of the variant.
+macro_rules! on_kind {
+    ($k:expr, $s:ident => $e:expr) => {
+        match $k {
+            DiscreteKind::Ddpm($s) => $e,
+            DiscreteKind::Ddim($s) => $e,
+        }
+    };
+}
+
+impl Sampler for DiscreteKind {
+    fn schedule(&self) -> &crate::schedule::Schedule {
+        on_kind!(self, s => s.schedule())
+    }
+    fn timesteps(&self) -> &[i64] {
+        on_kind!(self, s => s.timesteps())
+    }
+    fn prediction(&self) -> Prediction {
+        on_kind!(self, s => s.prediction())
+    }
+    fn x0_processing(&self) -> X0Processing {
+        on_kind!(self, s => s.x0_processing())
+    }
+    fn row_steps(&self, t: &[i64]) -> crate::error::Result<Vec<crate::kernels::RowStep>> {
+        on_kind!(self, s => s.row_steps(t))
+    }
+    fn uses_learned_variance(&self) -> bool {
+        on_kind!(self, s => s.uses_learned_variance())
+    }
+    fn classifier_guidance_factor(&self, t: i64) -> crate::error::Result<f64> {
+        on_kind!(self, s => s.classifier_guidance_factor(t))
+    }
+}
+
+/// Base class of the discrete samplers (`DDPM`, `DDIM`): one model call per timestep of
+/// `.timesteps`, x at the variance-preserving scale. `step`, `sample`, `to_dict` and pickling
+/// are written once here; the subclasses add their constructors.
+#[pyclass(name = "DiscreteSampler", module = "ferrodiff", subclass, frozen)]
+pub struct PyDiscreteSampler {
+    pub(crate) inner: DiscreteKind,
+}
+
+/// DDIM's default number of steps.
+const DDIM_DEFAULT_STEPS: usize = 50;
+
+fn schedule_dict<'py>(
+    py: Python<'py>,
+    s: &crate::schedule::Schedule,
+) -> PyResult<Bound<'py, PyDict>> {
+    PySchedule { inner: s.clone() }.to_dict(py)
 }
 
 #[pymethods]
-impl PyDdpm {
-    #[new]
-    #[pyo3(signature = (schedule, steps=None, spacing=None, prediction="epsilon", variance="fixed_small", clip_sample=None, threshold=None, *, steps_offset=0))]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        schedule: &PySchedule,
-        steps: Option<usize>,
-        spacing: Option<&Bound<'_, PyAny>>,
-        prediction: &str,
-        variance: &str,
-        clip_sample: Option<f64>,
-        threshold: Option<&Bound<'_, PyAny>>,
-        steps_offset: i64,
-    ) -> PyResult<Self> {
-        let config = DdpmConfig {
-            steps,
-            spacing: spacing
-                .map(spacing_arg)
-                .transpose()?
-                .unwrap_or(Spacing::Leading),
-            steps_offset,
-            prediction: Prediction::parse(prediction)?,
-            variance: VarianceType::parse(variance)?,
-            x0_processing: x0_processing_arg(clip_sample, threshold)?,
-        };
-        Ok(PyDdpm {
-            inner: Ddpm::new(schedule.inner.clone(), config)?,
-        })
-    }
-
-    /// A DDPM with every setting of a diffusers `DDPMScheduler` config (dict, path or
-    /// scheduler); keyword arguments override.
+impl PyDiscreteSampler {
+    /// The sampler with every setting of a diffusers `DDPMScheduler` / `DDIMScheduler` config
+    /// (dict, path or scheduler); keyword arguments override. `steps=None`: all T timesteps
+    /// for DDPM, 50 for DDIM.
     #[classmethod]
     #[pyo3(signature = (config, steps=None, **overrides))]
     fn from_diffusers_config<'py>(
@@ -403,8 +425,13 @@ impl PyDdpm {
     ) -> PyResult<Bound<'py, PyAny>> {
         let c = DiffusersConfig::from_json(&config_json(config)?)?;
         let kw = diffusers_kwargs(cls.py(), &c)?;
-        kw.set_item("steps", steps)?;
-        kw.set_item("variance", VarianceType::parse(&c.variance_type)?.name())?;
+        if cls.is_subclass_of::<PyDdim>()? {
+            kw.set_item("steps", steps.unwrap_or(DDIM_DEFAULT_STEPS))?;
+            kw.set_item("set_alpha_to_one", c.set_alpha_to_one)?;
+        } else {
+            kw.set_item("steps", steps)?;
+            kw.set_item("variance", VarianceType::parse(&c.variance_type)?.name())?;
+        }
         if let Some(o) = overrides {
             kw.update(o.as_mapping())?;
         }
@@ -418,7 +445,7 @@ impl PyDdpm {
     #[getter]
     fn schedule(&self) -> PySchedule {
         PySchedule {
-            inner: self.inner.schedule.clone(),
+            inner: self.inner.schedule().clone(),
         }
     }
     #[getter]
@@ -432,11 +459,7 @@ impl PyDdpm {
     }
     #[getter]
     fn prediction(&self) -> &'static str {
-        self.inner.config.prediction.name()
-    }
-    #[getter]
-    fn variance(&self) -> &'static str {
-        self.inner.config.variance.name()
+        self.inner.prediction().name()
     }
 
     /// One reverse step from x at timestep t: returns `StepOutput(prev_sample, pred_x0)`.
@@ -473,12 +496,13 @@ impl PyDdpm {
     }
 
     /// Runs the whole reverse process with `denoiser(x, t)` (any callable taking a float32
-    /// array and an int64 array [B]); starts from `x_T` or `fd.randn(shape, seed)`.
+    /// array and an int64 array [B], or a ferrodiff model / trainer, run in Rust); starts from
+    /// `x_T` or `fd.randn(shape, seed)`. `labels` / `guidance_scale` / `context` condition and
+    /// guide, `image` / `strength` / `mask` edit, `classifier` guides by a noisy classifier.
     #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, classifier=None, classifier_scale=1.0, context=None))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
     fn sample<'py>(
-        &self,
-        py: Python<'py>,
+        slf: &Bound<'py, Self>,
         denoiser: &Bound<'py, PyAny>,
         shape: Option<Vec<i64>>,
         x_T: Option<&Bound<'py, PyAny>>,
@@ -497,6 +521,7 @@ impl PyDdpm {
         classifier_scale: f64,
         context: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let name = slf.get_type().name()?.to_string();
         let guidance = GuidanceArgs {
             scale: guidance_scale,
             rescale: guidance_rescale,
@@ -511,8 +536,8 @@ impl PyDdpm {
             classifier_scale,
         };
         sample_impl(
-            &self.inner,
-            py,
+            &slf.get().inner,
+            slf.py(),
             denoiser,
             shape,
             x_T,
@@ -523,27 +548,40 @@ impl PyDdpm {
             labels,
             guidance,
             edit,
-            "DDPM",
+            &name,
         )
     }
 
+    /// The sampler as a plain dict (`type`, `schedule` and the constructor's arguments).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        let c = &self.inner.config;
-        d.set_item("type", "DDPM")?;
-        d.set_item(
-            "schedule",
-            PySchedule {
-                inner: self.inner.schedule.clone(),
+        let x0 = match &self.inner {
+            DiscreteKind::Ddpm(s) => {
+                let c = &s.config;
+                d.set_item("type", "DDPM")?;
+                d.set_item("schedule", schedule_dict(py, &s.schedule)?)?;
+                d.set_item("steps", c.steps)?;
+                d.set_item("spacing", spacing_to_py(py, &c.spacing)?)?;
+                d.set_item("steps_offset", c.steps_offset)?;
+                d.set_item("prediction", c.prediction.name())?;
+                d.set_item("variance", c.variance.name())?;
+                c.x0_processing
             }
-            .to_dict(py)?,
-        )?;
-        d.set_item("steps", c.steps)?;
-        d.set_item("spacing", spacing_to_py(py, &c.spacing)?)?;
-        d.set_item("steps_offset", c.steps_offset)?;
-        d.set_item("prediction", c.prediction.name())?;
-        d.set_item("variance", c.variance.name())?;
-        x0_processing_to_dict(&d, c.x0_processing)?;
+            DiscreteKind::Ddim(s) => {
+                let c = &s.config;
+                d.set_item("type", "DDIM")?;
+                d.set_item("schedule", schedule_dict(py, &s.schedule)?)?;
+                d.set_item("steps", c.steps)?;
+                d.set_item("spacing", spacing_to_py(py, &c.spacing)?)?;
+                d.set_item("steps_offset", c.steps_offset)?;
+                d.set_item("eta", c.eta)?;
+                d.set_item("prediction", c.prediction.name())?;
+                d.set_item("set_alpha_to_one", c.set_alpha_to_one)?;
+                d.set_item("use_clipped_model_output", c.use_clipped_model_output)?;
+                c.x0_processing
+            }
+        };
+        x0_processing_to_dict(&d, x0)?;
         threshold_dict(&d)?;
         Ok(d)
     }
@@ -566,30 +604,100 @@ impl PyDdpm {
     }
 
     fn __repr__(&self) -> String {
-        let c = &self.inner.config;
-        format!(
-            "DDPM(steps={}, spacing={:?}, prediction={:?}, variance={:?}, x0={:?}, schedule={})",
-            self.inner.timesteps().len(),
-            c.spacing.name(),
-            c.prediction.name(),
-            c.variance.name(),
-            c.x0_processing,
-            self.inner.schedule.name
-        )
+        match &self.inner {
+            DiscreteKind::Ddpm(s) => {
+                let c = &s.config;
+                format!(
+                    "DDPM(steps={}, spacing={:?}, prediction={:?}, variance={:?}, x0={:?}, schedule={})",
+                    s.timesteps().len(),
+                    c.spacing.name(),
+                    c.prediction.name(),
+                    c.variance.name(),
+                    c.x0_processing,
+                    s.schedule.name
+                )
+            }
+            DiscreteKind::Ddim(s) => {
+                let c = &s.config;
+                format!(
+                    "DDIM(steps={}, spacing={:?}, eta={}, prediction={:?}, x0={:?}, schedule={})",
+                    s.timesteps().len(),
+                    c.spacing.name(),
+                    c.eta,
+                    c.prediction.name(),
+                    c.x0_processing,
+                    s.schedule.name
+                )
+            }
+        }
+    }
+}
+
+/// DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), over all T timesteps (`steps=None`)
+/// or a strided subset, which uses the respaced betas 1 - ᾱ[τ_i]/ᾱ[τ_{i-1}] (Nichol & Dhariwal).
+///
+/// `variance`: "fixed_small" (β̃_t), "fixed_large" (β_t), "learned_range" (2C-channel model
+/// output, Nichol & Dhariwal eq. 15). No noise is added at the last step.
+#[pyclass(name = "DDPM", module = "ferrodiff", extends = PyDiscreteSampler, frozen)]
+pub struct PyDdpm;
+
+#[pymethods]
+impl PyDdpm {
+    #[new]
+    #[pyo3(signature = (schedule, steps=None, spacing=None, prediction="epsilon", variance="fixed_small", clip_sample=None, threshold=None, *, steps_offset=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        schedule: &PySchedule,
+        steps: Option<usize>,
+        spacing: Option<&Bound<'_, PyAny>>,
+        prediction: &str,
+        variance: &str,
+        clip_sample: Option<f64>,
+        threshold: Option<&Bound<'_, PyAny>>,
+        steps_offset: i64,
+    ) -> PyResult<PyClassInitializer<Self>> {
+        let config = DdpmConfig {
+            steps,
+            spacing: spacing
+                .map(spacing_arg)
+                .transpose()?
+                .unwrap_or(Spacing::Leading),
+            steps_offset,
+            prediction: Prediction::parse(prediction)?,
+            variance: VarianceType::parse(variance)?,
+            x0_processing: x0_processing_arg(clip_sample, threshold)?,
+        };
+        let inner = DiscreteKind::Ddpm(Ddpm::new(schedule.inner.clone(), config)?);
+        Ok(PyClassInitializer::from(PyDiscreteSampler { inner }).add_subclass(PyDdpm))
+    }
+
+    #[getter]
+    fn variance(slf: &Bound<'_, Self>) -> &'static str {
+        match &slf.as_super().get().inner {
+            DiscreteKind::Ddpm(s) => s.config.variance.name(),
+            DiscreteKind::Ddim(_) => unreachable!("a DDPM holds a DDPM"),
+        }
     }
 }
 
 /// DDIM (Song et al. 2020): `eta=0` is the deterministic implicit sampler, `eta=1` has DDPM's
 /// posterior variance. The previous timestep is always the next entry of `.timesteps`.
-#[pyclass(name = "DDIM", module = "ferrodiff", frozen)]
-pub struct PyDdim {
-    inner: Ddim,
+#[pyclass(name = "DDIM", module = "ferrodiff", extends = PyDiscreteSampler, frozen)]
+pub struct PyDdim;
+
+impl PyDdim {
+    fn ddim<'a>(slf: &'a Bound<'_, Self>) -> &'a Ddim {
+        match &slf.as_super().get().inner {
+            DiscreteKind::Ddim(s) => s,
+            DiscreteKind::Ddpm(_) => unreachable!("a DDIM holds a DDIM"),
+        }
+    }
 }
 
 #[pymethods]
 impl PyDdim {
     #[new]
-    #[pyo3(signature = (schedule, steps=50, spacing=None, eta=0.0, prediction="epsilon", clip_sample=None, threshold=None, set_alpha_to_one=true, use_clipped_model_output=false, *, steps_offset=0))]
+    #[pyo3(signature = (schedule, steps=DDIM_DEFAULT_STEPS, spacing=None, eta=0.0, prediction="epsilon", clip_sample=None, threshold=None, set_alpha_to_one=true, use_clipped_model_output=false, *, steps_offset=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         schedule: &PySchedule,
@@ -602,7 +710,7 @@ impl PyDdim {
         set_alpha_to_one: bool,
         use_clipped_model_output: bool,
         steps_offset: i64,
-    ) -> PyResult<Self> {
+    ) -> PyResult<PyClassInitializer<Self>> {
         let config = DdimConfig {
             steps,
             spacing: spacing
@@ -616,142 +724,13 @@ impl PyDdim {
             set_alpha_to_one,
             use_clipped_model_output,
         };
-        Ok(PyDdim {
-            inner: Ddim::new(schedule.inner.clone(), config)?,
-        })
-    }
-
-    /// A DDIM with every setting of a diffusers `DDIMScheduler` config (dict, path or
-    /// scheduler); keyword arguments override.
-    #[classmethod]
-    #[pyo3(signature = (config, steps=50, **overrides))]
-    fn from_diffusers_config<'py>(
-        cls: &Bound<'py, pyo3::types::PyType>,
-        config: &Bound<'py, PyAny>,
-        steps: usize,
-        overrides: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let c = DiffusersConfig::from_json(&config_json(config)?)?;
-        let kw = diffusers_kwargs(cls.py(), &c)?;
-        kw.set_item("steps", steps)?;
-        kw.set_item("set_alpha_to_one", c.set_alpha_to_one)?;
-        if let Some(o) = overrides {
-            kw.update(o.as_mapping())?;
-        }
-        cls.call((), Some(&kw))
+        let inner = DiscreteKind::Ddim(Ddim::new(schedule.inner.clone(), config)?);
+        Ok(PyClassInitializer::from(PyDiscreteSampler { inner }).add_subclass(PyDdim))
     }
 
     #[getter]
-    fn timesteps<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
-        self.inner.timesteps().to_vec().into_pyarray(py)
-    }
-    #[getter]
-    fn schedule(&self) -> PySchedule {
-        PySchedule {
-            inner: self.inner.schedule.clone(),
-        }
-    }
-    #[getter]
-    fn steps(&self) -> usize {
-        self.inner.timesteps().len()
-    }
-    /// Model evaluations per run (one per step).
-    #[getter]
-    fn num_evaluations(&self) -> usize {
-        self.inner.timesteps().len()
-    }
-    #[getter]
-    fn eta(&self) -> f64 {
-        self.inner.config.eta
-    }
-    #[getter]
-    fn prediction(&self) -> &'static str {
-        self.inner.config.prediction.name()
-    }
-
-    /// One DDIM step (eq. 12) from x at timestep t: returns `StepOutput(prev_sample, pred_x0)`.
-    #[pyo3(signature = (model_output, t, x, *, noise=None, seed=None, out=None, pred_x0_out=None, return_pred_x0=true, check_finite=true))]
-    #[allow(clippy::too_many_arguments)]
-    fn step<'py>(
-        &self,
-        py: Python<'py>,
-        model_output: &Bound<'py, PyAny>,
-        t: &Bound<'py, PyAny>,
-        x: &Bound<'py, PyAny>,
-        noise: Option<&Bound<'py, PyAny>>,
-        seed: Option<u64>,
-        out: Option<&Bound<'py, PyAny>>,
-        pred_x0_out: Option<&Bound<'py, PyAny>>,
-        return_pred_x0: bool,
-        check_finite: bool,
-    ) -> PyResult<StepOutput> {
-        step_impl(
-            &self.inner,
-            py,
-            model_output,
-            t,
-            x,
-            noise,
-            seed,
-            out,
-            pred_x0_out,
-            return_pred_x0,
-            check_finite,
-        )
-    }
-
-    /// Runs the sampler with `denoiser(x, t)`; starts from `x_T` or `fd.randn(shape, seed)`.
-    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, classifier=None, classifier_scale=1.0, context=None))]
-    #[allow(clippy::too_many_arguments, non_snake_case)]
-    fn sample<'py>(
-        &self,
-        py: Python<'py>,
-        denoiser: &Bound<'py, PyAny>,
-        shape: Option<Vec<i64>>,
-        x_T: Option<&Bound<'py, PyAny>>,
-        seed: Option<u64>,
-        progress: bool,
-        callback: Option<Bound<'py, PyAny>>,
-        check_finite: bool,
-        labels: Option<&Bound<'py, PyAny>>,
-        guidance_scale: Option<f64>,
-        guidance_rescale: f64,
-        null_label: Option<i64>,
-        image: Option<&Bound<'py, PyAny>>,
-        strength: f64,
-        mask: Option<&Bound<'py, PyAny>>,
-        classifier: Option<&Bound<'py, PyAny>>,
-        classifier_scale: f64,
-        context: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        let guidance = GuidanceArgs {
-            scale: guidance_scale,
-            rescale: guidance_rescale,
-            null_label,
-        };
-        let edit = EditArgs {
-            context,
-            image,
-            strength,
-            mask,
-            classifier,
-            classifier_scale,
-        };
-        sample_impl(
-            &self.inner,
-            py,
-            denoiser,
-            shape,
-            x_T,
-            seed,
-            progress,
-            callback,
-            check_finite,
-            labels,
-            guidance,
-            edit,
-            "DDIM",
-        )
+    fn eta(slf: &Bound<'_, Self>) -> f64 {
+        Self::ddim(slf).config.eta
     }
 
     /// DDIM inversion (η = 0 run forwards): encodes clean `x0` into the x at the first of
@@ -760,8 +739,7 @@ impl PyDdim {
     #[pyo3(signature = (denoiser, x0, *, progress=false, callback=None, check_finite=true, labels=None, context=None))]
     #[allow(clippy::too_many_arguments)]
     fn invert<'py>(
-        &self,
-        py: Python<'py>,
+        slf: &Bound<'py, Self>,
         denoiser: &Bound<'py, PyAny>,
         x0: &Bound<'py, PyAny>,
         progress: bool,
@@ -770,6 +748,8 @@ impl PyDdim {
         labels: Option<&Bound<'py, PyAny>>,
         context: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let py = slf.py();
+        let ddim = Self::ddim(slf);
         let a = f32_array(x0, "x0")?;
         let sh = a.shape().to_vec();
         let batch = batch_of(&sh, "x0")?;
@@ -777,73 +757,21 @@ impl PyDdim {
         let v = a.readonly().as_slice()?.to_vec();
         let mut hooks = PyHooks::new(
             py,
-            self.inner.timesteps().len(),
+            ddim.timesteps().len(),
             progress,
             callback,
             &sh,
             "DDIM inversion",
         )?;
-        let r = invert_loop(&self.inner, d.as_mut(), v, &sh, check_finite, &mut hooks);
+        let r = invert_loop(ddim, d.as_mut(), v, &sh, check_finite, &mut hooks);
         hooks.close();
         vec_to_array(py, r?, &sh)
-    }
-
-    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        let c = &self.inner.config;
-        d.set_item("type", "DDIM")?;
-        d.set_item(
-            "schedule",
-            PySchedule {
-                inner: self.inner.schedule.clone(),
-            }
-            .to_dict(py)?,
-        )?;
-        d.set_item("steps", c.steps)?;
-        d.set_item("spacing", spacing_to_py(py, &c.spacing)?)?;
-        d.set_item("steps_offset", c.steps_offset)?;
-        d.set_item("eta", c.eta)?;
-        d.set_item("prediction", c.prediction.name())?;
-        d.set_item("set_alpha_to_one", c.set_alpha_to_one)?;
-        d.set_item("use_clipped_model_output", c.use_clipped_model_output)?;
-        x0_processing_to_dict(&d, c.x0_processing)?;
-        threshold_dict(&d)?;
-        Ok(d)
-    }
-
-    #[classmethod]
-    fn from_dict<'py>(
-        cls: &Bound<'py, pyo3::types::PyType>,
-        d: &Bound<'py, PyDict>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        from_dict_impl(cls, d)
-    }
-
-    fn __reduce__<'py>(
-        slf: &Bound<'py, Self>,
-    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyDict>,))> {
-        Ok((
-            slf.get_type().getattr("from_dict")?,
-            (slf.get().to_dict(slf.py())?,),
-        ))
-    }
-
-    fn __repr__(&self) -> String {
-        let c = &self.inner.config;
-        format!(
-            "DDIM(steps={}, spacing={:?}, eta={}, prediction={:?}, x0={:?}, schedule={})",
-            self.inner.timesteps().len(),
-            c.spacing.name(),
-            c.eta,
-            c.prediction.name(),
-            c.x0_processing,
-            self.inner.schedule.name
-        )
     }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDynamicThreshold>()?;
+    m.add_class::<PyDiscreteSampler>()?;
     m.add_class::<PyDdpm>()?;
     m.add_class::<PyDdim>()?;
     Ok(())
