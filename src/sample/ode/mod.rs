@@ -407,23 +407,15 @@ impl SigmaSampler {
             );
         }
         let (sigma_hat, churn_std) = self.churn(k);
-        if churn_std > 0.0 {
-            let mut raised = x.to_vec();
-            add_noise(&mut raised, churn_std, noise, SIGMA_NOISE_STREAM + k as u64);
-            return self.update(
-                k,
-                sigma_hat,
-                &raised,
-                shape,
-                model_output,
-                model_shape,
-                state,
-                noise,
-                check_finite,
-                out,
-                pred_x0,
-            );
-        }
+        let raised;
+        let x = if churn_std > 0.0 {
+            let mut r = x.to_vec();
+            add_noise(&mut r, churn_std, noise, SIGMA_NOISE_STREAM + k as u64);
+            raised = r;
+            &raised
+        } else {
+            x
+        };
         self.update(
             k,
             sigma_hat,
