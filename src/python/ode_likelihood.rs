@@ -22,6 +22,16 @@ use crate::sample::sigma::{
     EDM_SIGMA_MIN,
 };
 
+/// Ctrl-C between steps of a solve that runs without the GIL.
+fn interrupted(_sigma: f64) -> crate::error::Result<()> {
+    Python::attach(|py| py.check_signals()).map_err(super::callback_error)
+}
+
+/// `f` without the GIL, on a pool that exists in a forked child too (candle's ops use rayon).
+fn released<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    py.detach(|| crate::kernels::in_pool(f))
+}
+
 /// Stream of the dequantisation noise.
 const DEQUANTIZE_STREAM: u32 = 0xDE0;
 
@@ -155,7 +165,9 @@ fn ode_bits_per_dim<'py>(
             )));
         }
         let mut flow = MixtureFlow { mixture: &mix };
-        ode_log_likelihood(&mut flow, &x, batch, &config, after)?
+        released(py, || {
+            ode_log_likelihood(&mut flow, &x, batch, &config, interrupted)
+        })?
     } else if let Some(m) = super::nn::model_of(model)? {
         m.check_input(&shape)?;
         let classes = m.config().num_classes();
@@ -169,7 +181,15 @@ fn ode_bits_per_dim<'py>(
             labels,
             probes,
         };
-        ode_log_likelihood(&mut flow as &mut dyn FlowField, &x, batch, &config, after)?
+        released(py, || {
+            ode_log_likelihood(
+                &mut flow as &mut dyn FlowField,
+                &x,
+                batch,
+                &config,
+                interrupted,
+            )
+        })?
     } else {
         let mut d = denoiser_for(model, labels, None, GuidanceArgs::NONE, batch)?;
         let sh = shape.clone();
