@@ -441,6 +441,16 @@ def test_progress_falls_back_to_a_text_bar_without_tqdm(monkeypatch, capsys):
     assert "sampling" in err and "4/4" in err
 
 
+def test_progress_with_total_zero_counts_steps_of_unknown_number(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    with progress(0, desc="adaptive") as bar:
+        for _ in range(7):
+            bar.update()
+    err = capsys.readouterr().err
+    assert "adaptive: 7 steps" in err and "/0" not in err
+
+
 @pytest.mark.parametrize("total", [-1, 2.5, True, "10"])
 def test_bad_progress_total_raises_value_error_naming_total(total):
     with pytest.raises(ValueError, match="total"):

@@ -16,25 +16,31 @@ class _TextBar:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self._last > 0.2 or self.n >= self.total:
+        if now - self._last > 0.2 or (self.total and self.n >= self.total):
             self._last = now
-            width = 30
-            done = int(width * self.n / max(self.total, 1))
             rate = self.n / max(now - self.start, 1e-9)
-            sys.stderr.write(
-                f"\r{self.desc}: [{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} {rate:.1f} it/s"
-            )
+            if not self.total:  # an unknown number of steps (adaptive solvers): a count
+                sys.stderr.write(f"\r{self.desc}: {self.n} steps {rate:.1f} it/s")
+            else:
+                width = 30
+                done = int(width * self.n / self.total)
+                sys.stderr.write(
+                    f"\r{self.desc}: [{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} {rate:.1f} it/s"
+                )
             sys.stderr.flush()
 
     def close(self) -> None:
+        if not self.total:
+            sys.stderr.write(f"\r{self.desc}: {self.n} steps")
         sys.stderr.write("\n")
         sys.stderr.flush()
 
 
 def progress_bar(total: int, desc: str = ""):
-    """A progress bar with ``update(n)`` and ``close()``."""
+    """A progress bar with ``update(n)`` and ``close()``; ``total=0``: an unknown number of
+    steps (a counter)."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return _TextBar(total, desc)
-    return tqdm(total=total, desc=desc)
+    return tqdm(total=total or None, desc=desc)

@@ -569,7 +569,8 @@ class _ClosingBar:
 def progress(total: int, desc: str = ""):
     """A progress bar over ``total`` steps with ``update(n=1)`` and ``close()``, usable as a
     context manager: ``tqdm.auto`` (a widget in Jupyter, text in a terminal) when tqdm is
-    installed, otherwise a plain text bar on stderr."""
+    installed, otherwise a plain text bar on stderr. ``total=0``: an unknown number of steps
+    (a counter, as for the adaptive solver)."""
     if isinstance(total, bool) or not isinstance(total, numbers.Integral) or total < 0:
         raise ValueError(f"total must be a non-negative integer, got {total!r}")
     bar = progress_bar(int(total), desc=str(desc))
