@@ -12,7 +12,6 @@ use super::oracles::PyGaussianMixture;
 use super::sampling::{denoiser_for, GuidanceArgs};
 use super::schedule::PySchedule;
 use crate::kernels::rng::philox4x32_10;
-use crate::sample::model_output_layout;
 use crate::sample::ode::likelihood::{
     ode_log_likelihood, rademacher, FiniteDifferenceFlow, FlowField, MixtureFlow,
     OdeLikelihoodConfig,
@@ -194,21 +193,7 @@ fn ode_bits_per_dim<'py>(
         let mut d = denoiser_for(model, labels, None, GuidanceArgs::NONE, batch)?;
         let sh = shape.clone();
         let g = &grid;
-        let mut denoise = |xs: &[f32], sigma: f64| -> crate::error::Result<Vec<f32>> {
-            let c = g.parameterization.c_in(sigma) as f32;
-            let input: Vec<f32> = xs.iter().map(|&v| v * c).collect();
-            let out = d.predict_continuous(&input, &sh, &vec![g.timestep_of(sigma); batch])?;
-            let (row, stride) = model_output_layout(&sh, &out.shape)?;
-            let (a, b) = g.parameterization.denoised_coefficients(sigma);
-            let mut dn = vec![0f32; xs.len()];
-            for r in 0..batch {
-                for j in 0..row {
-                    dn[r * row + j] =
-                        (a as f32) * xs[r * row + j] + (b as f32) * out.data[r * stride + j];
-                }
-            }
-            Ok(dn)
-        };
+        let mut denoise = |xs: &[f32], sigma: f64| g.denoise(d.as_mut(), xs, &sh, sigma);
         let mut flow = FiniteDifferenceFlow {
             denoise: &mut denoise,
             probes,

@@ -267,6 +267,36 @@ fn noise_arg<'py>(
     }
 }
 
+/// `{type, schedule, **kwargs}`: the dict of a sampler built from a schedule (or none) and
+/// its normalised constructor arguments.
+fn config_dict<'py>(
+    py: Python<'py>,
+    type_name: &str,
+    schedule: Option<&PySchedule>,
+    kwargs: &Py<PyDict>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("type", type_name)?;
+    match schedule {
+        Some(s) => d.set_item("schedule", s.to_dict(py)?)?,
+        None => d.set_item("schedule", py.None())?,
+    }
+    d.update(kwargs.bind(py).as_mapping())?;
+    Ok(d)
+}
+
+/// The constructor kwargs of `config_dict`'s output: `type` dropped, the schedule rebuilt.
+fn constructor_kwargs<'py>(d: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
+    let kw = d.copy()?;
+    let _ = kw.del_item("type");
+    if let Some(sd) = kw.get_item("schedule")? {
+        if let Ok(sd) = sd.cast::<PyDict>() {
+            kw.set_item("schedule", PySchedule::from_dict(sd)?)?;
+        }
+    }
+    Ok(kw)
+}
+
 #[pymethods]
 impl PySigmaSampler {
     /// The N + 1 noise levels (float64), decreasing; the last is 0 or σ_min.
@@ -483,15 +513,9 @@ impl PySigmaSampler {
     /// The sampler as a plain dict (JSON-serialisable): `type`, `schedule` and the
     /// constructor's arguments; `SigmaSampler.from_dict` rebuilds it.
     fn to_dict<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyDict>> {
-        let py = slf.py();
-        let d = PyDict::new(py);
-        d.set_item("type", slf.get_type().name()?)?;
-        match &slf.get().schedule {
-            Some(s) => d.set_item("schedule", s.to_dict(py)?)?,
-            None => d.set_item("schedule", py.None())?,
-        }
-        d.update(slf.get().kwargs.bind(py).as_mapping())?;
-        Ok(d)
+        let s = slf.get();
+        let name = slf.get_type().name()?.to_string();
+        config_dict(slf.py(), &name, s.schedule.as_ref(), &s.kwargs)
     }
 
     /// Rebuilds a sampler from `to_dict()`'s output (on the base class, the dict's `type`
@@ -502,9 +526,8 @@ impl PySigmaSampler {
         d: &Bound<'py, PyDict>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = cls.py();
-        let kw = d.copy()?;
-        let ty: Option<String> = kw.get_item("type")?.map(|v| v.extract()).transpose()?;
-        let _ = kw.del_item("type");
+        let ty: Option<String> = d.get_item("type")?.map(|v| v.extract()).transpose()?;
+        let kw = constructor_kwargs(d)?;
         let target = if cls.is(py.get_type::<PySigmaSampler>()) {
             let name = ty.ok_or_else(|| PyValueError::new_err("the dict has no 'type' key"))?;
             py.import("ferrodiff")?
@@ -513,11 +536,6 @@ impl PySigmaSampler {
         } else {
             cls.clone().into_any()
         };
-        if let Some(sd) = kw.get_item("schedule")? {
-            if let Ok(sd) = sd.cast::<PyDict>() {
-                kw.set_item("schedule", PySchedule::from_dict(sd)?)?;
-            }
-        }
         target.call((), Some(&kw))
     }
 
@@ -1138,14 +1156,7 @@ impl PyDpmAdaptive {
     }
 
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        d.set_item("type", "DPMAdaptive")?;
-        match &self.schedule {
-            Some(s) => d.set_item("schedule", s.to_dict(py)?)?,
-            None => d.set_item("schedule", py.None())?,
-        }
-        d.update(self.kwargs.bind(py).as_mapping())?;
-        Ok(d)
+        config_dict(py, "DPMAdaptive", self.schedule.as_ref(), &self.kwargs)
     }
 
     #[classmethod]
@@ -1153,14 +1164,7 @@ impl PyDpmAdaptive {
         cls: &Bound<'py, PyType>,
         d: &Bound<'py, PyDict>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let kw = d.copy()?;
-        let _ = kw.del_item("type");
-        if let Some(sd) = kw.get_item("schedule")? {
-            if let Ok(sd) = sd.cast::<PyDict>() {
-                kw.set_item("schedule", PySchedule::from_dict(sd)?)?;
-            }
-        }
-        cls.call((), Some(&kw))
+        cls.call((), Some(&constructor_kwargs(d)?))
     }
 
     fn __reduce__<'py>(

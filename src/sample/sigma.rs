@@ -507,6 +507,34 @@ impl SigmaGrid {
         }
     }
 
+    /// D(x, σ) from one call of `denoiser` at σ: the model sees c_in(σ) x at the timestep of
+    /// σ, and D = a x + b F of its output (the first C channels of a 2C-channel output).
+    pub fn denoise(
+        &self,
+        denoiser: &mut dyn crate::sample::Denoiser,
+        x: &[f32],
+        shape: &[usize],
+        sigma: f64,
+    ) -> Result<Vec<f32>> {
+        let p = self.parameterization;
+        let c_in = p.c_in(sigma) as f32;
+        let input: Vec<f32> = x.iter().map(|&v| v * c_in).collect();
+        let batch = shape.first().copied().unwrap_or(0);
+        let out =
+            denoiser.predict_continuous(&input, shape, &vec![self.timestep_of(sigma); batch])?;
+        crate::sample::engine::check_output(&out, shape)?;
+        let (row, stride) = crate::sample::model_output_layout(shape, &out.shape)?;
+        let (a, b) = p.denoised_coefficients(sigma);
+        let (a, b) = (a as f32, b as f32);
+        let mut d = vec![0f32; x.len()];
+        for r in 0..batch {
+            for j in 0..row {
+                d[r * row + j] = a * x[r * row + j] + b * out.data[r * stride + j];
+            }
+        }
+        Ok(d)
+    }
+
     fn check(&self) -> Result<()> {
         let s = &self.sigmas;
         let n = s.len() - 1;

@@ -8,8 +8,6 @@ use super::add_noise;
 use crate::error::{Error, Result};
 use crate::kernels::Noise;
 use crate::sample::denoiser::LoopHooks;
-use crate::sample::engine::check_output;
-use crate::sample::model_output_layout;
 use crate::sample::sigma::SigmaGrid;
 use crate::sample::Denoiser;
 use crate::value_error;
@@ -181,23 +179,8 @@ impl Model<'_> {
     }
 
     fn denoised(&mut self, x: &[f32], sigma: f64) -> Result<Vec<f32>> {
-        let p = self.grid.parameterization;
-        let c_in = p.c_in(sigma) as f32;
-        let input: Vec<f32> = x.iter().map(|&v| v * c_in).collect();
-        let batch = self.shape[0];
-        let t = vec![self.grid.timestep_of(sigma); batch];
-        let out = self.denoiser.predict_continuous(&input, self.shape, &t)?;
-        check_output(&out, self.shape)?;
+        let d = self.grid.denoise(self.denoiser, x, self.shape, sigma)?;
         self.nfe += 1;
-        let (row, stride) = model_output_layout(self.shape, &out.shape)?;
-        let (a, b) = p.denoised_coefficients(sigma);
-        let (a, b) = (a as f32, b as f32);
-        let mut d = vec![0f32; x.len()];
-        for r in 0..batch {
-            for j in 0..row {
-                d[r * row + j] = a * x[r * row + j] + b * out.data[r * stride + j];
-            }
-        }
         Ok(d)
     }
 }
