@@ -2,6 +2,7 @@
 //! mapping. No math here: every computation is a call into the core.
 
 mod arrays;
+mod distill;
 mod langevin;
 mod losses;
 mod metrics;
@@ -89,5 +90,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     langevin::register(m)?;
     metrics::register(m)?;
     nn::register(m)?;
+    distill::register(m)?;
     Ok(())
 }

@@ -22,7 +22,7 @@ fn detach<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
     py.detach(|| crate::kernels::in_pool(f))
 }
 
-fn json_dumps(obj: &Bound<'_, PyAny>) -> PyResult<String> {
+pub(crate) fn json_dumps(obj: &Bound<'_, PyAny>) -> PyResult<String> {
     obj.py()
         .import("json")?
         .call_method1("dumps", (obj,))?
@@ -33,7 +33,7 @@ fn json_loads<'py>(py: Python<'py>, s: &str) -> PyResult<Bound<'py, PyAny>> {
     py.import("json")?.call_method1("loads", (s,))
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> PyResult<String> {
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> PyResult<String> {
     serde_json::to_string(v).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
@@ -457,17 +457,17 @@ impl TrainHooks for PyTrainHooks<'_> {
 /// EMA, any loss of `ferrodiff.losses`, checkpoints that resume exactly.
 #[pyclass(name = "Trainer", module = "ferrodiff")]
 pub struct PyTrainer {
-    inner: Trainer,
+    pub(crate) inner: Trainer,
 }
 
 #[pymethods]
 impl PyTrainer {
     #[new]
-    #[pyo3(signature = (model, schedule, data, labels=None, *, context=None, batch_size=128, lr=1e-3, lr_schedule="constant", warmup_steps=0, total_steps=0, grad_clip=Some(1.0), weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, ema_decay=0.9999, ema_power=0.75, ema_warmup=true, ema_update_after_step=0, prediction="epsilon", loss="mse", weighting="uniform", min_snr_gamma=5.0, timestep_sampling="uniform", class_dropout=0.0, bins=256, seed=0))]
+    #[pyo3(signature = (model, schedule, data, labels=None, *, context=None, batch_size=128, lr=1e-3, lr_schedule="constant", warmup_steps=0, total_steps=0, grad_clip=Some(1.0), weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, ema_decay=0.9999, ema_power=0.75, ema_warmup=true, ema_update_after_step=0, prediction="epsilon", loss="mse", weighting="uniform", min_snr_gamma=5.0, timestep_sampling="uniform", class_dropout=0.0, bins=256, seed=0, objective="diffusion", objective_options=None, teacher=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         model: &Bound<'_, PyModel>,
-        schedule: &Bound<'_, PySchedule>,
+        schedule: Option<&Bound<'_, PySchedule>>,
         data: &Bound<'_, PyAny>,
         labels: Option<&Bound<'_, PyAny>>,
         context: Option<&Bound<'_, PyAny>>,
@@ -492,7 +492,13 @@ impl PyTrainer {
         class_dropout: f64,
         bins: u32,
         seed: u64,
+        objective: &str,
+        objective_options: Option<&Bound<'_, PyDict>>,
+        teacher: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let objective = super::distill::objective_arg(objective, objective_options)?;
+        let schedule = super::distill::schedule_for(&objective, schedule)?;
+        let teacher = teacher.map(super::distill::teacher_arg).transpose()?;
         let config = TrainConfig {
             batch_size,
             lr,
@@ -521,6 +527,7 @@ impl PyTrainer {
             class_dropout,
             bins,
             seed,
+            objective,
         };
         let (values, shape) = data_arg(data)?;
         let model = model.get().inner.clone();
@@ -541,15 +548,8 @@ impl PyTrainer {
             None => None,
         };
         Ok(PyTrainer {
-            inner: Trainer::new(
-                model,
-                schedule.get().inner.clone(),
-                config,
-                values,
-                shape,
-                labels,
-            )?
-            .with_context(context)?,
+            inner: Trainer::with_teacher(model, schedule, config, values, shape, labels, teacher)?
+                .with_context(context)?,
         })
     }
 
@@ -612,13 +612,15 @@ impl PyTrainer {
     /// Continues a run from its checkpoint with the same data (and labels, contexts) it was
     /// trained on.
     #[staticmethod]
-    #[pyo3(signature = (path, data, labels=None, *, context=None))]
+    #[pyo3(signature = (path, data, labels=None, *, context=None, teacher=None))]
     fn resume(
         path: PathBuf,
         data: &Bound<'_, PyAny>,
         labels: Option<&Bound<'_, PyAny>>,
         context: Option<&Bound<'_, PyAny>>,
+        teacher: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let teacher = teacher.map(super::distill::teacher_arg).transpose()?;
         let (values, shape) = data_arg(data)?;
         let per: usize = shape.iter().product();
         let labels = match labels {
@@ -628,7 +630,8 @@ impl PyTrainer {
             }
             None => None,
         };
-        let trainer = Trainer::resume(&path, values, shape, labels, &Device::Cpu)?;
+        let trainer =
+            Trainer::resume_with_teacher(&path, values, shape, labels, &Device::Cpu, teacher)?;
         let context = match context {
             Some(c) => {
                 let c = context_arg(c, trainer.model(), Some(trainer.count()))?;
@@ -701,11 +704,32 @@ impl PyTrainer {
         Ok(())
     }
 
+    /// The objective's name ("diffusion", "progressive_distillation",
+    /// "consistency_distillation" or "consistency_training").
+    #[getter]
+    fn objective(&self) -> &'static str {
+        self.inner.config.objective.name()
+    }
+
     fn __repr__(&self) -> String {
+        let objective = match &self.inner.config.objective {
+            train::ObjectiveConfig::Diffusion => String::new(),
+            o => format!(", objective={:?}", o.name()),
+        };
         format!(
-            "ferrodiff.Trainer(step={}, batch_size={}, lr={})",
+            "ferrodiff.Trainer(step={}, batch_size={}, lr={}{objective})",
             self.inner.step, self.inner.config.batch_size, self.inner.config.lr
         )
+    }
+
+    /// (σ_min, σ_max, σ_data, ρ) of a consistency objective, else None.
+    #[getter]
+    fn _consistency_params(&self) -> Option<(f64, f64, f64, f64)> {
+        self.inner
+            .config
+            .objective
+            .consistency_params()
+            .map(|p| (p.sigma_min, p.sigma_max, p.sigma_data, p.rho))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Samplers. A step is a handful of scalar coefficients from the schedule (computed in f64, per
 //! row) plus one fused pass over the data (`kernels::fused_step`).
 
+pub mod consistency;
 mod ddim;
 mod ddpm;
 mod denoiser;

@@ -10,8 +10,12 @@
 
 pub mod adamw;
 pub mod checkpoint;
+pub mod consistency;
+pub mod distill;
 pub mod ema;
 pub mod lr;
+pub mod objective;
+pub mod teacher;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,20 +26,21 @@ use serde::{Deserialize, Serialize};
 pub use adamw::{AdamW, AdamWConfig};
 pub use ema::{Ema, EmaConfig};
 pub use lr::{lr_factor, LrDecay};
+pub use objective::{Batch, Objective, ObjectiveConfig, ObjectiveState};
+pub use teacher::{ExternalTeacher, Teacher, TeacherNet};
 
 use crate::diffusion::{q_sample, Prediction};
 use crate::error::{Error, Result};
 use crate::kernels::rng::fill_normal;
-use crate::loss::tensors as lt;
-use crate::loss::weights::{Target, Weighting};
-use crate::loss::{TimestepSampler, TimestepSampling, HISTORY_PER_TERM, UNIFORM_PROB};
+use crate::loss::weights::Weighting;
+use crate::loss::TimestepSampling;
 use crate::nn::params::uniforms;
 use crate::nn::{Ctx, Model, ModelConfig};
 use crate::schedule::Schedule;
 use crate::{shape_error, value_error};
 
 /// Generator streams of the training randomness (far from the samplers' timestep streams).
-const NOISE_STREAM: u64 = 1 << 62;
+pub(crate) const NOISE_STREAM: u64 = 1 << 62;
 const SHUFFLE_STREAM: u64 = (1 << 62) + (1 << 61);
 const CLASS_DROP_STREAM: u64 = (1 << 62) + (1 << 60);
 
@@ -71,6 +76,8 @@ pub struct TrainConfig {
     /// Bins of the discretized decoder of the hybrid loss (256 for 8-bit data).
     pub bins: u32,
     pub seed: u64,
+    /// The objective: the diffusion loss (default), distillation or consistency.
+    pub objective: ObjectiveConfig,
 }
 
 impl Default for TrainConfig {
@@ -92,15 +99,12 @@ impl Default for TrainConfig {
             class_dropout: 0.0,
             bins: 256,
             seed: 0,
+            objective: ObjectiveConfig::Diffusion,
         }
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum LossKind {
-    Mse,
-    Hybrid,
-}
+use objective::LossKind;
 
 /// Parsed, validated settings.
 struct Settings {
@@ -165,6 +169,23 @@ impl TrainConfig {
                 "timestep_sampling must be 'uniform' or 'loss_second_moment', got {other:?}"
             ),
         };
+        if self.objective != ObjectiveConfig::Diffusion {
+            let name = self.objective.name();
+            if loss != LossKind::Mse || model.learn_sigma() {
+                value_error!(
+                    "the {name} objective trains a model without learned variances (loss='mse', \
+                     learn_sigma=False)"
+                );
+            }
+            if sampling != TimestepSampling::Uniform {
+                value_error!(
+                    "the {name} objective draws its own levels: use timestep_sampling='uniform'"
+                );
+            }
+            if model.context_dim() > 0 {
+                value_error!("the {name} objective does not support cross-attention models yet");
+            }
+        }
         Ok(Settings {
             prediction: Prediction::parse(&self.prediction)?,
             weighting: Weighting::parse(&self.weighting, self.min_snr_gamma)?,
@@ -193,9 +214,16 @@ struct TrainState {
     step: u64,
     optimizer_steps: u64,
     ema_steps: u64,
-    sampler_losses: Vec<f64>,
-    sampler_counts: Vec<usize>,
-    sampler_draws: u64,
+    /// The objective's state (checkpoints before the objective trait kept the diffusion
+    /// loss's importance sampler in the `sampler_*` fields, which are still read).
+    #[serde(default)]
+    objective: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sampler_losses: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sampler_counts: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sampler_draws: Option<u64>,
     losses: Vec<f32>,
     data_count: usize,
     data_shape: Vec<usize>,
@@ -211,12 +239,11 @@ struct ScheduleRecord {
 
 pub struct Trainer {
     pub config: TrainConfig,
-    settings: Settings,
     schedule: Schedule,
     model: Model,
     optimizer: AdamW,
     ema: Ema,
-    timestep_sampler: TimestepSampler,
+    objective: Box<dyn Objective>,
     data: Vec<f32>,
     data_shape: Vec<usize>,
     count: usize,
@@ -242,6 +269,19 @@ impl Trainer {
         data: Vec<f32>,
         data_shape: Vec<usize>,
         labels: Option<Vec<u32>>,
+    ) -> Result<Self> {
+        Self::with_teacher(model, schedule, config, data, data_shape, labels, None)
+    }
+
+    /// As [`Trainer::new`] for an objective that distils `teacher` (a model of `schedule`).
+    pub fn with_teacher(
+        model: Model,
+        schedule: Schedule,
+        config: TrainConfig,
+        data: Vec<f32>,
+        data_shape: Vec<usize>,
+        labels: Option<Vec<u32>>,
+        teacher: Option<TeacherNet>,
     ) -> Result<Self> {
         let settings = config.settings(model.config())?;
         let want = model.config().data_shape();
@@ -289,20 +329,15 @@ impl Trainer {
         let params = model.params().named_vars();
         let optimizer = AdamW::new(params.clone(), config.optimizer)?;
         let ema = Ema::new(&params, config.ema)?;
-        let timestep_sampler = TimestepSampler::new(
-            settings.sampling,
-            schedule.len(),
-            HISTORY_PER_TERM,
-            UNIFORM_PROB,
-        )?;
+        let objective =
+            build_objective(&config, settings, &schedule, &model, &data_shape, teacher)?;
         Ok(Trainer {
             config,
-            settings,
             schedule,
             model,
             optimizer,
             ema,
-            timestep_sampler,
+            objective,
             data,
             data_shape,
             count,
@@ -434,21 +469,9 @@ impl Trainer {
                 }
             }
         }
-        let (t, importance) = self
-            .timestep_sampler
-            .sample(b, seed ^ s.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut noise = vec![0f32; b * per];
-        fill_normal(seed, NOISE_STREAM + s, 0, &mut noise);
         let mut shape = vec![b];
         shape.extend_from_slice(&self.data_shape);
-        let mut x_t = vec![0f32; b * per];
-        q_sample(&self.schedule, &shape, &x0, &t, &noise, &mut x_t)?;
-
         let dev = self.model.device().clone();
-        let x0 = Tensor::from_vec(x0, shape.as_slice(), &dev)?;
-        let noise = Tensor::from_vec(noise, shape.as_slice(), &dev)?;
-        let x_t = Tensor::from_vec(x_t, shape.as_slice(), &dev)?;
-        let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
         let context = match (context, self.context.as_ref()) {
             (Some(c), Some((_, len))) => Some(Tensor::from_vec(
                 c,
@@ -457,52 +480,19 @@ impl Trainer {
             )?),
             _ => None,
         };
-        let cond = crate::nn::Cond {
+        let batch = Batch {
+            x0: &x0,
+            shape: &shape,
             labels: labels.as_deref(),
             context: context.as_ref(),
-            null_context: if context.is_some() {
-                dropped.as_deref()
-            } else {
-                None
-            },
+            null_context: dropped.as_deref(),
+            step: s,
+            seed,
         };
-        let out = self
-            .model
-            .forward_cond(&x_t, &tf, &cond, &Ctx::train(seed, s))?;
-        let per_sample = match self.settings.loss {
-            LossKind::Mse => {
-                let p = self.settings.prediction;
-                let target = lt::training_target(&self.schedule, &x0, &noise, &t, p)?;
-                let target_kind = match p {
-                    Prediction::Epsilon => Target::Epsilon,
-                    Prediction::X0 => Target::X0,
-                    Prediction::V => Target::V,
-                };
-                let w = match self.settings.weighting {
-                    Weighting::Uniform => None,
-                    ref kind => Some(lt::loss_weights(
-                        &self.schedule,
-                        &t,
-                        kind,
-                        target_kind,
-                        &x0,
-                    )?),
-                };
-                lt::simple_loss(&out, &target, w.as_ref())?
-            }
-            LossKind::Hybrid => lt::hybrid_loss(
-                &self.schedule,
-                &x0,
-                &x_t,
-                &noise,
-                &t,
-                &out,
-                self.settings.prediction,
-                self.config.bins,
-            )?,
-        };
-        let iw: Vec<f32> = importance.iter().map(|&w| w as f32).collect();
-        let loss = (&per_sample * Tensor::from_vec(iw, b, &dev)?)?.mean_all()?;
+        let per_sample =
+            self.objective
+                .per_sample_loss(&self.model, &batch, &Ctx::train(seed, s))?;
+        let loss = per_sample.mean_all()?;
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
             value_error!(
@@ -511,14 +501,7 @@ impl Trainer {
             );
         }
         let grads = loss.backward()?;
-        if self.settings.sampling == TimestepSampling::LossSecondMoment {
-            let l: Vec<f64> = per_sample
-                .to_vec1::<f32>()?
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
-            self.timestep_sampler.update(&t, &l)?;
-        }
+        self.objective.after_loss()?;
         let scale = match self.config.grad_clip {
             Some(max) => {
                 let norm = self.optimizer.grad_norm(&grads)?;
@@ -533,6 +516,7 @@ impl Trainer {
         let lr = self.current_lr();
         self.optimizer.step(&grads, lr, scale)?;
         self.ema.update(&self.model.params().named_vars())?;
+        self.objective.after_step(&self.model)?;
         self.step += 1;
         self.losses.push(value);
         Ok(value)
@@ -561,19 +545,25 @@ impl Trainer {
         Ok(())
     }
 
-    fn state(&self) -> TrainState {
+    fn state(&self, objective: serde_json::Value) -> TrainState {
         TrainState {
             step: self.step,
             optimizer_steps: self.optimizer.steps,
             ema_steps: self.ema.optimization_step,
-            sampler_losses: self.timestep_sampler.losses.clone(),
-            sampler_counts: self.timestep_sampler.counts.clone(),
-            sampler_draws: self.timestep_sampler.draws,
+            objective,
+            sampler_losses: None,
+            sampler_counts: None,
+            sampler_draws: None,
             losses: self.losses.clone(),
             data_count: self.count,
             data_shape: self.data_shape.clone(),
             extra: self.extra.clone(),
         }
+    }
+
+    /// The objective (its target network, teacher, sampler state).
+    pub fn objective(&self) -> &dyn Objective {
+        self.objective.as_ref()
     }
 
     /// Saves a checkpoint: to `path` if it names a `.safetensors` file, else into the run
@@ -584,6 +574,8 @@ impl Trainer {
         checkpoint::add_prefixed(&mut tensors, "model", self.model.params().tensors()?);
         checkpoint::add_prefixed(&mut tensors, "ema", self.ema.tensors()?);
         checkpoint::add_prefixed(&mut tensors, "optimizer", self.optimizer.state_tensors()?);
+        let objective = self.objective.state()?;
+        checkpoint::add_prefixed(&mut tensors, "objective", objective.tensors);
         let schedule = ScheduleRecord {
             name: self.schedule.name.clone(),
             betas: self.schedule.betas.clone(),
@@ -595,7 +587,10 @@ impl Trainer {
             checkpoint::to_json(self.model.config())?,
         );
         meta.insert("train".to_string(), checkpoint::to_json(&self.config)?);
-        meta.insert("state".to_string(), checkpoint::to_json(&self.state())?);
+        meta.insert(
+            "state".to_string(),
+            checkpoint::to_json(&self.state(objective.json))?,
+        );
         meta.insert("schedule".to_string(), checkpoint::to_json(&schedule)?);
         checkpoint::save(&file, &tensors, meta)?;
         if let Some(folder) = folder {
@@ -622,6 +617,19 @@ impl Trainer {
         labels: Option<Vec<u32>>,
         device: &Device,
     ) -> Result<Self> {
+        Self::resume_with_teacher(path, data, data_shape, labels, device, None)
+    }
+
+    /// As [`Trainer::resume`]; a distillation run whose teacher the checkpoint does not hold
+    /// (an external teacher) needs it again as `teacher`.
+    pub fn resume_with_teacher(
+        path: &Path,
+        data: Vec<f32>,
+        data_shape: Vec<usize>,
+        labels: Option<Vec<u32>>,
+        device: &Device,
+        teacher: Option<TeacherNet>,
+    ) -> Result<Self> {
         let (file, _) = checkpoint_path(path);
         let (tensors, meta) = checkpoint::load(&file, device)?;
         let model_config: ModelConfig = checkpoint::json_entry(&file, &meta, "model")?;
@@ -645,7 +653,31 @@ impl Trainer {
                 state.data_shape
             );
         }
-        let mut trainer = Trainer::new(model, schedule, config, data, data_shape, labels)?;
+        let what = file.display().to_string();
+        let objective_json = match (state.objective, state.sampler_losses) {
+            (serde_json::Value::Null, Some(losses)) => serde_json::json!({
+                "sampler_losses": losses,
+                "sampler_counts": state.sampler_counts.unwrap_or_default(),
+                "sampler_draws": state.sampler_draws.unwrap_or_default(),
+            }),
+            (v, _) => v,
+        };
+        let objective_state = ObjectiveState {
+            tensors: checkpoint::with_prefix(&tensors, "objective"),
+            json: objective_json,
+        };
+        let teacher = match teacher {
+            Some(t) => Some(t),
+            None => distill::teacher_from_state(&objective_state, &what)?.map(TeacherNet::Model),
+        };
+        if config.objective.needs_teacher() && teacher.is_none() {
+            value_error!(
+                "{what} distils an external teacher that the checkpoint cannot hold: pass the \
+                 teacher again to resume"
+            );
+        }
+        let mut trainer =
+            Trainer::with_teacher(model, schedule, config, data, data_shape, labels, teacher)?;
         trainer.optimizer.load_state(
             &checkpoint::with_prefix(&tensors, "optimizer"),
             state.optimizer_steps,
@@ -653,18 +685,7 @@ impl Trainer {
         trainer
             .ema
             .load(&checkpoint::with_prefix(&tensors, "ema"), state.ema_steps)?;
-        let ts = &mut trainer.timestep_sampler;
-        if state.sampler_losses.len() != ts.losses.len()
-            || state.sampler_counts.len() != ts.counts.len()
-        {
-            return Err(Error::BadFile {
-                path: file.display().to_string(),
-                message: "the timestep sampler's history does not match the schedule".into(),
-            });
-        }
-        ts.losses = state.sampler_losses;
-        ts.counts = state.sampler_counts;
-        ts.draws = state.sampler_draws;
+        trainer.objective.load_state(objective_state, &what)?;
         trainer.step = state.step;
         trainer.losses = state.losses;
         trainer.extra = state.extra;
@@ -891,3 +912,61 @@ pub fn load_classifier(path: &Path) -> Result<(crate::nn::Classifier, Option<Sch
 
 #[cfg(test)]
 mod tests;
+
+/// The objective a configuration asks for.
+fn build_objective(
+    config: &TrainConfig,
+    settings: Settings,
+    schedule: &Schedule,
+    model: &Model,
+    data_shape: &[usize],
+    teacher: Option<TeacherNet>,
+) -> Result<Box<dyn Objective>> {
+    let name = config.objective.name();
+    let teacher = match (config.objective.needs_teacher(), teacher) {
+        (true, None) => value_error!("the {name} objective needs a teacher"),
+        (false, Some(_)) => value_error!("the {name} objective takes no teacher"),
+        (_, t) => t,
+    };
+    let classes = model.config().num_classes();
+    let dims: usize = data_shape.iter().product();
+    let make_teacher = |net: TeacherNet, prediction: &str, guidance: Option<f64>| {
+        Teacher::new(
+            net,
+            Prediction::parse(prediction)?,
+            guidance,
+            schedule,
+            classes,
+            data_shape,
+        )
+    };
+    Ok(match (&config.objective, teacher) {
+        (ObjectiveConfig::Diffusion, _) => Box::new(objective::DiffusionObjective::new(
+            schedule.clone(),
+            settings.prediction,
+            settings.weighting,
+            settings.loss,
+            settings.sampling,
+            config.bins,
+        )?),
+        (ObjectiveConfig::ProgressiveDistillation(c), Some(net)) => {
+            let teacher = make_teacher(net, &c.teacher_prediction, c.guidance)?;
+            Box::new(distill::ProgressiveObjective::new(
+                c.clone(),
+                teacher,
+                settings.prediction,
+                schedule,
+            )?)
+        }
+        (ObjectiveConfig::ConsistencyDistillation(c), Some(net)) => {
+            let teacher = make_teacher(net, &c.teacher_prediction, c.guidance)?;
+            Box::new(consistency::ConsistencyObjective::distillation(
+                c, teacher, model, dims,
+            )?)
+        }
+        (ObjectiveConfig::ConsistencyTraining(c), _) => Box::new(
+            consistency::ConsistencyObjective::training(c, model, dims, config.total_steps)?,
+        ),
+        (_, None) => value_error!("the {name} objective needs a teacher"),
+    })
+}

@@ -1,0 +1,308 @@
+//! Progressive distillation (Salimans & Ho 2022, Algorithm 2): a student that takes N DDIM
+//! steps learns to match two DDIM steps of its teacher, so each round halves the steps.
+//!
+//! Time runs on the teacher's discrete schedule of T steps. Level i of an N-step student
+//! (i = 1..N) sits at the real timestep t_i = i T/N − 1 (the "trailing" DDIM grid), level 0 is
+//! clean data; σ at a fractional timestep is linear in log σ between trained timesteps, so the
+//! σ samplers' `timestep_mode="interpolate"` call the model at exactly t_i. The teacher steps
+//! t_i → t_{i−1/2} → t_{i−1} (its own 2N-step grid), the target is
+//! x̃ = (z'' − (σ''/σ) z_t) / (α'' − (σ''/σ) α_t), and the student's x̂(z_t) is fitted to x̃ with
+//! the truncated-SNR weight max(SNR, 1) on the x0 error.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::objective::{per_row, Batch, Objective, ObjectiveState};
+use super::teacher::Teacher;
+use crate::diffusion::{x0_coefficients, Prediction};
+use crate::error::Result;
+use crate::loss::tensors::mean_flat;
+use crate::nn::params::uniforms;
+use crate::nn::{Ctx, Model};
+use crate::sample::sigma::schedule_sigmas;
+use crate::schedule::Schedule;
+use crate::value_error;
+
+/// Generator stream of the levels drawn for each row.
+const LEVEL_STREAM: u64 = (1 << 62) + (1 << 59);
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProgressiveConfig {
+    /// N: the steps the student learns to take (the teacher takes 2N).
+    pub student_steps: usize,
+    /// What the teacher predicts: "epsilon", "x0" or "v".
+    pub teacher_prediction: String,
+    /// Classifier-free guidance of the teacher distilled into the student (None: none).
+    pub guidance: Option<f64>,
+}
+
+impl Default for ProgressiveConfig {
+    fn default() -> Self {
+        ProgressiveConfig {
+            student_steps: 32,
+            teacher_prediction: "epsilon".into(),
+            guidance: None,
+        }
+    }
+}
+
+impl ProgressiveConfig {
+    pub fn validate(&self, schedule_len: usize) -> Result<()> {
+        if self.student_steps == 0 || 2 * self.student_steps > schedule_len {
+            value_error!(
+                "student_steps must be in [1, T/2] = [1, {}] (the teacher's half steps must fall \
+                 on the schedule), got {}",
+                schedule_len / 2,
+                self.student_steps
+            );
+        }
+        Prediction::parse(&self.teacher_prediction)?;
+        Ok(())
+    }
+}
+
+/// The real timestep of level `i` (i in (0, N]) of an N-step grid on T trained timesteps.
+pub fn level_timestep(schedule_len: usize, steps: usize, i: f64) -> f64 {
+    i * schedule_len as f64 / steps as f64 - 1.0
+}
+
+/// σ at a real timestep t in [0, T−1], linear in log σ between trained timesteps (the inverse
+/// of `sample::sigma::sigma_to_t`).
+pub fn sigma_at_timestep(log_sigmas: &[f64], t: f64) -> f64 {
+    let last = log_sigmas.len() - 1;
+    let t = t.clamp(0.0, last as f64);
+    let i = (t.floor() as usize).min(last.saturating_sub(1));
+    let w = t - i as f64;
+    let hi = log_sigmas[(i + 1).min(last)];
+    (log_sigmas[i] + w * (hi - log_sigmas[i])).exp()
+}
+
+/// The N + 1 σ levels of an N-step distilled student, from σ(t_N) down to 0: pass them to a σ
+/// sampler (`Euler(schedule, sigmas=...)`, which is DDIM in σ space) to sample the student.
+pub fn student_sigmas(schedule: &Schedule, steps: usize) -> Result<Vec<f64>> {
+    if steps == 0 || 2 * steps > schedule.len() {
+        value_error!(
+            "steps must be in [1, T/2] = [1, {}], got {steps}",
+            schedule.len() / 2
+        );
+    }
+    let ls: Vec<f64> = schedule_sigmas(schedule).iter().map(|s| s.ln()).collect();
+    let mut s: Vec<f64> = (1..=steps)
+        .rev()
+        .map(|i| sigma_at_timestep(&ls, level_timestep(schedule.len(), steps, i as f64)))
+        .collect();
+    s.push(0.0);
+    Ok(s)
+}
+
+/// (α, σ) of the variance-preserving process at the σ-space level σ (α = 1/√(1+σ²)).
+fn vp(sigma: f64) -> (f64, f64) {
+    let a = 1.0 / (1.0 + sigma * sigma).sqrt();
+    (a, sigma * a)
+}
+
+/// The distillation target x̃ of one row (Salimans & Ho 2022, Algorithm 2):
+/// x̃ = (z'' − (σ''/σ) z_t) / (α'' − (σ''/σ) α_t), all at the variance-preserving scale.
+pub fn distillation_target(
+    z_t: &[f32],
+    (alpha, sigma): (f64, f64),
+    z_pp: &[f32],
+    (alpha_pp, sigma_pp): (f64, f64),
+) -> Vec<f32> {
+    let r = sigma_pp / sigma;
+    let den = alpha_pp - r * alpha;
+    z_t.iter()
+        .zip(z_pp)
+        .map(|(&z, &zpp)| ((zpp as f64 - r * z as f64) / den) as f32)
+        .collect()
+}
+
+/// One DDIM step (η = 0) of row data z at (α, σ) to (α', σ') given the prediction x̂:
+/// z' = α' x̂ + (σ'/σ)(z − α x̂).
+pub fn ddim_step(z: &[f32], x0: &[f32], (a, s): (f64, f64), (a2, s2): (f64, f64)) -> Vec<f32> {
+    let r = s2 / s;
+    z.iter()
+        .zip(x0)
+        .map(|(&zv, &xv)| (a2 * xv as f64 + r * (zv as f64 - a * xv as f64)) as f32)
+        .collect()
+}
+
+pub struct ProgressiveObjective {
+    config: ProgressiveConfig,
+    teacher: Teacher,
+    student_prediction: Prediction,
+    schedule_len: usize,
+    log_sigmas: Vec<f64>,
+}
+
+impl ProgressiveObjective {
+    pub fn new(
+        config: ProgressiveConfig,
+        teacher: Teacher,
+        student_prediction: Prediction,
+        schedule: &Schedule,
+    ) -> Result<Self> {
+        config.validate(schedule.len())?;
+        Ok(ProgressiveObjective {
+            config,
+            teacher,
+            student_prediction,
+            schedule_len: schedule.len(),
+            log_sigmas: schedule_sigmas(schedule).iter().map(|s| s.ln()).collect(),
+        })
+    }
+
+    pub fn teacher(&self) -> &Teacher {
+        &self.teacher
+    }
+
+    /// σ of level i (0: clean) of the grid with `steps` steps.
+    fn sigma(&self, steps: usize, i: f64) -> f64 {
+        if i <= 0.0 {
+            0.0
+        } else {
+            sigma_at_timestep(
+                &self.log_sigmas,
+                level_timestep(self.schedule_len, steps, i),
+            )
+        }
+    }
+}
+
+impl Objective for ProgressiveObjective {
+    fn per_sample_loss(&mut self, model: &Model, batch: &Batch, ctx: &Ctx) -> Result<Tensor> {
+        let n = self.config.student_steps;
+        let (b, row) = (batch.rows(), batch.per_sample());
+        let u = uniforms(batch.seed, LEVEL_STREAM ^ batch.step, b);
+        let levels: Vec<usize> = u
+            .iter()
+            .map(|&v| ((v as f64 * n as f64) as usize).min(n - 1) + 1)
+            .collect();
+        let eps = batch.noise();
+        let mut z_t = Vec::with_capacity(b * row);
+        let mut t_student = Vec::with_capacity(b);
+        let (mut s_t, mut s_h, mut s_e) = (vec![], vec![], vec![]);
+        for (r, &i) in levels.iter().enumerate() {
+            let (st, sh, se) = (
+                self.sigma(n, i as f64),
+                self.sigma(n, i as f64 - 0.5),
+                self.sigma(n, i as f64 - 1.0),
+            );
+            let (a, s) = vp(st);
+            let (x, e) = (
+                &batch.x0[r * row..(r + 1) * row],
+                &eps[r * row..(r + 1) * row],
+            );
+            z_t.extend(
+                x.iter()
+                    .zip(e)
+                    .map(|(&xv, &ev)| (a * xv as f64 + s * ev as f64) as f32),
+            );
+            t_student.push(level_timestep(self.schedule_len, n, i as f64) as f32);
+            s_t.push(st);
+            s_h.push(sh);
+            s_e.push(se);
+        }
+        // Two teacher DDIM steps in σ space: D at (z/α, σ) is the teacher's x̂.
+        let ve = |z: &[f32], sig: &[f64]| -> Vec<f32> {
+            let mut out = Vec::with_capacity(z.len());
+            for (r, &s) in sig.iter().enumerate() {
+                let inv_a = (1.0 + s * s).sqrt() as f32;
+                out.extend(z[r * row..(r + 1) * row].iter().map(|&v| v * inv_a));
+            }
+            out
+        };
+        let x1 = self
+            .teacher
+            .denoise(&ve(&z_t, &s_t), batch.shape, &s_t, batch.labels)?;
+        let mut z_h = Vec::with_capacity(z_t.len());
+        for r in 0..b {
+            let sl = r * row..(r + 1) * row;
+            z_h.extend(ddim_step(&z_t[sl.clone()], &x1[sl], vp(s_t[r]), vp(s_h[r])));
+        }
+        let x2 = self
+            .teacher
+            .denoise(&ve(&z_h, &s_h), batch.shape, &s_h, batch.labels)?;
+        let mut target = Vec::with_capacity(z_t.len());
+        let mut weights = Vec::with_capacity(b);
+        for r in 0..b {
+            let sl = r * row..(r + 1) * row;
+            let z_e = ddim_step(&z_h[sl.clone()], &x2[sl.clone()], vp(s_h[r]), vp(s_e[r]));
+            target.extend(distillation_target(&z_t[sl], vp(s_t[r]), &z_e, vp(s_e[r])));
+            let (a, s) = vp(s_t[r]);
+            weights.push(((a * a) / (s * s)).max(1.0));
+        }
+        // The student's x̂ from its own parameterisation at ᾱ = α².
+        let dev = model.device();
+        let zt = Tensor::from_vec(z_t, batch.shape, dev)?;
+        let out = model.forward_cond(&zt, &t_student, &batch.cond(), ctx)?;
+        let out = out.narrow(1, 0, batch.shape[1])?;
+        let (cx, co): (Vec<f64>, Vec<f64>) = s_t
+            .iter()
+            .map(|&s| x0_coefficients(self.student_prediction, vp(s).0.powi(2)))
+            .unzip();
+        let x_hat =
+            (zt.broadcast_mul(&per_row(&cx, &zt)?)? + out.broadcast_mul(&per_row(&co, &out)?)?)?;
+        let target = Tensor::from_vec(target, batch.shape, dev)?;
+        let l = mean_flat(&(x_hat - target)?.sqr()?)?;
+        let w: Vec<f32> = weights.iter().map(|&v| v as f32).collect();
+        Ok((l * Tensor::from_vec(w, b, dev)?)?)
+    }
+
+    fn state(&self) -> Result<ObjectiveState> {
+        teacher_state(&self.teacher)
+    }
+
+    fn load_state(&mut self, state: ObjectiveState, what: &str) -> Result<()> {
+        load_teacher_state(&mut self.teacher, state, what)
+    }
+}
+
+/// The teacher's weights (a model teacher) as objective state: `teacher.*` tensors and its
+/// configuration, so a resumed run needs nothing but the checkpoint.
+pub(crate) fn teacher_state(teacher: &Teacher) -> Result<ObjectiveState> {
+    let mut state = ObjectiveState::default();
+    if let Some(m) = teacher.model() {
+        super::checkpoint::add_prefixed(&mut state.tensors, "teacher", m.params().tensors()?);
+        state.json = serde_json::json!({ "teacher_model": m.config() });
+    }
+    Ok(state)
+}
+
+pub(crate) fn load_teacher_state(
+    teacher: &mut Teacher,
+    state: ObjectiveState,
+    what: &str,
+) -> Result<()> {
+    if let Some(m) = teacher.model() {
+        let w = super::checkpoint::with_prefix(&state.tensors, "teacher");
+        if !w.is_empty() {
+            m.params().load(&w, what)?;
+        }
+    }
+    Ok(())
+}
+
+/// The teacher model a checkpoint holds, if it holds one.
+pub(crate) fn teacher_from_state(state: &ObjectiveState, what: &str) -> Result<Option<Model>> {
+    let Some(cfg) = state.json.get("teacher_model") else {
+        return Ok(None);
+    };
+    let config: crate::nn::ModelConfig =
+        serde_json::from_value(cfg.clone()).map_err(|e| crate::Error::BadFile {
+            path: what.to_string(),
+            message: format!("the teacher's configuration is unreadable: {e}"),
+        })?;
+    let device = state
+        .tensors
+        .values()
+        .next()
+        .map_or(candle_core::Device::Cpu, |t| t.device().clone());
+    let m = Model::new(config, 0, &device)?;
+    m.params().load(
+        &super::checkpoint::with_prefix(&state.tensors, "teacher"),
+        what,
+    )?;
+    Ok(Some(m))
+}
