@@ -18,8 +18,9 @@ import os as _os
 # it empty, so every parallel pass runs on rayon's pool. A value the user set is kept.
 _os.environ.setdefault("CANDLE_NUM_THREADS", "1")
 
-from ferrodiff import datasets, langevin, likelihood, losses, metrics, nn, notebook, oracles, sample
+from ferrodiff import datasets, distill, langevin, likelihood, losses, metrics, nn, notebook, oracles, sample
 from ferrodiff._core import (
+    ConsistencySampler,
     DDIM,
     DDPM,
     DPMAdaptive,
@@ -43,6 +44,7 @@ from ferrodiff._core import (
 )
 
 __all__ = [
+    "ConsistencySampler",
     "DDIM",
     "DDPM",
     "DPMAdaptive",
@@ -60,6 +62,7 @@ __all__ = [
     "__version__",
     "cosine_log_snr",
     "datasets",
+    "distill",
     "karras_sigmas",
     "langevin",
     "likelihood",

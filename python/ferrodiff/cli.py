@@ -7,7 +7,15 @@
 - ``ferrodiff train --data NAME [--path P] --out RUN``: trains on a dataset of
   :mod:`ferrodiff.datasets`, checkpointing into the run folder; ``--resume RUN`` continues a
   stopped run exactly where it stopped.
-- ``ferrodiff sample --checkpoint RUN --sampler {ddpm,ddim} --steps S --n N --out FILE.{npy,png}``.
+  ``--objective consistency-training`` trains a consistency model from the data alone (iCT by
+  default, ``--recipe ct`` for the original recipe).
+- ``ferrodiff distill --checkpoint RUN --from-steps 64 --to-steps 4 --out RUN2``: progressive
+  distillation of a trained run (``RUN2/steps-N/`` holds the student of each round);
+  ``--method consistency`` distils it into a consistency model instead. Rerunning the command
+  resumes a stopped distillation exactly.
+- ``ferrodiff sample --checkpoint RUN --sampler {ddpm,ddim} --steps S --n N --out FILE.{npy,png}``:
+  a distilled student samples with its own step count and grid, a consistency model with
+  :class:`ferrodiff.ConsistencySampler` (one step unless ``--steps``).
 - ``ferrodiff oracle-demo``: samples the eight-Gaussians mixture with its exact denoiser through
   DDPM and DDIM and reports the energy distance of each to the truth.
 
@@ -267,9 +275,11 @@ def train_command(args) -> int:
             if args.schedule == "cosine"
             else fd.Schedule.linear(args.timesteps)
         )
+        objective = args.objective.replace("-", "_")
+        options = {"recipe": args.recipe} if objective == "consistency_training" else None
         trainer = fd.Trainer(
             model,
-            schedule,
+            None if objective == "consistency_training" else schedule,
             ds.data,
             labels,
             batch_size=args.batch_size,
@@ -279,6 +289,8 @@ def train_command(args) -> int:
             total_steps=args.steps,
             class_dropout=args.label_dropout if args.conditional else 0.0,
             seed=args.seed,
+            objective=objective,
+            objective_options=options,
         )
         total = args.steps
         trainer.extra = {
@@ -366,6 +378,7 @@ def sample_command(args) -> int:
     run = Path(args.checkpoint)
     model = fd.nn.Model.load(run, ema=not args.no_ema)
     schedule = fd.Schedule.from_checkpoint(run)
+    objective = _run_objective(run)
     classifier = None
     if args.classifier is not None:
         classifier = fd.nn.Classifier.load(Path(args.classifier))
@@ -380,10 +393,26 @@ def sample_command(args) -> int:
             )
     elif args.classifier_scale is not None:
         raise ValueError("--classifier-scale needs --classifier CLF")
-    if args.sampler == "ddim":
-        sampler = fd.DDIM(schedule, steps=args.steps, eta=args.eta, clip_sample=args.clip)
+    kind = objective.get("kind", "diffusion")
+    if kind in ("consistency_training", "consistency_distillation"):
+        if classifier is not None:
+            raise ValueError("--classifier guides diffusion models; a consistency model has no score to guide")
+        p = objective.get("params", {})
+        sampler = fd.ConsistencySampler(
+            steps=args.steps or 1,
+            **{k: p[k] for k in ("sigma_min", "sigma_max", "sigma_data", "rho") if k in p},
+        )
+        what = f"consistency sampling, {sampler.steps} step(s)"
+    elif kind == "progressive_distillation" and args.steps is None:
+        n = int(objective["student_steps"])
+        sampler = fd.distill.student_sampler(schedule, n, objective.get("sigma_max", 80.0))
+        what = f"distilled student, {n} DDIM steps"
+    elif args.sampler == "ddim":
+        sampler = fd.DDIM(schedule, steps=args.steps or 50, eta=args.eta, clip_sample=args.clip)
+        what = f"ddim {args.steps or 50} steps"
     else:
-        sampler = fd.DDPM(schedule, steps=args.steps, clip_sample=args.clip)
+        sampler = fd.DDPM(schedule, steps=args.steps or 50, clip_sample=args.clip)
+        what = f"ddpm {args.steps or 50} steps"
     shape = (args.n, *model.data_shape)
     labels = None
     if args.labels is not None:
@@ -397,18 +426,105 @@ def sample_command(args) -> int:
         labels = np.arange(args.n) % classifier.num_classes
     if args.guidance_scale is not None and labels is None:
         raise ValueError("--guidance-scale needs a class-conditional checkpoint (or --labels)")
+    extra = {}
+    if classifier is not None:
+        extra = dict(
+            classifier=classifier,
+            classifier_scale=1.0 if args.classifier_scale is None else args.classifier_scale,
+        )
     x = sampler.sample(
         model,
         shape,
         seed=args.seed,
         labels=labels,
         guidance_scale=args.guidance_scale,
-        classifier=classifier,
-        classifier_scale=1.0 if args.classifier_scale is None else args.classifier_scale,
         progress=not args.no_progress,
+        **extra,
     )
     _save_samples(Path(args.out), x)
-    print(f"wrote {args.out} ({args.n} samples, {args.sampler} {args.steps} steps)")
+    print(f"wrote {args.out} ({args.n} samples, {what})")
+    return 0
+
+
+def _run_objective(run: Path) -> dict:
+    """The training objective recorded in a run folder's config.json ({} if none)."""
+    info = run / "config.json" if run.is_dir() else run.parent / "config.json"
+    if not info.exists():
+        return {}
+    return json.loads(info.read_text()).get("train", {}).get("objective", {}) or {}
+
+
+def distill_command(args) -> int:
+    """Distils a trained run: progressively (halving its DDIM steps per round) or into a
+    consistency model; rerunning the same command resumes a stopped distillation."""
+    import ferrodiff as fd
+
+    run = Path(args.checkpoint)
+    info_path = run / "config.json"
+    if not info_path.exists():
+        raise FileNotFoundError(f"{info_path}: not a run folder written by ferrodiff train or demo")
+    info = json.loads(info_path.read_text())
+    extra = info.get("extra") or {}
+    if extra.get("data") is None:
+        raise ValueError(f"{run} does not record its dataset: distil it from Python with fd.distill")
+    schedule = fd.Schedule.from_checkpoint(run)
+    teacher = fd.nn.Model.load(run)
+    conditional = teacher.num_classes > 0
+    ds, labels = _load_data(extra["data"], extra.get("path"), conditional)
+    out = Path(args.out)
+    progress = not args.no_progress
+    if args.method == "progressive":
+        res = fd.distill.progressive(
+            run,
+            schedule,
+            ds.data,
+            labels,
+            from_steps=args.from_steps,
+            to_steps=args.to_steps,
+            steps_per_round=args.steps_per_round,
+            prediction=args.prediction,
+            guidance=args.guidance,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            class_dropout=args.label_dropout if conditional else 0.0,
+            seed=args.seed,
+            out=out,
+            progress=progress,
+        )
+        for r in res.rounds:
+            print(f"  {r['steps']} steps: loss {r['loss']:.4f} -> {r['folder']}")
+        print(f"student of {res.steps} steps in {out}/steps-{res.steps}")
+        return 0
+    trainer = None
+    if (out / "checkpoint.safetensors").exists():
+        trainer = fd.Trainer.resume(out, ds.data, labels)
+        print(f"resuming {out} at step {trainer.step} of {args.steps}")
+    if trainer is None:
+        trainer = fd.Trainer(
+            fd.distill._copy_model(teacher),
+            schedule,
+            ds.data,
+            labels,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            total_steps=args.steps,
+            class_dropout=args.label_dropout if conditional else 0.0,
+            seed=args.seed,
+            objective="consistency_distillation",
+            objective_options={
+                "teacher_prediction": info["train"]["prediction"],
+                "num_scales": args.num_scales,
+                "solver": args.solver,
+                "guidance": args.guidance,
+            },
+            teacher=teacher,
+        )
+        trainer.extra = {**extra, "steps": args.steps, "distilled_from": str(run)}
+    remaining = max(args.steps - trainer.step, 0)
+    every = max(args.steps // 10, 1)
+    trainer.train(remaining, progress=progress, checkpoint=out, checkpoint_every=every)
+    _save_npy(out / "losses.npy", np.asarray(trainer.losses))
+    print(f"consistency model in {out} (sample it: ferrodiff sample --checkpoint {out} --out x.png)")
     return 0
 
 
@@ -463,13 +579,43 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="stop after this many steps in this invocation (checkpointed; continue with --resume)",
     )
+    t.add_argument(
+        "--objective",
+        choices=["diffusion", "consistency-training"],
+        default="diffusion",
+        help="what to train: a diffusion model (default) or a consistency model from the data alone",
+    )
+    t.add_argument("--recipe", choices=["ict", "ct"], default="ict", help="consistency-training recipe")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")
+
+    di = sub.add_parser("distill", help="distil a trained run into a few-step student or a consistency model")
+    di.add_argument("--checkpoint", required=True, help="the teacher's run folder")
+    di.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    di.add_argument("--method", choices=["progressive", "consistency"], default="progressive")
+    di.add_argument("--from-steps", type=int, default=64, help="teacher's DDIM steps (progressive)")
+    di.add_argument("--to-steps", type=int, default=4, help="student's DDIM steps (progressive)")
+    di.add_argument("--steps-per-round", type=int, default=400, help="training steps per halving")
+    di.add_argument("--prediction", choices=["v", "x0", "epsilon"], default="v", help="student's output")
+    di.add_argument("--steps", type=int, default=2000, help="training steps (consistency)")
+    di.add_argument("--num-scales", type=int, default=18, help="Karras grid points N (consistency)")
+    di.add_argument("--solver", choices=["heun", "euler", "ddim"], default="heun", help="teacher ODE step")
+    di.add_argument("--guidance", type=float, default=None, help="distil the teacher's guidance at this scale")
+    di.add_argument("--label-dropout", type=float, default=0.1)
+    di.add_argument("--batch-size", type=int, default=64)
+    di.add_argument("--lr", type=float, default=3e-4)
+    di.add_argument("--seed", type=int, default=0)
+    di.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("sample", help="sample a trained checkpoint")
     s.add_argument("--checkpoint", required=True, help="run folder or .safetensors file")
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    s.add_argument("--steps", type=int, default=50)
+    s.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampler steps (default 50; a distilled student's own; 1 for a consistency model)",
+    )
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     s.add_argument("--clip", type=float, default=None, help="clip predicted x0 to [-CLIP, CLIP]")
     s.add_argument("--n", type=int, default=64)
@@ -552,6 +698,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.time_embed_dim < 2 or args.time_embed_dim % 2:
                 parser.error("--time-embed-dim must be even and at least 2")
             return train_classifier_command(args)
+        elif args.command == "distill":
+            if args.steps < 1 or args.steps_per_round < 1:
+                parser.error("--steps and --steps-per-round must be at least 1")
+            return distill_command(args)
         elif args.command == "sample":
             if Path(args.out).suffix not in (".npy", ".png"):
                 parser.error("--out must end in .npy or .png")

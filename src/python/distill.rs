@@ -341,13 +341,20 @@ impl PyConsistencySampler {
 }
 
 /// The N + 1 σ levels of an N-step progressively distilled student on `schedule` (σ at the
-/// real timesteps i T/N − 1, i = N..1, then 0): `Euler(schedule, sigmas=...)` samples the
-/// student with exactly the DDIM steps it was distilled for.
+/// real timesteps i (t_top + 1)/N − 1, i = N..1, then 0; t_top is where σ reaches `sigma_max`,
+/// None: the last timestep): `Euler(schedule, sigmas=...)` samples the student with exactly the
+/// DDIM steps it was distilled for.
 #[pyfunction]
-fn student_sigmas(schedule: &Bound<'_, PySchedule>, steps: usize) -> PyResult<Vec<f64>> {
+#[pyo3(signature = (schedule, steps, sigma_max=Some(80.0)))]
+fn student_sigmas(
+    schedule: &Bound<'_, PySchedule>,
+    steps: usize,
+    sigma_max: Option<f64>,
+) -> PyResult<Vec<f64>> {
     Ok(crate::train::distill::student_sigmas(
         &schedule.get().inner,
         steps,
+        sigma_max,
     )?)
 }
 

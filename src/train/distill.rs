@@ -1,10 +1,13 @@
 //! Progressive distillation (Salimans & Ho 2022, Algorithm 2): a student that takes N DDIM
 //! steps learns to match two DDIM steps of its teacher, so each round halves the steps.
 //!
-//! Time runs on the teacher's discrete schedule of T steps. Level i of an N-step student
-//! (i = 1..N) sits at the real timestep t_i = i T/N − 1 (the "trailing" DDIM grid), level 0 is
-//! clean data; σ at a fractional timestep is linear in log σ between trained timesteps, so the
-//! σ samplers' `timestep_mode="interpolate"` call the model at exactly t_i. The teacher steps
+//! Time runs on the teacher's discrete schedule. Level i of an N-step student (i = 1..N) sits
+//! at the real timestep t_i = i (t_top + 1)/N − 1 (the "trailing" DDIM grid), level 0 is clean
+//! data; σ at a fractional timestep is linear in log σ between trained timesteps, so the σ
+//! samplers' `timestep_mode="interpolate"` call the model at exactly t_i. The top level t_top is
+//! where σ reaches `sigma_max` (80 by default, as the σ samplers cap it; the last timestep of
+//! the cosine schedule has σ ≈ 2·10⁴, where an ε-prediction teacher's x̂ carries its error
+//! times σ and a DDIM step from there ruins the sample). The teacher steps
 //! t_i → t_{i−1/2} → t_{i−1} (its own 2N-step grid), the target is
 //! x̃ = (z'' − (σ''/σ) z_t) / (α'' − (σ''/σ) α_t), and the student's x̂(z_t) is fitted to x̃ with
 //! the truncated-SNR weight max(SNR, 1) on the x0 error.
@@ -35,6 +38,8 @@ pub struct ProgressiveConfig {
     pub teacher_prediction: String,
     /// Classifier-free guidance of the teacher distilled into the student (None: none).
     pub guidance: Option<f64>,
+    /// The σ of the top level (capped at the schedule's; None: the schedule's last timestep).
+    pub sigma_max: Option<f64>,
 }
 
 impl Default for ProgressiveConfig {
@@ -43,28 +48,48 @@ impl Default for ProgressiveConfig {
             student_steps: 32,
             teacher_prediction: "epsilon".into(),
             guidance: None,
+            sigma_max: Some(crate::sample::sigma::EDM_SIGMA_MAX),
         }
     }
 }
 
 impl ProgressiveConfig {
-    pub fn validate(&self, schedule_len: usize) -> Result<()> {
-        if self.student_steps == 0 || 2 * self.student_steps > schedule_len {
-            value_error!(
-                "student_steps must be in [1, T/2] = [1, {}] (the teacher's half steps must fall \
-                 on the schedule), got {}",
-                schedule_len / 2,
-                self.student_steps
-            );
-        }
+    pub fn validate(&self, schedule: &Schedule) -> Result<()> {
+        check_steps(schedule, self.student_steps, self.sigma_max)?;
         Prediction::parse(&self.teacher_prediction)?;
         Ok(())
     }
 }
 
-/// The real timestep of level `i` (i in (0, N]) of an N-step grid on T trained timesteps.
-pub fn level_timestep(schedule_len: usize, steps: usize, i: f64) -> f64 {
-    i * schedule_len as f64 / steps as f64 - 1.0
+/// The real timestep of the top level: where σ reaches `sigma_max` (the last timestep when
+/// None or when the schedule ends below it).
+pub fn top_timestep(schedule: &Schedule, sigma_max: Option<f64>) -> Result<f64> {
+    let ls: Vec<f64> = schedule_sigmas(schedule).iter().map(|s| s.ln()).collect();
+    let last = (ls.len() - 1) as f64;
+    match sigma_max {
+        None => Ok(last),
+        Some(s) if s.is_finite() && s > 0.0 => {
+            Ok(crate::sample::sigma::sigma_to_t(s, &ls).min(last))
+        }
+        Some(s) => value_error!("sigma_max must be positive (or None), got {s}"),
+    }
+}
+
+fn check_steps(schedule: &Schedule, steps: usize, sigma_max: Option<f64>) -> Result<f64> {
+    let top = top_timestep(schedule, sigma_max)?;
+    let most = ((top + 1.0) / 2.0).floor() as usize;
+    if steps == 0 || steps > most {
+        value_error!(
+            "steps must be in [1, {most}] (the teacher's half steps must fall on the schedule below \
+             the top level t = {top:.2}), got {steps}"
+        );
+    }
+    Ok(top)
+}
+
+/// The real timestep of level `i` (i in (0, N]) of an N-step grid whose top level is `top`.
+pub fn level_timestep(top: f64, steps: usize, i: f64) -> f64 {
+    i * (top + 1.0) / steps as f64 - 1.0
 }
 
 /// σ at a real timestep t in [0, T−1], linear in log σ between trained timesteps (the inverse
@@ -80,17 +105,16 @@ pub fn sigma_at_timestep(log_sigmas: &[f64], t: f64) -> f64 {
 
 /// The N + 1 σ levels of an N-step distilled student, from σ(t_N) down to 0: pass them to a σ
 /// sampler (`Euler(schedule, sigmas=...)`, which is DDIM in σ space) to sample the student.
-pub fn student_sigmas(schedule: &Schedule, steps: usize) -> Result<Vec<f64>> {
-    if steps == 0 || 2 * steps > schedule.len() {
-        value_error!(
-            "steps must be in [1, T/2] = [1, {}], got {steps}",
-            schedule.len() / 2
-        );
-    }
+pub fn student_sigmas(
+    schedule: &Schedule,
+    steps: usize,
+    sigma_max: Option<f64>,
+) -> Result<Vec<f64>> {
+    let top = check_steps(schedule, steps, sigma_max)?;
     let ls: Vec<f64> = schedule_sigmas(schedule).iter().map(|s| s.ln()).collect();
     let mut s: Vec<f64> = (1..=steps)
         .rev()
-        .map(|i| sigma_at_timestep(&ls, level_timestep(schedule.len(), steps, i as f64)))
+        .map(|i| sigma_at_timestep(&ls, level_timestep(top, steps, i as f64)))
         .collect();
     s.push(0.0);
     Ok(s)
@@ -132,7 +156,7 @@ pub struct ProgressiveObjective {
     config: ProgressiveConfig,
     teacher: Teacher,
     student_prediction: Prediction,
-    schedule_len: usize,
+    top: f64,
     log_sigmas: Vec<f64>,
 }
 
@@ -143,12 +167,13 @@ impl ProgressiveObjective {
         student_prediction: Prediction,
         schedule: &Schedule,
     ) -> Result<Self> {
-        config.validate(schedule.len())?;
+        config.validate(schedule)?;
+        let top = top_timestep(schedule, config.sigma_max)?;
         Ok(ProgressiveObjective {
             config,
             teacher,
             student_prediction,
-            schedule_len: schedule.len(),
+            top,
             log_sigmas: schedule_sigmas(schedule).iter().map(|s| s.ln()).collect(),
         })
     }
@@ -162,10 +187,7 @@ impl ProgressiveObjective {
         if i <= 0.0 {
             0.0
         } else {
-            sigma_at_timestep(
-                &self.log_sigmas,
-                level_timestep(self.schedule_len, steps, i),
-            )
+            sigma_at_timestep(&self.log_sigmas, level_timestep(self.top, steps, i))
         }
     }
 }
@@ -199,7 +221,7 @@ impl Objective for ProgressiveObjective {
                     .zip(e)
                     .map(|(&xv, &ev)| (a * xv as f64 + s * ev as f64) as f32),
             );
-            t_student.push(level_timestep(self.schedule_len, n, i as f64) as f32);
+            t_student.push(level_timestep(self.top, n, i as f64) as f32);
             s_t.push(st);
             s_h.push(sh);
             s_e.push(se);

@@ -926,6 +926,11 @@ fn build_objective(
     let teacher = match (config.objective.needs_teacher(), teacher) {
         (true, None) => value_error!("the {name} objective needs a teacher"),
         (false, Some(_)) => value_error!("the {name} objective takes no teacher"),
+        // A private copy: training a student that shares the teacher's weights (a student
+        // initialised from its teacher) must not move the teacher.
+        (_, Some(TeacherNet::Model(m))) => {
+            Some(TeacherNet::Model(m.with_weights(&m.params().tensors()?)?))
+        }
         (_, t) => t,
     };
     let classes = model.config().num_classes();
@@ -970,3 +975,6 @@ fn build_objective(
         (_, None) => value_error!("the {name} objective needs a teacher"),
     })
 }
+
+#[cfg(test)]
+mod objective_tests;
