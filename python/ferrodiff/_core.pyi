@@ -620,7 +620,7 @@ class Trainer:
     def __init__(
         self,
         model: Model,
-        schedule: Schedule,
+        schedule: Schedule | None,
         data: ArrayLike,
         labels: ArrayLike | None = None,
         *,
@@ -646,6 +646,9 @@ class Trainer:
         class_dropout: float = 0.0,
         bins: int = 256,
         seed: int = 0,
+        objective: str = "diffusion",
+        objective_options: dict[str, Any] | None = None,
+        teacher: Model | Trainer | str | os.PathLike[str] | Callable[..., Any] | None = None,
     ) -> None: ...
     def train(
         self,
@@ -665,7 +668,12 @@ class Trainer:
         labels: ArrayLike | None = None,
         *,
         context: ArrayLike | None = None,
+        teacher: Model | Trainer | str | os.PathLike[str] | Callable[..., Any] | None = None,
     ) -> Trainer: ...
+    @property
+    def objective(self) -> str: ...
+    @property
+    def _consistency_params(self) -> tuple[float, float, float, float] | None: ...
     @property
     def model(self) -> Model: ...
     def ema_model(self) -> Model: ...
@@ -714,3 +722,69 @@ class Classifier:
     def is_noisy(self) -> bool: ...
     @property
     def num_classes(self) -> int: ...
+
+class ConsistencySampler:
+    def __init__(
+        self,
+        model: Model | Trainer | Callable[..., Any] | None = None,
+        sigmas: Sequence[float] | None = None,
+        *,
+        steps: int = 1,
+        num_scales: int = 40,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        sigma_data: float | None = None,
+        rho: float | None = None,
+        clip_denoised: bool = True,
+    ) -> None: ...
+    @property
+    def sigmas(self) -> list[float]: ...
+    @property
+    def timesteps(self) -> list[float]: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def sigma_min(self) -> float: ...
+    @property
+    def sigma_max(self) -> float: ...
+    @property
+    def sigma_data(self) -> float: ...
+    def sample(
+        self,
+        denoiser: Model | Trainer | Callable[..., Any] | Sequence[int] | None = None,
+        shape: Sequence[int] | None = None,
+        *,
+        x_T: ArrayLike | None = None,
+        seed: int | None = None,
+        progress: bool = False,
+        callback: Callable[[int, float, F32, F32], Any] | None = None,
+        check_finite: bool = True,
+        labels: ArrayLike | None = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        null_label: int | None = None,
+        image: ArrayLike | None = None,
+        strength: float = 1.0,
+        mask: ArrayLike | None = None,
+        context: ArrayLike | None = None,
+    ) -> F32: ...
+
+def student_sigmas(schedule: Schedule, steps: int, sigma_max: float | None = 80.0) -> list[float]: ...
+def consistency_training_schedule(
+    k: int,
+    total_steps: int,
+    *,
+    recipe: str = "ct",
+    s0: int | None = None,
+    s1: int | None = None,
+    mu0: float = 0.9,
+) -> tuple[int, float]: ...
+def consistency_function(
+    model: Model | Trainer,
+    x: ArrayLike,
+    sigma: float,
+    labels: ArrayLike | None = None,
+    *,
+    sigma_min: float = 0.002,
+    sigma_data: float = 0.5,
+) -> F32: ...

@@ -396,7 +396,9 @@ def sample_command(args) -> int:
     kind = objective.get("kind", "diffusion")
     if kind in ("consistency_training", "consistency_distillation"):
         if classifier is not None:
-            raise ValueError("--classifier guides diffusion models; a consistency model has no score to guide")
+            raise ValueError(
+                "--classifier guides diffusion models; a consistency model has no score to guide"
+            )
         p = objective.get("params", {})
         sampler = fd.ConsistencySampler(
             steps=args.steps or 1,
@@ -596,11 +598,18 @@ def main(argv: list[str] | None = None) -> int:
     di.add_argument("--from-steps", type=int, default=64, help="teacher's DDIM steps (progressive)")
     di.add_argument("--to-steps", type=int, default=4, help="student's DDIM steps (progressive)")
     di.add_argument("--steps-per-round", type=int, default=400, help="training steps per halving")
-    di.add_argument("--prediction", choices=["v", "x0", "epsilon"], default="v", help="student's output")
+    di.add_argument(
+        "--prediction",
+        choices=["v", "x0", "epsilon"],
+        default=None,
+        help="student's output (default: the teacher's)",
+    )
     di.add_argument("--steps", type=int, default=2000, help="training steps (consistency)")
     di.add_argument("--num-scales", type=int, default=18, help="Karras grid points N (consistency)")
     di.add_argument("--solver", choices=["heun", "euler", "ddim"], default="heun", help="teacher ODE step")
-    di.add_argument("--guidance", type=float, default=None, help="distil the teacher's guidance at this scale")
+    di.add_argument(
+        "--guidance", type=float, default=None, help="distil the teacher's guidance at this scale"
+    )
     di.add_argument("--label-dropout", type=float, default=0.1)
     di.add_argument("--batch-size", type=int, default=64)
     di.add_argument("--lr", type=float, default=3e-4)

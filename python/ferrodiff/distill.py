@@ -125,7 +125,7 @@ def progressive(
     from_steps: int = 64,
     to_steps: int = 4,
     steps_per_round: int = 400,
-    prediction: str = "v",
+    prediction: str | None = None,
     teacher_prediction: str | None = None,
     guidance: float | None = None,
     sigma_max: float | None = 80.0,
@@ -141,15 +141,19 @@ def progressive(
     checkpoint_every: int = 100,
     progress: bool = True,
     callback=None,
+    callback_every: int = 100,
 ) -> ProgressiveResult:
     """Progressive distillation (Salimans & Ho 2022, Algorithm 2) from ``from_steps`` DDIM steps
     down to ``to_steps``, halving per round.
 
     Each round trains a student of N = current/2 steps for ``steps_per_round`` steps on the
     target of two DDIM steps of its teacher (t → t − 0.5/N → t − 1/N), weighted by max(SNR, 1);
-    the student starts from the teacher's weights and, with ``prediction`` ("v" by default, or
-    "x0"), predicts in a parameterisation that stays stable at one step. The student's EMA
-    weights become the next round's teacher.
+    the student starts from the teacher's weights and predicts what the teacher predicts unless
+    ``prediction`` says otherwise ("v" or "x0", the parameterisations Salimans & Ho recommend,
+    are the right choice for a teacher trained with them; a v-student started from an
+    ε-teacher's weights must re-learn its output layer's meaning and needs many more steps than
+    a round, measured in the README). The student's EMA weights become the next round's
+    teacher.
 
     ``teacher`` is a :class:`~ferrodiff.Trainer` (its EMA weights and prediction), a run folder,
     a :class:`~ferrodiff.nn.Model` or a callable ``teacher(x, t[, y])`` on real-valued
@@ -175,9 +179,10 @@ def progressive(
         )
     if steps_per_round < 1:
         raise ValueError(f"steps_per_round must be at least 1, got {steps_per_round}")
-    if prediction not in ("v", "x0", "epsilon"):
-        raise ValueError(f"prediction must be 'v' or 'x0' (or 'epsilon'), got {prediction!r}")
     teacher_obj, teacher_pred, teacher_model = _teacher_info(teacher, teacher_prediction)
+    prediction = prediction or teacher_pred
+    if prediction not in ("v", "x0", "epsilon"):
+        raise ValueError(f"prediction must be 'v', 'x0' or 'epsilon', got {prediction!r}")
     if student is None:
         if teacher_model is None:
             raise ValueError("a callable teacher needs student= (the model to distil into)")
@@ -253,6 +258,7 @@ def progressive(
                 remaining,
                 progress=progress,
                 callback=callback,
+                callback_every=callback_every,
                 checkpoint=ck,
                 checkpoint_every=checkpoint_every if ck is not None else 0,
             )
@@ -273,11 +279,22 @@ def progressive(
         save_state()
         current_teacher, current_pred, student = model, prediction, model
         steps = n
-    return ProgressiveResult(model=student, steps=steps, schedule=schedule, sigma_max=sigma_max, rounds=rounds)
+    return ProgressiveResult(
+        model=student, steps=steps, schedule=schedule, sigma_max=sigma_max, rounds=rounds
+    )
 
 
-def consistency_distillation(teacher, schedule: Schedule, data, labels=None, *, steps: int = 2000,
-                             student=None, teacher_prediction: str | None = None, **kwargs) -> Trainer:
+def consistency_distillation(
+    teacher,
+    schedule: Schedule,
+    data,
+    labels=None,
+    *,
+    steps: int = 2000,
+    student=None,
+    teacher_prediction: str | None = None,
+    **kwargs,
+) -> Trainer:
     """Consistency distillation (Song et al. 2023, Algorithm 2): trains a consistency model from
     ``teacher``'s probability-flow ODE for ``steps`` steps and returns the trainer (sample it with
     ``ConsistencySampler(trainer)``). ``student`` defaults to a fresh copy of the teacher's
@@ -295,13 +312,23 @@ def consistency_distillation(teacher, schedule: Schedule, data, labels=None, *, 
             raise ValueError("a callable teacher needs student= (the network of the consistency model)")
         student = _copy_model(teacher_model)
     kwargs.setdefault("total_steps", steps)
-    trainer = Trainer(student, schedule, data, labels, objective="consistency_distillation",
-                      objective_options=options, teacher=teacher_obj, **kwargs)
+    trainer = Trainer(
+        student,
+        schedule,
+        data,
+        labels,
+        objective="consistency_distillation",
+        objective_options=options,
+        teacher=teacher_obj,
+        **kwargs,
+    )
     trainer.train(steps, **train_kw)
     return trainer
 
 
-def consistency_training(model, data, labels=None, *, steps: int = 2000, recipe: str = "ict", **kwargs) -> Trainer:
+def consistency_training(
+    model, data, labels=None, *, steps: int = 2000, recipe: str = "ict", **kwargs
+) -> Trainer:
     """Consistency training from data alone (``recipe="ict"``: Song & Dhariwal 2023; ``"ct"``:
     Song et al. 2023) for ``steps`` steps; returns the trainer (sample it with
     ``ConsistencySampler(trainer)``). Options of the objective (``s0``, ``s1``, ``mu0``,
@@ -313,7 +340,8 @@ def consistency_training(model, data, labels=None, *, steps: int = 2000, recipe:
     train_keys = {"checkpoint", "checkpoint_every", "progress", "callback", "callback_every"}
     train_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in train_keys}
     kwargs.setdefault("total_steps", steps)
-    trainer = Trainer(model, None, data, labels, objective="consistency_training",
-                      objective_options=options, **kwargs)
+    trainer = Trainer(
+        model, None, data, labels, objective="consistency_training", objective_options=options, **kwargs
+    )
     trainer.train(steps, **train_kw)
     return trainer
