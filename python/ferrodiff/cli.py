@@ -378,7 +378,8 @@ def sample_command(args) -> int:
     run = Path(args.checkpoint)
     model = fd.nn.Model.load(run, ema=not args.no_ema)
     schedule = fd.Schedule.from_checkpoint(run)
-    objective = _run_objective(run)
+    train_info = _run_train_config(run)
+    objective = train_info.get("objective") or {}
     classifier = None
     if args.classifier is not None:
         classifier = fd.nn.Classifier.load(Path(args.classifier))
@@ -407,13 +408,25 @@ def sample_command(args) -> int:
         what = f"consistency sampling, {sampler.steps} step(s)"
     elif kind == "progressive_distillation" and args.steps is None:
         n = int(objective["student_steps"])
-        sampler = fd.distill.student_sampler(schedule, n, objective.get("sigma_max", 80.0))
+        prediction = train_info.get("prediction", "v")
+        sampler = fd.distill.student_sampler(schedule, n, objective.get("sigma_max", 80.0), prediction)
         what = f"distilled student, {n} DDIM steps"
     elif args.sampler == "ddim":
-        sampler = fd.DDIM(schedule, steps=args.steps or 50, eta=args.eta, clip_sample=args.clip)
+        sampler = fd.DDIM(
+            schedule,
+            steps=args.steps or 50,
+            eta=args.eta,
+            clip_sample=args.clip,
+            prediction=train_info.get("prediction", "epsilon"),
+        )
         what = f"ddim {args.steps or 50} steps"
     else:
-        sampler = fd.DDPM(schedule, steps=args.steps or 50, clip_sample=args.clip)
+        sampler = fd.DDPM(
+            schedule,
+            steps=args.steps or 50,
+            clip_sample=args.clip,
+            prediction=train_info.get("prediction", "epsilon"),
+        )
         what = f"ddpm {args.steps or 50} steps"
     shape = (args.n, *model.data_shape)
     labels = None
@@ -448,12 +461,12 @@ def sample_command(args) -> int:
     return 0
 
 
-def _run_objective(run: Path) -> dict:
-    """The training objective recorded in a run folder's config.json ({} if none)."""
+def _run_train_config(run: Path) -> dict:
+    """The training settings recorded in a run folder's config.json ({} if none)."""
     info = run / "config.json" if run.is_dir() else run.parent / "config.json"
     if not info.exists():
         return {}
-    return json.loads(info.read_text()).get("train", {}).get("objective", {}) or {}
+    return json.loads(info.read_text()).get("train", {}) or {}
 
 
 def distill_command(args) -> int:
@@ -601,8 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     di.add_argument(
         "--prediction",
         choices=["v", "x0", "epsilon"],
-        default=None,
-        help="student's output (default: the teacher's)",
+        default="v",
+        help="the student's output (default v)",
     )
     di.add_argument("--steps", type=int, default=2000, help="training steps (consistency)")
     di.add_argument("--num-scales", type=int, default=18, help="Karras grid points N (consistency)")

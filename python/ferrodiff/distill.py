@@ -49,12 +49,14 @@ __all__ = [
 _STATE_FILE = "distill.json"
 
 
-def student_sampler(schedule: Schedule, steps: int, sigma_max: float | None = 80.0, **kwargs) -> Euler:
-    """The sampler of an N-step progressively distilled student: Euler in σ space (DDIM, η = 0)
-    on the levels :func:`student_sigmas` gives, the model called at exactly its distillation
-    timesteps."""
+def student_sampler(
+    schedule: Schedule, steps: int, sigma_max: float | None = 80.0, prediction: str = "v", **kwargs
+) -> Euler:
+    """The sampler of an N-step progressively distilled student that predicts ``prediction``:
+    Euler in σ space (DDIM, η = 0) on the levels :func:`student_sigmas` gives, the model called
+    at exactly its distillation timesteps."""
     sigmas = student_sigmas(schedule, steps, sigma_max)
-    return Euler(schedule, sigmas=sigmas, timestep_mode="interpolate", **kwargs)
+    return Euler(schedule, sigmas=sigmas, timestep_mode="interpolate", prediction=prediction, **kwargs)
 
 
 @dataclass
@@ -67,11 +69,12 @@ class ProgressiveResult:
     steps: int
     schedule: Schedule
     sigma_max: float | None = 80.0
+    prediction: str = "v"
     rounds: list = field(default_factory=list)
 
     def sampler(self, **kwargs) -> Euler:
         """The student's sampler (see :func:`student_sampler`)."""
-        return student_sampler(self.schedule, self.steps, self.sigma_max, **kwargs)
+        return student_sampler(self.schedule, self.steps, self.sigma_max, self.prediction, **kwargs)
 
 
 def _copy_model(model):
@@ -125,7 +128,7 @@ def progressive(
     from_steps: int = 64,
     to_steps: int = 4,
     steps_per_round: int = 400,
-    prediction: str | None = None,
+    prediction: str = "v",
     teacher_prediction: str | None = None,
     guidance: float | None = None,
     sigma_max: float | None = 80.0,
@@ -148,12 +151,11 @@ def progressive(
 
     Each round trains a student of N = current/2 steps for ``steps_per_round`` steps on the
     target of two DDIM steps of its teacher (t → t − 0.5/N → t − 1/N), weighted by max(SNR, 1);
-    the student starts from the teacher's weights and predicts what the teacher predicts unless
-    ``prediction`` says otherwise ("v" or "x0", the parameterisations Salimans & Ho recommend,
-    are the right choice for a teacher trained with them; a v-student started from an
-    ε-teacher's weights must re-learn its output layer's meaning and needs many more steps than
-    a round, measured in the README). The student's EMA weights become the next round's
-    teacher.
+    the student starts from the teacher's weights and predicts ``prediction``: "v" (the
+    default) or "x0", the parameterisations Salimans & Ho recommend because they stay stable
+    where an ε-prediction's x̂ multiplies its error by σ; "epsilon" is allowed. An ε-teacher's
+    weights are a good start for a v-student (v and ε nearly coincide at high noise). The
+    student's EMA weights become the next round's teacher.
 
     ``teacher`` is a :class:`~ferrodiff.Trainer` (its EMA weights and prediction), a run folder,
     a :class:`~ferrodiff.nn.Model` or a callable ``teacher(x, t[, y])`` on real-valued
@@ -180,7 +182,6 @@ def progressive(
     if steps_per_round < 1:
         raise ValueError(f"steps_per_round must be at least 1, got {steps_per_round}")
     teacher_obj, teacher_pred, teacher_model = _teacher_info(teacher, teacher_prediction)
-    prediction = prediction or teacher_pred
     if prediction not in ("v", "x0", "epsilon"):
         raise ValueError(f"prediction must be 'v', 'x0' or 'epsilon', got {prediction!r}")
     if student is None:
@@ -280,7 +281,12 @@ def progressive(
         current_teacher, current_pred, student = model, prediction, model
         steps = n
     return ProgressiveResult(
-        model=student, steps=steps, schedule=schedule, sigma_max=sigma_max, rounds=rounds
+        model=student,
+        steps=steps,
+        schedule=schedule,
+        sigma_max=sigma_max,
+        prediction=prediction,
+        rounds=rounds,
     )
 
 
