@@ -381,3 +381,74 @@ def test_cli_consistency_training(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "consistency sampling, 2 step" in r.stdout
+
+
+def test_guidance_as_an_input_is_distilled_and_sampled_in_one_pass():
+    x, y = digits_small()
+    sch = fd.Schedule.cosine(1000)
+    teacher = small_unet(seed=2)
+    res = fd.distill.progressive(
+        teacher,
+        sch,
+        x,
+        y,
+        teacher_prediction="epsilon",
+        from_steps=8,
+        to_steps=4,
+        steps_per_round=3,
+        batch_size=8,
+        guidance_range=(1.0, 4.0),
+        progress=False,
+    )
+    assert res.model.config["guidance_embed"] is True
+    state = res.model.state_dict()
+    assert any(k.startswith("guidance_embedding.") for k in state)
+    calls = []
+    sampler = res.sampler()
+    outs = {}
+    for w in (1.0, 3.0):
+        outs[w] = sampler.sample(
+            res.model,
+            (6, 1, 8, 8),
+            labels=np.arange(6),
+            seed=0,
+            guidance_scale=w,
+            callback=lambda *a: calls.append(1),
+        )
+    assert np.isfinite(outs[3.0]).all()
+    assert not np.array_equal(outs[1.0], outs[3.0])  # w reaches the network
+    with pytest.raises(ValueError, match="not both"):
+        fd.distill.progressive(
+            teacher,
+            sch,
+            x,
+            y,
+            teacher_prediction="epsilon",
+            from_steps=8,
+            to_steps=4,
+            guidance=2.0,
+            guidance_range=(1.0, 2.0),
+        )
+    with pytest.raises(ValueError, match="guidance_embed"):
+        fd.Trainer(
+            small_unet(),
+            sch,
+            x,
+            y,
+            objective="progressive_distillation",
+            teacher=teacher,
+            objective_options={"student_steps": 4, "guidance_range": [1.0, 2.0]},
+        )
+    # The embedding starts at zero: a fresh guidance_embed copy of a model computes the same thing.
+    m = fd.nn.UNet(
+        in_channels=1,
+        image_size=8,
+        base_channels=8,
+        channel_mult=(1, 2),
+        attention_resolutions=(),
+        num_classes=10,
+        guidance_embed=True,
+        seed=1,
+    )
+    missing, unexpected = m.load_state_dict(res.model.state_dict(), strict=False)
+    assert missing == [] and unexpected == []

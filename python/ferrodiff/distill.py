@@ -131,6 +131,7 @@ def progressive(
     prediction: str = "v",
     teacher_prediction: str | None = None,
     guidance: float | None = None,
+    guidance_range: tuple[float, float] | None = None,
     sigma_max: float | None = 80.0,
     student=None,
     batch_size: int = 64,
@@ -161,7 +162,11 @@ def progressive(
     a :class:`~ferrodiff.nn.Model` or a callable ``teacher(x, t[, y])`` on real-valued
     timesteps (then pass ``student=`` and ``teacher_prediction=``). ``guidance`` distils the
     teacher's classifier-free guidance at that scale into the student (a class-conditional
-    teacher trained with label dropout). The grid's top level is where σ reaches ``sigma_max``
+    teacher trained with label dropout); ``guidance_range=(lo, hi)`` instead makes w an input
+    of the student (Meng et al. 2023): each row draws w in [lo, hi], the teacher is guided by it,
+    and the student, built from the teacher's weights with ``guidance_embed=True`` (its w
+    embedding zero-initialised), learns the guided teacher for every w; sample it with
+    ``guidance_scale=w`` (one pass per step). The grid's top level is where σ reaches ``sigma_max``
     (80, as the σ samplers cap it; None: the schedule's last timestep, whose σ is about 2·10⁴ on
     the cosine schedule, where an ε-prediction teacher's first step is unusable). With ``out`` every round is checkpointed into
     ``out/`` (``out/steps-N/`` holds each finished student) and a stopped run resumes exactly
@@ -184,10 +189,23 @@ def progressive(
     teacher_obj, teacher_pred, teacher_model = _teacher_info(teacher, teacher_prediction)
     if prediction not in ("v", "x0", "epsilon"):
         raise ValueError(f"prediction must be 'v', 'x0' or 'epsilon', got {prediction!r}")
+    if guidance is not None and guidance_range is not None:
+        raise ValueError("pass guidance (one scale) or guidance_range (a range of scales), not both")
     if student is None:
         if teacher_model is None:
             raise ValueError("a callable teacher needs student= (the model to distil into)")
         student = teacher_model
+        if guidance_range is not None and not student.config.get("guidance_embed", False):
+            import ferrodiff as fd
+
+            config = dict(student.config)
+            if config.get("type") != "unet":
+                raise ValueError("guidance_range needs a U-Net (guidance_embed); the teacher is not one")
+            config["guidance_embed"] = True
+            embedded = fd.nn.Model(config, seed)
+            missing, unexpected = embedded.load_state_dict(student.state_dict(), strict=False)
+            assert not unexpected and all(m.startswith("guidance_embedding.") for m in missing), missing
+            student = embedded
     out = Path(out) if out is not None else None
     state = {"rounds": []}
     if out is not None and (out / _STATE_FILE).exists():
@@ -223,6 +241,7 @@ def progressive(
             "student_steps": n,
             "teacher_prediction": current_pred,
             "guidance": guidance,
+            "guidance_range": list(guidance_range) if guidance_range is not None else None,
             "sigma_max": sigma_max,
         }
         ck = out / "checkpoint" if out is not None else None

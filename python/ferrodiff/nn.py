@@ -76,6 +76,7 @@ def UNet(
     num_classes: int = 0,
     learn_sigma: bool = False,
     context_dim: int = 0,
+    guidance_embed: bool = False,
     seed: int = 0,
 ) -> Model:
     """The DDPM U-Net (Ho et al. 2020) with the improvements of Nichol & Dhariwal (2021) as options.
@@ -98,6 +99,12 @@ def UNet(
     with ``class_dropout=p`` replaces a sample's context by it with probability p, and
     ``sample(..., context=c, guidance_scale=s)`` then applies classifier-free guidance between
     the given and the null context.
+
+    ``guidance_embed`` makes the guidance scale w an input of the network (guidance distilled in,
+    Meng et al. 2023): an embedding of w is added to the time embedding, its last layer
+    zero-initialised. Samplers then pass ``guidance_scale=w`` to the network in one pass instead
+    of combining a conditional and an unconditional pass. ``fd.distill.progressive(...,
+    guidance_range=(lo, hi))`` trains such a student.
     """
     return Model(
         {
@@ -117,6 +124,7 @@ def UNet(
             "num_classes": num_classes,
             "learn_sigma": learn_sigma,
             "context_dim": context_dim,
+            "guidance_embed": guidance_embed,
         },
         seed,
     )

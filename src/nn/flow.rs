@@ -35,6 +35,7 @@ impl FlowField for ModelFlow<'_> {
             labels: self.labels.as_deref(),
             context: None,
             null_context: None,
+            guidance: None,
         };
         let input = xv.as_tensor().affine(p.c_in(sigma), 0.0)?;
         let mut f = self.model.forward_cond(&input, &t, &cond, &Ctx::eval())?;

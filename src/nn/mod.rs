@@ -57,6 +57,14 @@ impl ModelConfig {
         }
     }
 
+    /// Whether the network takes the guidance scale as an input.
+    pub fn guidance_embed(&self) -> bool {
+        match self {
+            ModelConfig::Mlp(_) => false,
+            ModelConfig::Unet(c) => c.guidance_embed,
+        }
+    }
+
     pub fn learn_sigma(&self) -> bool {
         match self {
             ModelConfig::Mlp(c) => c.learn_sigma,
@@ -84,6 +92,9 @@ pub struct Cond<'a> {
     /// Rows that take the learned null context instead of theirs (classifier-free guidance's
     /// unconditional rows, context dropout in training).
     pub null_context: Option<&'a [bool]>,
+    /// Guidance scales [B] of a model that takes w as an input (`guidance_embed`); None: the
+    /// model's default (1, plain conditional, unless set by [`Model::with_guidance_input`]).
+    pub guidance: Option<&'a [f32]>,
 }
 
 /// A context on the host: `data` holds [rows, len, dim] row-major.
@@ -127,6 +138,8 @@ pub struct Model {
     config: ModelConfig,
     params: ParamStore,
     net: Net,
+    /// The guidance scale fed to a `guidance_embed` network when the call gives none.
+    guidance_input: f32,
 }
 
 impl Model {
@@ -147,7 +160,17 @@ impl Model {
             config,
             params,
             net,
+            guidance_input: 1.0,
         })
+    }
+
+    /// The same model (sharing its weights) whose `guidance_embed` network sees the guidance
+    /// scale `w` when a call gives none (what a sampler's `guidance_scale` sets for such a model).
+    pub fn with_guidance_input(&self, w: f32) -> Model {
+        Model {
+            guidance_input: w,
+            ..self.clone()
+        }
     }
 
     /// A model of the same configuration holding `weights` (e.g. the EMA weights).
@@ -254,9 +277,36 @@ impl Model {
             }
             other => other,
         };
+        if let Some(g) = cond.guidance {
+            if !self.config.guidance_embed() {
+                value_error!(
+                    "a guidance input was given but the model has none (guidance_embed = false)"
+                );
+            }
+            if g.len() != batch {
+                shape_error!("guidance has {} entries but x has {batch} rows", g.len());
+            }
+        }
+        let default_w;
+        let guidance = match cond.guidance {
+            None if self.config.guidance_embed() => {
+                default_w = vec![self.guidance_input; batch];
+                Some(default_w.as_slice())
+            }
+            g => g,
+        };
         match &self.net {
             Net::Mlp(m) => m.forward(x, t, labels, ctx),
-            Net::Unet(u) => u.forward(x, t, &Cond { labels, ..*cond }, ctx),
+            Net::Unet(u) => u.forward(
+                x,
+                t,
+                &Cond {
+                    labels,
+                    guidance,
+                    ..*cond
+                },
+                ctx,
+            ),
         }
     }
 
@@ -336,6 +386,7 @@ impl Model {
                 labels: labels.map(|l| &l[start..start + n]),
                 context: ctx_chunk.as_ref(),
                 null_context: null_context.map(|m| &m[start..start + n]),
+                guidance: None,
             };
             let y = self.forward_cond(&xt, tf, &cond, &Ctx::eval())?;
             if out_shape.is_empty() {

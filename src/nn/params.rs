@@ -196,6 +196,37 @@ impl ParamStore {
     }
 }
 
+impl ParamStore {
+    /// Overwrites the parameters that `tensors` holds (shapes must match) and leaves the others
+    /// as they are; returns (this store's names `tensors` lacks, names of `tensors` it lacks).
+    pub fn load_matching(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        what: &str,
+    ) -> Result<(Vec<String>, Vec<String>)> {
+        let vars = self.lock();
+        let mut missing = Vec::new();
+        for (name, var) in vars.iter() {
+            match tensors.get(name) {
+                None => missing.push(name.clone()),
+                Some(t) if t.dims() != var.dims() => shape_error!(
+                    "{what}: parameter {name} has shape {:?} but the model expects {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
+                Some(t) => var.set(&t.to_dtype(self.dtype)?.to_device(&self.device)?)?,
+            }
+        }
+        let mut unexpected: Vec<String> = tensors
+            .keys()
+            .filter(|k| !vars.contains_key(*k))
+            .cloned()
+            .collect();
+        unexpected.sort();
+        Ok((missing, unexpected))
+    }
+}
+
 /// A name prefix inside a [`ParamStore`], like candle's `VarBuilder::pp`.
 pub struct Path<'a> {
     store: &'a ParamStore,

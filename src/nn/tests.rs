@@ -35,7 +35,69 @@ fn unet_config(resblock_updown: bool, scale_shift: bool) -> ModelConfig {
         num_classes: 3,
         learn_sigma: true,
         context_dim: 0,
+        guidance_embed: false,
     })
+}
+
+#[test]
+fn a_guidance_embedding_starts_as_the_plain_network_and_then_reads_w() {
+    let plain = unet_config(false, true);
+    let ModelConfig::Unet(mut c) = plain.clone() else {
+        unreachable!()
+    };
+    c.guidance_embed = true;
+    let base = Model::new(plain, 4, &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 2, 8, 8), &Device::Cpu).unwrap();
+    move_zero_layers(&base, &x);
+    let embedded = Model::new(ModelConfig::Unet(c), 9, &Device::Cpu).unwrap();
+    let (missing, unexpected) = embedded
+        .params()
+        .load_matching(&base.params().tensors().unwrap(), "base")
+        .unwrap();
+    assert!(unexpected.is_empty());
+    assert!(!missing.is_empty() && missing.iter().all(|m| m.starts_with("guidance_embedding.")));
+    let run = |m: &Model, w: Option<&[f32]>| -> Vec<f32> {
+        let cond = Cond {
+            labels: Some(&[0, 1]),
+            guidance: w,
+            ..Cond::default()
+        };
+        m.forward_cond(&x, &[5.0, 500.0], &cond, &Ctx::eval())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    // Zero-initialised last layer: the same function as the weights without the embedding.
+    assert_eq!(run(&base, None), run(&embedded, Some(&[3.0, 0.5])));
+    // Once that layer moves, w changes the output; the default input is w = 1.
+    for (name, var) in embedded.params().named_vars() {
+        if name == "guidance_embedding.linear_2.weight" {
+            var.set(&Tensor::randn(0f32, 0.1, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    assert_ne!(
+        run(&embedded, Some(&[3.0, 3.0])),
+        run(&embedded, Some(&[1.0, 1.0]))
+    );
+    assert_eq!(run(&embedded, None), run(&embedded, Some(&[1.0, 1.0])));
+    assert_eq!(
+        run(&embedded.with_guidance_input(3.0), None),
+        run(&embedded, Some(&[3.0, 3.0]))
+    );
+    assert!(base
+        .forward_cond(
+            &x,
+            &[1.0, 1.0],
+            &Cond {
+                guidance: Some(&[2.0, 2.0]),
+                ..Cond::default()
+            },
+            &Ctx::eval()
+        )
+        .is_err());
 }
 
 /// The U-Net with cross-attention to a 5-wide context as well as class labels.
@@ -82,6 +144,7 @@ fn probe_loss(model: &Model, x: &Tensor, ctx: &Ctx) -> Tensor {
         labels: Some(&[0, 3]),
         context: c.as_ref(),
         null_context: Some(&[false, true]),
+        guidance: None,
     };
     let out = model.forward_cond(x, &[3.0, 250.0], &cond, ctx).unwrap();
     let n = out.elem_count();
@@ -219,6 +282,7 @@ fn null_rows_attend_to_the_learned_null_context_and_given_rows_to_theirs() {
             labels: Some(&[1, 1]),
             context,
             null_context: null,
+            guidance: None,
         };
         model
             .forward_cond(&x, &[10.0, 10.0], &cond, &Ctx::eval())

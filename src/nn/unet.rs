@@ -44,7 +44,15 @@ pub struct UNetConfig {
     /// cross-attention. Each self-attention position (and the middle block) is followed by a
     /// cross-attention block, and a learned null context stands in for missing contexts.
     pub context_dim: usize,
+    /// Take the classifier-free guidance scale w as an input (guidance distilled into the
+    /// network, Meng et al. 2023): an embedding of w added to the time embedding, its last
+    /// layer zero-initialised so that a new model computes what the same weights without it do.
+    pub guidance_embed: bool,
 }
+
+/// w is embedded as the timestep 100 w: guidance scales of a few units then span the
+/// sinusoidal embedding's frequencies as timesteps in [0, 1000) do.
+const GUIDANCE_EMBED_SCALE: f32 = 100.0;
 
 impl Default for UNetConfig {
     fn default() -> Self {
@@ -64,6 +72,7 @@ impl Default for UNetConfig {
             num_classes: 0,
             learn_sigma: false,
             context_dim: 0,
+            guidance_embed: false,
         }
     }
 }
@@ -266,6 +275,7 @@ pub struct UNet {
     time_1: Linear,
     time_2: Linear,
     class_embedding: Option<Embedding>,
+    guidance_embedding: Option<(Linear, Linear)>,
     conv_in: Conv2d,
     down: Vec<Level>,
     mid: (ResBlock, AttentionBlock, ResBlock),
@@ -416,6 +426,15 @@ impl UNet {
             } else {
                 None
             },
+            guidance_embedding: if c.guidance_embed {
+                let g = p.pp("guidance_embedding");
+                Some((
+                    Linear::new(&g.pp("linear_1"), base, emb_dim)?,
+                    Linear::zeros(&g.pp("linear_2"), emb_dim, emb_dim)?,
+                ))
+            } else {
+                None
+            },
             conv_in,
             down,
             mid,
@@ -500,6 +519,15 @@ impl UNet {
         let mut emb = self.time_2.forward(&silu(&self.time_1.forward(&temb)?)?)?;
         if let (Some(table), Some(y)) = (&self.class_embedding, cond.labels) {
             emb = (emb + table.forward(y)?)?;
+        }
+        if let Some((g1, g2)) = &self.guidance_embedding {
+            let w = cond.guidance.ok_or_else(|| {
+                crate::Error::Value("this model takes the guidance scale as an input".into())
+            })?;
+            let scaled: Vec<f32> = w.iter().map(|v| v * GUIDANCE_EMBED_SCALE).collect();
+            let g = timestep_embedding(&scaled, self.config.base_channels, x.device())?
+                .to_dtype(x.dtype())?;
+            emb = (emb + g2.forward(&silu(&g1.forward(&g)?)?)?)?;
         }
         let emb = silu(&emb)?;
         let mut h = self.conv_in.forward(x)?;

@@ -256,8 +256,15 @@ impl PyModel {
         Ok(d)
     }
 
-    /// Loads weights from {name: array} holding exactly this model's names and shapes.
-    fn load_state_dict(&self, state: &Bound<'_, PyDict>) -> PyResult<()> {
+    /// Loads weights from {name: array} holding exactly this model's names and shapes; with
+    /// `strict=False` loads the names both have (shapes must match) and returns
+    /// (missing, unexpected): this model's names the dict lacks, the dict's names it lacks.
+    #[pyo3(signature = (state, strict=true))]
+    fn load_state_dict(
+        &self,
+        state: &Bound<'_, PyDict>,
+        strict: bool,
+    ) -> PyResult<Option<(Vec<String>, Vec<String>)>> {
         let mut map = std::collections::HashMap::new();
         for (k, v) in state.iter() {
             let name: String = k.extract()?;
@@ -267,7 +274,14 @@ impl PyModel {
                     .map_err(Error::from)?;
             map.insert(name, t);
         }
-        Ok(self.inner.params().load(&map, "the state dict")?)
+        if strict {
+            self.inner.params().load(&map, "the state dict")?;
+            Ok(None)
+        } else {
+            Ok(Some(
+                self.inner.params().load_matching(&map, "the state dict")?,
+            ))
+        }
     }
 
     /// Saves the weights and configuration to a safetensors file (atomically).

@@ -152,11 +152,25 @@ pub(crate) fn denoiser_for<'py>(
     obj: &Bound<'py, PyAny>,
     labels: Option<&Bound<'py, PyAny>>,
     context: Option<&Bound<'py, PyAny>>,
-    guidance: GuidanceArgs,
+    mut guidance: GuidanceArgs,
     batch: usize,
 ) -> PyResult<Box<dyn Denoiser + 'py>> {
     let py = obj.py();
-    let model = super::nn::model_of(obj)?;
+    let mut model = super::nn::model_of(obj)?;
+    // A network that takes the guidance scale as an input (guidance distilled in) gets it
+    // there, in one pass, instead of a conditional / unconditional pair.
+    if let Some(m) = model.as_mut() {
+        if m.config().guidance_embed() {
+            if let Some(w) = guidance.scale.take() {
+                if guidance.rescale != 0.0 {
+                    return Err(PyValueError::new_err(
+                        "guidance_rescale needs two passes; this model takes guidance_scale as an input",
+                    ));
+                }
+                *m = m.with_guidance_input(w as f32);
+            }
+        }
+    }
     if model.is_none() && !obj.is_callable() {
         return Err(PyTypeError::new_err(format!(
             "denoiser must be a ferrodiff model or callable as denoiser(x, t), got {}",

@@ -26,8 +26,9 @@ use crate::sample::sigma::schedule_sigmas;
 use crate::schedule::Schedule;
 use crate::value_error;
 
-/// Generator stream of the levels drawn for each row.
+/// Generator streams of the levels and guidance scales drawn for each row.
 const LEVEL_STREAM: u64 = (1 << 62) + (1 << 59);
+const GUIDANCE_STREAM: u64 = (1 << 62) + (1 << 59) + (1 << 57);
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -40,6 +41,9 @@ pub struct ProgressiveConfig {
     pub guidance: Option<f64>,
     /// The σ of the top level (capped at the schedule's; None: the schedule's last timestep).
     pub sigma_max: Option<f64>,
+    /// Guidance scales w drawn uniformly per row from [lo, hi], the teacher guided by w and the
+    /// student (built with `guidance_embed`) given w as an input (Meng et al. 2023).
+    pub guidance_range: Option<(f64, f64)>,
 }
 
 impl Default for ProgressiveConfig {
@@ -49,6 +53,7 @@ impl Default for ProgressiveConfig {
             teacher_prediction: "epsilon".into(),
             guidance: None,
             sigma_max: Some(crate::sample::sigma::EDM_SIGMA_MAX),
+            guidance_range: None,
         }
     }
 }
@@ -57,6 +62,16 @@ impl ProgressiveConfig {
     pub fn validate(&self, schedule: &Schedule) -> Result<()> {
         check_steps(schedule, self.student_steps, self.sigma_max)?;
         Prediction::parse(&self.teacher_prediction)?;
+        if let Some((lo, hi)) = self.guidance_range {
+            if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+                value_error!("guidance_range must be finite with lo <= hi, got ({lo}, {hi})");
+            }
+            if self.guidance.is_some() {
+                value_error!(
+                    "give guidance (one scale) or guidance_range (a range of scales), not both"
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -156,6 +171,8 @@ pub struct ProgressiveObjective {
     config: ProgressiveConfig,
     teacher: Teacher,
     student_prediction: Prediction,
+    /// Whether the student takes w as an input.
+    student_guidance: bool,
     top: f64,
     log_sigmas: Vec<f64>,
 }
@@ -165,14 +182,33 @@ impl ProgressiveObjective {
         config: ProgressiveConfig,
         teacher: Teacher,
         student_prediction: Prediction,
+        student_guidance: bool,
         schedule: &Schedule,
     ) -> Result<Self> {
         config.validate(schedule)?;
+        let guided = config.guidance.is_some() || config.guidance_range.is_some();
+        if config.guidance_range.is_some() && !student_guidance {
+            value_error!(
+                "guidance_range distils guidance as an input: build the student with guidance_embed=True"
+            );
+        }
+        if student_guidance && !guided {
+            value_error!(
+                "the student takes the guidance scale as an input (guidance_embed): give guidance or \
+                 guidance_range"
+            );
+        }
+        if config.guidance_range.is_some() && teacher.num_classes == 0 {
+            value_error!(
+                "guidance needs a class-conditional teacher and student (num_classes > 0)"
+            );
+        }
         let top = top_timestep(schedule, config.sigma_max)?;
         Ok(ProgressiveObjective {
             config,
             teacher,
             student_prediction,
+            student_guidance,
             top,
             log_sigmas: schedule_sigmas(schedule).iter().map(|s| s.ln()).collect(),
         })
@@ -226,6 +262,17 @@ impl Objective for ProgressiveObjective {
             s_h.push(sh);
             s_e.push(se);
         }
+        // The guidance scale of each row: fixed, or drawn from the range.
+        let scales: Option<Vec<f64>> = match (self.config.guidance, self.config.guidance_range) {
+            (Some(w), _) => Some(vec![w; b]),
+            (None, Some((lo, hi))) => Some(
+                uniforms(batch.seed, GUIDANCE_STREAM ^ batch.step, b)
+                    .iter()
+                    .map(|&u| lo + u as f64 * (hi - lo))
+                    .collect(),
+            ),
+            (None, None) => None,
+        };
         // Two teacher DDIM steps in σ space: D at (z/α, σ) is the teacher's x̂.
         let ve = |z: &[f32], sig: &[f64]| -> Vec<f32> {
             let mut out = Vec::with_capacity(z.len());
@@ -235,17 +282,25 @@ impl Objective for ProgressiveObjective {
             }
             out
         };
-        let x1 = self
-            .teacher
-            .denoise(&ve(&z_t, &s_t), batch.shape, &s_t, batch.labels)?;
+        let x1 = self.teacher.denoise_with(
+            &ve(&z_t, &s_t),
+            batch.shape,
+            &s_t,
+            batch.labels,
+            scales.as_deref(),
+        )?;
         let mut z_h = Vec::with_capacity(z_t.len());
         for r in 0..b {
             let sl = r * row..(r + 1) * row;
             z_h.extend(ddim_step(&z_t[sl.clone()], &x1[sl], vp(s_t[r]), vp(s_h[r])));
         }
-        let x2 = self
-            .teacher
-            .denoise(&ve(&z_h, &s_h), batch.shape, &s_h, batch.labels)?;
+        let x2 = self.teacher.denoise_with(
+            &ve(&z_h, &s_h),
+            batch.shape,
+            &s_h,
+            batch.labels,
+            scales.as_deref(),
+        )?;
         let mut target = Vec::with_capacity(z_t.len());
         let mut weights = Vec::with_capacity(b);
         for r in 0..b {
@@ -258,7 +313,15 @@ impl Objective for ProgressiveObjective {
         // The student's x̂ from its own parameterisation at ᾱ = α².
         let dev = model.device();
         let zt = Tensor::from_vec(z_t, batch.shape, dev)?;
-        let out = model.forward_cond(&zt, &t_student, &batch.cond(), ctx)?;
+        let w: Option<Vec<f32>> = match (&scales, self.student_guidance) {
+            (Some(s), true) => Some(s.iter().map(|&v| v as f32).collect()),
+            _ => None,
+        };
+        let cond = crate::nn::Cond {
+            guidance: w.as_deref(),
+            ..batch.cond()
+        };
+        let out = model.forward_cond(&zt, &t_student, &cond, ctx)?;
         let out = out.narrow(1, 0, batch.shape[1])?;
         let (cx, co): (Vec<f64>, Vec<f64>) = s_t
             .iter()

@@ -960,6 +960,7 @@ fn build_objective(
                 c.clone(),
                 teacher,
                 settings.prediction,
+                model.config().guidance_embed(),
                 schedule,
             )?)
         }

@@ -53,6 +53,7 @@ impl<'a> Batch<'a> {
             } else {
                 None
             },
+            guidance: None,
         }
     }
 

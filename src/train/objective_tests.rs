@@ -347,8 +347,10 @@ fn bad_objective_settings_are_clear_errors() {
     assert!(make(cd.clone(), Some(TeacherNet::Model(other))).contains("shape"));
     assert!(make(cd.clone(), Some(TeacherNet::Model(mlp(0)))).contains("classes"));
     // N < 2, too many student steps.
-    let mut small = super::consistency::ConsistencyDistillationConfig::default();
-    small.num_scales = 1;
+    let small = super::consistency::ConsistencyDistillationConfig {
+        num_scales: 1,
+        ..Default::default()
+    };
     let e = make(
         ObjectiveConfig::ConsistencyDistillation(small),
         Some(TeacherNet::Model(mlp(3))),

@@ -26,7 +26,9 @@ pub trait ExternalTeacher: Send + Sync {
     ) -> Result<ModelOutput>;
 }
 
-/// The network of a teacher.
+/// The network of a teacher (built once per trainer, so the size of the model variant does
+/// not matter).
+#[allow(clippy::large_enum_variant)]
 pub enum TeacherNet {
     Model(Model),
     External(Box<dyn ExternalTeacher>),
@@ -110,11 +112,29 @@ impl Teacher {
         shape: &[usize],
         t: &[f64],
         labels: Option<&[u32]>,
+        w: Option<&[f32]>,
     ) -> Result<ModelOutput> {
         match &mut self.net {
             TeacherNet::Model(m) => {
                 let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
-                m.predict_host_real_t(x, shape, &tf, labels, None, None)
+                match w {
+                    None => m.predict_host_real_t(x, shape, &tf, labels, None, None),
+                    Some(w) => {
+                        // A teacher that takes the guidance scale as an input (a student of an
+                        // earlier round): one pass, w per row.
+                        let xt = candle_core::Tensor::from_slice(x, shape, m.device())?;
+                        let cond = crate::nn::Cond {
+                            labels,
+                            guidance: Some(w),
+                            ..Default::default()
+                        };
+                        let y = m.forward_cond(&xt, &tf, &cond, &crate::nn::Ctx::eval())?;
+                        Ok(ModelOutput {
+                            shape: y.dims().to_vec(),
+                            data: y.flatten_all()?.to_vec1::<f32>()?,
+                        })
+                    }
+                }
             }
             TeacherNet::External(e) => e.predict(x, shape, t, labels),
         }
@@ -127,6 +147,19 @@ impl Teacher {
         shape: &[usize],
         sigmas: &[f64],
         labels: Option<&[u32]>,
+    ) -> Result<Vec<f32>> {
+        let scales = self.guidance.map(|s| vec![s; shape[0]]);
+        self.denoise_with(x, shape, sigmas, labels, scales.as_deref())
+    }
+
+    /// As [`Teacher::denoise`] with a guidance scale per row (None: unguided).
+    pub fn denoise_with(
+        &mut self,
+        x: &[f32],
+        shape: &[usize],
+        sigmas: &[f64],
+        labels: Option<&[u32]>,
+        scales: Option<&[f64]>,
     ) -> Result<Vec<f32>> {
         let b = shape[0];
         let row = x.len() / b.max(1);
@@ -143,12 +176,17 @@ impl Teacher {
             input.extend(x[r * row..(r + 1) * row].iter().map(|&v| v * c));
         }
         let t: Vec<f64> = sigmas.iter().map(|&s| self.timestep_of(s)).collect();
-        let guided = match (self.guidance, labels) {
-            (Some(s), Some(l)) if s != 1.0 => Some((s, l)),
+        let embeds = matches!(&self.net, TeacherNet::Model(m) if m.config().guidance_embed());
+        let w_input: Option<Vec<f32>> = embeds.then(|| match scales {
+            Some(s) => s.iter().map(|&v| v as f32).collect(),
+            None => vec![1.0; b],
+        });
+        let guided = match (scales, labels) {
+            (Some(s), Some(l)) if !embeds && s.iter().any(|&v| v != 1.0) => Some((s, l)),
             _ => None,
         };
         let (out, rows) = match guided {
-            None => (self.raw(&input, shape, &t, labels)?, b),
+            None => (self.raw(&input, shape, &t, labels, w_input.as_deref())?, b),
             Some((_, l)) => {
                 // One call on the doubled batch: conditional rows, then null-class rows.
                 let mut x2 = input.clone();
@@ -159,7 +197,7 @@ impl Teacher {
                 l2.extend(std::iter::repeat_n(self.num_classes as u32, b));
                 let mut sh = shape.to_vec();
                 sh[0] = 2 * b;
-                (self.raw(&x2, &sh, &t2, Some(&l2))?, 2 * b)
+                (self.raw(&x2, &sh, &t2, Some(&l2), None)?, 2 * b)
             }
         };
         let mut sh = shape.to_vec();
@@ -178,7 +216,7 @@ impl Teacher {
                     None => cond,
                     Some((g, _)) => {
                         let unc = a * xv + c * f(b + r, j);
-                        unc + g as f32 * (cond - unc)
+                        unc + g[r] as f32 * (cond - unc)
                     }
                 };
             }
