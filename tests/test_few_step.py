@@ -200,6 +200,9 @@ def test_objective_options_and_teachers_are_checked():
         )
     with pytest.raises(TypeError, match="teacher must be"):
         fd.Trainer(small_unet(), sch, x, y, objective="consistency_distillation", teacher=3)
+    linear_teacher = fd.Trainer(small_unet(), fd.Schedule.linear(1000), x, y)
+    with pytest.raises(ValueError, match="another noise schedule"):
+        fd.Trainer(small_unet(), sch, x, y, objective="consistency_distillation", teacher=linear_teacher)
     with pytest.raises(ValueError, match="not a consistency objective"):
         fd.ConsistencySampler(fd.Trainer(small_unet(), sch, x, y))
 

@@ -118,14 +118,45 @@ impl ExternalTeacher for PyCallableTeacher {
 }
 
 /// A teacher: a ferrodiff model or trainer (its EMA weights), a saved model or run folder, or a
-/// Python callable.
-pub(crate) fn teacher_arg(obj: &Bound<'_, PyAny>) -> PyResult<TeacherNet> {
+/// Python callable. A trainer or a checkpoint knows its schedule, which must be the student's.
+pub(crate) fn teacher_arg(obj: &Bound<'_, PyAny>, schedule: &Schedule) -> PyResult<TeacherNet> {
+    let same = |theirs: &Schedule, what: &str| -> PyResult<()> {
+        let close = theirs.len() == schedule.len()
+            && theirs
+                .alphas_cumprod
+                .iter()
+                .zip(&schedule.alphas_cumprod)
+                .all(|(a, b)| (a - b).abs() <= 1e-9 * a.abs().max(1e-12));
+        if close {
+            Ok(())
+        } else {
+            Err(PyValueError::new_err(format!(
+                "the teacher ({what}) was trained on another noise schedule ({}, T = {}) than the \
+                 one given ({}, T = {}): distil with the teacher's schedule",
+                theirs.name,
+                theirs.len(),
+                schedule.name,
+                schedule.len()
+            )))
+        }
+    };
+    if let Ok(t) = obj.cast::<PyTrainer>() {
+        same(t.borrow().inner.schedule(), "a Trainer")?;
+    }
     if let Some(m) = model_of(obj)? {
         return Ok(TeacherNet::Model(m));
     }
     if let Ok(path) = obj.extract::<std::path::PathBuf>() {
-        return Ok(TeacherNet::Model(crate::train::load_model(
-            &path,
+        let (_, theirs, _) = crate::train::read_checkpoint_info(&path)?;
+        let (file, _) = crate::train::checkpoint_path(&path);
+        let bytes = std::fs::read(&file).map_err(|e| crate::Error::io(&file, e))?;
+        let (_, meta) = crate::train::checkpoint::from_bytes(&bytes, &file, &Device::Cpu)?;
+        if meta.contains_key("schedule") {
+            same(&theirs, &path.display().to_string())?;
+        }
+        return Ok(TeacherNet::Model(crate::train::model_from_bytes(
+            &bytes,
+            &file,
             &Device::Cpu,
             true,
         )?));

@@ -512,7 +512,9 @@ impl PyTrainer {
     ) -> PyResult<Self> {
         let objective = super::distill::objective_arg(objective, objective_options)?;
         let schedule = super::distill::schedule_for(&objective, schedule)?;
-        let teacher = teacher.map(super::distill::teacher_arg).transpose()?;
+        let teacher = teacher
+            .map(|t| super::distill::teacher_arg(t, &schedule))
+            .transpose()?;
         let config = TrainConfig {
             batch_size,
             lr,
@@ -634,7 +636,13 @@ impl PyTrainer {
         context: Option<&Bound<'_, PyAny>>,
         teacher: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let teacher = teacher.map(super::distill::teacher_arg).transpose()?;
+        let teacher = match teacher {
+            Some(t) => {
+                let (_, schedule, _) = train::read_checkpoint_info(&path)?;
+                Some(super::distill::teacher_arg(t, &schedule)?)
+            }
+            None => None,
+        };
         let (values, shape) = data_arg(data)?;
         let per: usize = shape.iter().product();
         let labels = match labels {
