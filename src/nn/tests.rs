@@ -47,8 +47,20 @@ fn a_guidance_embedding_starts_as_the_plain_network_and_then_reads_w() {
     };
     c.guidance_embed = true;
     let base = Model::new(plain, 4, &Device::Cpu).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (2, 2, 8, 8), &Device::Cpu).unwrap();
-    move_zero_layers(&base, &x);
+    // Seeded everything: every parameter (the zero-initialised ones too) moved by small noise.
+    let seeded = |shape: &[usize], seed: u64, std: f32| {
+        let n = shape.iter().product();
+        let v: Vec<f32> = crate::sample::randn(n, seed, 1)
+            .iter()
+            .map(|z| z * std)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    for (i, (_, var)) in base.params().named_vars().iter().enumerate() {
+        let moved = (var.as_tensor() + seeded(var.dims(), 100 + i as u64, 0.05)).unwrap();
+        var.set(&moved).unwrap();
+    }
+    let x = seeded(&[2, 2, 8, 8], 7, 1.0);
     let embedded = Model::new(ModelConfig::Unet(c), 9, &Device::Cpu).unwrap();
     let (missing, unexpected) = embedded
         .params()
@@ -74,8 +86,7 @@ fn a_guidance_embedding_starts_as_the_plain_network_and_then_reads_w() {
     // Once that layer moves, w changes the output; the default input is w = 1.
     for (name, var) in embedded.params().named_vars() {
         if name == "guidance_embedding.linear_2.weight" {
-            var.set(&Tensor::randn(0f32, 0.1, var.dims(), &Device::Cpu).unwrap())
-                .unwrap();
+            var.set(&seeded(var.dims(), 8, 0.1)).unwrap();
         }
     }
     assert_ne!(
