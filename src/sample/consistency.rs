@@ -19,6 +19,9 @@ use crate::kernels::for_each_chunk;
 use crate::kernels::rng::fill_normal;
 use crate::value_error;
 
+/// 1000 / 4: the reference code's time input is 1000 · c_noise with EDM's c_noise = ln(σ)/4.
+const CM_TIME_SCALE: f64 = 250.0;
+
 /// Noise streams of the inpainting blend after evaluation k.
 const CONSISTENCY_INPAINT_STREAM: u64 = (1 << 41) + (1 << 39);
 
@@ -84,9 +87,10 @@ impl ConsistencyParams {
         1.0 / (sigma * sigma + d * d).sqrt()
     }
 
-    /// The network's time input at σ: 1000 · ln(σ)/4.
+    /// The network's time input at σ: 1000 · ln(σ)/4 (EDM's c_noise = ln(σ)/4, scaled by 1000 as
+    /// the consistency models code and diffusers' `CMStochasticIterativeScheduler.sigma_to_t` do).
     pub fn c_noise(sigma: f64) -> f64 {
-        250.0 * (sigma + 1e-44).ln()
+        CM_TIME_SCALE * (sigma + 1e-44).ln()
     }
 
     /// σ of the Karras ramp u ∈ [0, 1] (0: σ_max, 1: σ_min).

@@ -29,6 +29,21 @@ use crate::value_error;
 /// Generator stream of the levels drawn for each row.
 const LEVEL_STREAM: u64 = (1 << 62) + (1 << 58);
 
+/// Song et al. 2023, Table 3 (CIFAR-10): CD's grid N = 18 and target decay μ = 0.95; CT's
+/// initial / final discretisation s0 = 2, s1 = 150 and μ0 = 0.9.
+const CD_NUM_SCALES: usize = 18;
+const CD_TARGET_DECAY: f64 = 0.95;
+const CT_S0: usize = 2;
+const CT_S1: usize = 150;
+const CT_MU0: f64 = 0.9;
+/// Song & Dhariwal 2023, section 3: s0 = 10, s1 = 1280, pseudo-Huber c = 0.00054 √d, the
+/// lognormal over σ with P_mean = −1.1, P_std = 2.0.
+const ICT_S0: usize = 10;
+const ICT_S1: usize = 1280;
+const ICT_HUBER_C_PER_SQRT_DIM: f64 = 0.00054;
+const ICT_P_MEAN: f64 = -1.1;
+const ICT_P_STD: f64 = 2.0;
+
 pub use crate::sample::consistency::ConsistencyParams;
 
 /// f(x, σ_r) for every row r: the consistency model built on `model`.
@@ -71,7 +86,7 @@ impl Distance {
             "l2" | "mse" => Distance::L2,
             "l1" => Distance::L1,
             "pseudo_huber" | "pseudo-huber" => {
-                let c = huber_c.unwrap_or(0.00054 * (dims as f64).sqrt());
+                let c = huber_c.unwrap_or(ICT_HUBER_C_PER_SQRT_DIM * (dims as f64).sqrt());
                 if !(c.is_finite() && c > 0.0) {
                     value_error!("huber_c must be positive, got {c}");
                 }
@@ -167,9 +182,9 @@ impl Default for ConsistencyDistillationConfig {
     fn default() -> Self {
         ConsistencyDistillationConfig {
             params: ConsistencyParams::default(),
-            num_scales: 18,
+            num_scales: CD_NUM_SCALES,
             solver: "heun".into(),
-            mu: 0.95,
+            mu: CD_TARGET_DECAY,
             distance: "l2".into(),
             huber_c: None,
             teacher_prediction: "epsilon".into(),
@@ -207,11 +222,11 @@ impl Default for ConsistencyTrainingConfig {
             s0: None,
             s1: None,
             total_steps: 0,
-            mu0: 0.9,
+            mu0: CT_MU0,
             distance: None,
             huber_c: None,
-            p_mean: -1.1,
-            p_std: 2.0,
+            p_mean: ICT_P_MEAN,
+            p_std: ICT_P_STD,
         }
     }
 }
@@ -301,7 +316,11 @@ impl ConsistencyObjective {
             "ct" => false,
             other => value_error!("recipe must be 'ct' or 'ict', got {other:?}"),
         };
-        let (d0, d1) = if improved { (10, 1280) } else { (2, 150) };
+        let (d0, d1) = if improved {
+            (ICT_S0, ICT_S1)
+        } else {
+            (CT_S0, CT_S1)
+        };
         let (s0, s1) = (config.s0.unwrap_or(d0), config.s1.unwrap_or(d1));
         if s0 < 2 || s1 < s0 {
             value_error!("the discretisation needs 2 <= s0 <= s1, got s0 = {s0}, s1 = {s1}");
