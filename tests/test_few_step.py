@@ -153,7 +153,7 @@ def test_consistency_training_from_python_resumes_and_samples(tmp_path):
     assert ed.shape == img.shape and np.isfinite(ed).all()
 
 
-def test_objective_options_and_teachers_are_checked():
+def test_objective_options_and_teachers_are_checked(tmp_path):
     x, y = digits_small()
     sch = fd.Schedule.cosine(1000)
     with pytest.raises(ValueError, match="objective must be"):
@@ -203,6 +203,9 @@ def test_objective_options_and_teachers_are_checked():
     linear_teacher = fd.Trainer(small_unet(), fd.Schedule.linear(1000), x, y)
     with pytest.raises(ValueError, match="another noise schedule"):
         fd.Trainer(small_unet(), sch, x, y, objective="consistency_distillation", teacher=linear_teacher)
+    linear_teacher.save(tmp_path / "linear")
+    with pytest.raises(ValueError, match="another noise schedule"):
+        fd.distill.progressive(tmp_path / "linear", sch, x, y, from_steps=8, to_steps=4, progress=False)
     with pytest.raises(ValueError, match="not a consistency objective"):
         fd.ConsistencySampler(fd.Trainer(small_unet(), sch, x, y))
 
@@ -406,7 +409,6 @@ def test_guidance_as_an_input_is_distilled_and_sampled_in_one_pass():
     assert res.model.config["guidance_embed"] is True
     state = res.model.state_dict()
     assert any(k.startswith("guidance_embedding.") for k in state)
-    calls = []
     sampler = res.sampler()
     outs = {}
     for w in (1.0, 3.0):
@@ -416,7 +418,6 @@ def test_guidance_as_an_input_is_distilled_and_sampled_in_one_pass():
             labels=np.arange(6),
             seed=0,
             guidance_scale=w,
-            callback=lambda *a: calls.append(1),
         )
     assert np.isfinite(outs[3.0]).all()
     assert not np.array_equal(outs[1.0], outs[3.0])  # w reaches the network

@@ -104,7 +104,8 @@ def _teacher_info(teacher, teacher_prediction):
             pred = json.loads(info.read_text()).get("train", {}).get("prediction")
         if pred is None:
             raise ValueError(f"{path}: cannot tell what the teacher predicts: pass teacher_prediction=")
-        return model, pred, model
+        # The Trainer loads the path itself, checking the checkpoint's schedule against the given one.
+        return os.fspath(path), pred, model
     if isinstance(teacher, fd.nn.Model):
         if teacher_prediction is None:
             raise ValueError("pass teacher_prediction= ('epsilon', 'x0' or 'v') with a Model teacher")

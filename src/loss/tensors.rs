@@ -20,7 +20,7 @@ pub fn mean_flat(x: &Tensor) -> Result<Tensor> {
 }
 
 /// A [B] list of scalars shaped [B, 1, ...] to broadcast over rows of `like`.
-fn per_row(values: &[f64], like: &Tensor) -> Result<Tensor> {
+pub(crate) fn per_row(values: &[f64], like: &Tensor) -> Result<Tensor> {
     let mut shape = vec![1usize; like.rank()];
     shape[0] = values.len();
     let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();

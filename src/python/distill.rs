@@ -17,7 +17,9 @@ use crate::nn::Ctx;
 use crate::sample::consistency::{ConsistencyParams, ConsistencySampler};
 use crate::sample::ModelOutput;
 use crate::schedule::Schedule;
-use crate::train::consistency::{consistency_forward, ct_ema_decay, ct_num_scales, ict_num_scales};
+use crate::train::consistency::{
+    consistency_forward, ct_ema_decay, ct_num_scales, ict_num_scales, CT_S0, CT_S1, ICT_S0, ICT_S1,
+};
 use crate::train::{ExternalTeacher, ObjectiveConfig, TeacherNet};
 
 const OBJECTIVES: &str =
@@ -147,19 +149,11 @@ pub(crate) fn teacher_arg(obj: &Bound<'_, PyAny>, schedule: &Schedule) -> PyResu
         return Ok(TeacherNet::Model(m));
     }
     if let Ok(path) = obj.extract::<std::path::PathBuf>() {
-        let (_, theirs, _) = crate::train::read_checkpoint_info(&path)?;
-        let (file, _) = crate::train::checkpoint_path(&path);
-        let bytes = std::fs::read(&file).map_err(|e| crate::Error::io(&file, e))?;
-        let (_, meta) = crate::train::checkpoint::from_bytes(&bytes, &file, &Device::Cpu)?;
-        if meta.contains_key("schedule") {
+        let (model, theirs) = crate::train::load_model_and_schedule(&path, &Device::Cpu, true)?;
+        if let Some(theirs) = theirs {
             same(&theirs, &path.display().to_string())?;
         }
-        return Ok(TeacherNet::Model(crate::train::model_from_bytes(
-            &bytes,
-            &file,
-            &Device::Cpu,
-            true,
-        )?));
+        return Ok(TeacherNet::Model(model));
     }
     if obj.is_callable() {
         return Ok(TeacherNet::External(Box::new(PyCallableTeacher {
@@ -407,12 +401,12 @@ fn consistency_training_schedule(
     }
     match recipe {
         "ct" => {
-            let (s0, s1) = (s0.unwrap_or(2), s1.unwrap_or(150));
+            let (s0, s1) = (s0.unwrap_or(CT_S0), s1.unwrap_or(CT_S1));
             let n = ct_num_scales(k, total_steps, s0, s1);
             Ok((n, ct_ema_decay(n, s0, mu0)))
         }
         "ict" => {
-            let (s0, s1) = (s0.unwrap_or(10), s1.unwrap_or(1280));
+            let (s0, s1) = (s0.unwrap_or(ICT_S0), s1.unwrap_or(ICT_S1));
             Ok((ict_num_scales(k, total_steps, s0, s1), 0.0))
         }
         other => Err(PyValueError::new_err(format!(

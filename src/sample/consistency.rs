@@ -104,16 +104,10 @@ impl ConsistencyParams {
 
     /// The Karras grid of `n` levels, ascending from σ_min to σ_max (the training
     /// discretisation), ends exact.
-    pub fn karras_ascending(&self, n: usize) -> Vec<f64> {
-        if n < 2 {
-            return vec![self.sigma_min; n];
-        }
-        let mut s: Vec<f64> = (0..n)
-            .map(|i| self.karras(1.0 - i as f64 / (n - 1) as f64))
-            .collect();
-        s[0] = self.sigma_min;
-        s[n - 1] = self.sigma_max;
-        s
+    pub fn karras_ascending(&self, n: usize) -> Result<Vec<f64>> {
+        let mut s = super::sigma::karras_sigmas(n, self.sigma_min, self.sigma_max, self.rho)?;
+        s.reverse();
+        Ok(s)
     }
 
     /// The levels of a `steps`-step sampler on a grid of `num_scales` points, as diffusers'
@@ -256,23 +250,24 @@ impl engine::Solver for ConsistencySampler {
             let (r, c) = (j / row, j % row);
             (cs * x[j] + co * m[r * stride + c]).clamp(lo, hi)
         };
+        // out = f, then f + √(σ_{k+1}² − σ_min²) z; pred_x0 copies f before the noise.
+        for_each_chunk(out, |start, chunk| {
+            for (i, v) in chunk.iter_mut().enumerate() {
+                *v = f_at(start + i);
+            }
+        });
         if let Some(p) = pred_x0 {
-            for_each_chunk(p, |start, chunk| {
-                for (i, v) in chunk.iter_mut().enumerate() {
-                    *v = f_at(start + i);
+            p.copy_from_slice(out);
+        }
+        if std > 0.0 {
+            for_each_chunk(out, |start, chunk| {
+                let mut z = vec![0f32; chunk.len()];
+                fill_normal(seed, stream, start as u64, &mut z);
+                for (v, zv) in chunk.iter_mut().zip(&z) {
+                    *v += std * zv;
                 }
             });
         }
-        for_each_chunk(out, |start, chunk| {
-            let mut z = vec![0f32; if std > 0.0 { chunk.len() } else { 0 }];
-            if std > 0.0 {
-                fill_normal(seed, stream, start as u64, &mut z);
-            }
-            for (i, v) in chunk.iter_mut().enumerate() {
-                let f = f_at(start + i);
-                *v = if std > 0.0 { f + std * z[i] } else { f };
-            }
-        });
         if check_finite && out.iter().any(|v| !v.is_finite()) {
             {
                 return Err(crate::Error::NonFiniteSigma { step: k, sigma: s });

@@ -18,10 +18,11 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::distill::{load_teacher_state, teacher_state};
-use super::objective::{per_row, Batch, Objective, ObjectiveState};
+use super::objective::{Batch, Objective, ObjectiveState};
 use super::teacher::Teacher;
 use crate::error::Result;
 use crate::loss::tensors::mean_flat;
+use crate::loss::tensors::per_row;
 use crate::nn::params::uniforms;
 use crate::nn::{Cond, Ctx, Model};
 use crate::value_error;
@@ -33,13 +34,13 @@ const LEVEL_STREAM: u64 = (1 << 62) + (1 << 58);
 /// initial / final discretisation s0 = 2, s1 = 150 and μ0 = 0.9.
 const CD_NUM_SCALES: usize = 18;
 const CD_TARGET_DECAY: f64 = 0.95;
-const CT_S0: usize = 2;
-const CT_S1: usize = 150;
-const CT_MU0: f64 = 0.9;
+pub const CT_S0: usize = 2;
+pub const CT_S1: usize = 150;
+pub const CT_MU0: f64 = 0.9;
 /// Song & Dhariwal 2023, section 3: s0 = 10, s1 = 1280, pseudo-Huber c = 0.00054 √d, the
 /// lognormal over σ with P_mean = −1.1, P_std = 2.0.
-const ICT_S0: usize = 10;
-const ICT_S1: usize = 1280;
+pub const ICT_S0: usize = 10;
+pub const ICT_S1: usize = 1280;
 const ICT_HUBER_C_PER_SQRT_DIM: f64 = 0.00054;
 const ICT_P_MEAN: f64 = -1.1;
 const ICT_P_STD: f64 = 2.0;
@@ -409,7 +410,7 @@ impl Objective for ConsistencyObjective {
     fn per_sample_loss(&mut self, model: &Model, batch: &Batch, ctx: &Ctx) -> Result<Tensor> {
         let k = batch.step;
         let n = self.num_scales(k);
-        let grid = self.params.karras_ascending(n);
+        let grid = self.params.karras_ascending(n)?;
         let (b, row) = (batch.rows(), batch.per_sample());
         let u = uniforms(batch.seed, LEVEL_STREAM ^ k, b);
         let idx: Vec<usize> = match &self.kind {

@@ -15,11 +15,12 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::objective::{per_row, Batch, Objective, ObjectiveState};
+use super::objective::{Batch, Objective, ObjectiveState};
 use super::teacher::Teacher;
 use crate::diffusion::{x0_coefficients, Prediction};
 use crate::error::Result;
 use crate::loss::tensors::mean_flat;
+use crate::loss::tensors::per_row;
 use crate::nn::params::uniforms;
 use crate::nn::{Ctx, Model};
 use crate::sample::sigma::schedule_sigmas;

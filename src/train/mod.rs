@@ -775,11 +775,8 @@ pub fn read_checkpoint_info(path: &Path) -> Result<(ModelConfig, Schedule, serde
     let (file, _) = checkpoint_path(path);
     let (_, meta) = checkpoint::load(&file, &Device::Cpu)?;
     let model: ModelConfig = checkpoint::json_entry(&file, &meta, "model")?;
-    let schedule = match meta.get("schedule") {
-        Some(_) => {
-            let s: ScheduleRecord = checkpoint::json_entry(&file, &meta, "schedule")?;
-            Schedule::from_parts(&s.name, s.betas, s.alphas_cumprod)?
-        }
+    let schedule = match schedule_from_meta(&file, &meta)? {
+        Some(s) => s,
         None => Schedule::linear(1000, 1e-4, 0.02, false)?,
     };
     let extra = match meta.get("state") {
@@ -811,17 +808,58 @@ pub fn load_model(path: &Path, device: &Device, ema: bool) -> Result<Model> {
     model_from_bytes(&bytes, &file, device, ema)
 }
 
+/// The schedule a checkpoint's metadata records, if it records one.
+fn schedule_from_meta(file: &Path, meta: &HashMap<String, String>) -> Result<Option<Schedule>> {
+    match meta.get("schedule") {
+        Some(_) => {
+            let s: ScheduleRecord = checkpoint::json_entry(file, meta, "schedule")?;
+            Ok(Some(Schedule::from_parts(
+                &s.name,
+                s.betas,
+                s.alphas_cumprod,
+            )?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// As [`load_model`], with the schedule the checkpoint records (None: a bare model file); the
+/// file is read and parsed once.
+pub fn load_model_and_schedule(
+    path: &Path,
+    device: &Device,
+    ema: bool,
+) -> Result<(Model, Option<Schedule>)> {
+    let (file, _) = checkpoint_path(path);
+    let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
+    let (tensors, meta) = checkpoint::from_bytes(&bytes, &file, device)?;
+    let schedule = schedule_from_meta(&file, &meta)?;
+    Ok((
+        model_from_parts(&tensors, &meta, &file, device, ema)?,
+        schedule,
+    ))
+}
+
 /// [`load_model`] from bytes; `source` names them in errors.
 pub fn model_from_bytes(bytes: &[u8], source: &Path, device: &Device, ema: bool) -> Result<Model> {
-    let file = source;
-    let (tensors, meta) = checkpoint::from_bytes(bytes, file, device)?;
-    let config: ModelConfig = checkpoint::json_entry(file, &meta, "model")?;
+    let (tensors, meta) = checkpoint::from_bytes(bytes, source, device)?;
+    model_from_parts(&tensors, &meta, source, device, ema)
+}
+
+fn model_from_parts(
+    tensors: &HashMap<String, Tensor>,
+    meta: &HashMap<String, String>,
+    file: &Path,
+    device: &Device,
+    ema: bool,
+) -> Result<Model> {
+    let config: ModelConfig = checkpoint::json_entry(file, meta, "model")?;
     let model = Model::new(config, 0, device)?;
-    let ema_weights = checkpoint::with_prefix(&tensors, "ema");
+    let ema_weights = checkpoint::with_prefix(tensors, "ema");
     let weights = if ema && !ema_weights.is_empty() {
         ema_weights
     } else {
-        checkpoint::with_prefix(&tensors, "model")
+        checkpoint::with_prefix(tensors, "model")
     };
     model.params().load(&weights, &file.display().to_string())?;
     Ok(model)

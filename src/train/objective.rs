@@ -259,14 +259,6 @@ impl Objective for DiffusionObjective {
     }
 }
 
-/// Per-row scalars shaped [B, 1, ...] to broadcast over `like`.
-pub(crate) fn per_row(values: &[f64], like: &Tensor) -> Result<Tensor> {
-    let mut shape = vec![1usize; like.rank()];
-    shape[0] = values.len();
-    let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
-    Ok(Tensor::from_vec(v, shape, like.device())?.to_dtype(like.dtype())?)
-}
-
 /// Which objective a [`super::Trainer`] optimises; saved in the checkpoint's training config.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

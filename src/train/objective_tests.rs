@@ -107,7 +107,7 @@ fn ct_schedules_match_the_reference_golden_points() {
 #[test]
 fn lognormal_level_probabilities_are_a_distribution_peaked_near_the_mean() {
     let p = ConsistencyParams::default();
-    let grid = p.karras_ascending(41);
+    let grid = p.karras_ascending(41).unwrap();
     let q = lognormal_level_probabilities(&grid, -1.1, 2.0);
     assert_eq!(q.len(), 40);
     assert!((q.iter().sum::<f64>() - 1.0).abs() < 1e-12);
@@ -126,7 +126,7 @@ fn lognormal_level_probabilities_are_a_distribution_peaked_near_the_mean() {
 fn karras_grid_matches_the_reference() {
     // karras(5, 0.002, 80) = [80, 17.5278, 2.51522, 0.169753, 0.002] (descending).
     let p = ConsistencyParams::default();
-    let g = p.karras_ascending(5);
+    let g = p.karras_ascending(5).unwrap();
     for (got, want) in g
         .iter()
         .rev()
