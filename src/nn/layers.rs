@@ -125,6 +125,20 @@ impl Conv2d {
         Self::with_init(p, cin, cout, kernel, stride, Init::Uniform(bound))
     }
 
+    /// As [`Conv2d::new`] with an explicit zero `padding` on every side.
+    pub fn with_padding(
+        p: &Path,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let mut conv = Self::new(p, cin, cout, kernel, stride)?;
+        conv.padding = padding;
+        Ok(conv)
+    }
+
     /// Zero-initialised (the last layer of a residual branch; OpenAI's `zero_module`).
     pub fn zeros(p: &Path, cin: usize, cout: usize, kernel: usize) -> Result<Self> {
         Self::with_init(p, cin, cout, kernel, 1, Init::Zeros)
@@ -177,6 +191,11 @@ pub const GROUP_NORM_EPS: f64 = 1e-5;
 
 impl GroupNorm {
     pub fn new(p: &Path, groups: usize, channels: usize) -> Result<Self> {
+        Self::with_eps(p, groups, channels, GROUP_NORM_EPS)
+    }
+
+    /// As [`GroupNorm::new`] with ε = `eps` (diffusers' autoencoders use 1e-6).
+    pub fn with_eps(p: &Path, groups: usize, channels: usize, eps: f64) -> Result<Self> {
         if groups == 0 || !channels.is_multiple_of(groups) {
             value_error!("GroupNorm: {channels} channels are not divisible into {groups} groups");
         }
@@ -184,7 +203,7 @@ impl GroupNorm {
             weight: p.var("weight", &[channels], Init::Ones)?,
             bias: p.var("bias", &[channels], Init::Zeros)?,
             groups,
-            eps: GROUP_NORM_EPS,
+            eps,
         })
     }
 
@@ -343,6 +362,12 @@ impl AttentionBlock {
             heads,
             skip_rescale,
         })
+    }
+
+    /// The same block with its GroupNorm's ε set to `eps`.
+    pub fn with_norm_eps(mut self, eps: f64) -> Self {
+        self.norm.eps = eps;
+        self
     }
 
     /// Self-attention of x [B, C, H, W].

@@ -4,6 +4,7 @@
 
 pub mod act;
 pub mod attention;
+pub mod autoencoder;
 pub mod classifier;
 pub mod flow;
 pub mod kernels;
@@ -13,6 +14,7 @@ pub mod mlp;
 pub mod norm;
 pub mod op_timing;
 pub mod params;
+pub mod resize;
 #[cfg(test)]
 mod test_util;
 pub mod unet;
@@ -23,6 +25,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use autoencoder::{Autoencoder, AutoencoderConfig, AutoencoderKind};
 pub use classifier::{Classifier, ClassifierConfig};
 pub use layers::Ctx;
 pub use mlp::MlpConfig;
@@ -39,6 +42,9 @@ use crate::{shape_error, value_error};
 pub enum ModelConfig {
     Mlp(MlpConfig),
     Unet(UNetConfig),
+    /// A KL or VQ autoencoder (not a denoiser: trained with the autoencoder objective, used
+    /// by latent diffusion to encode and decode).
+    Autoencoder(AutoencoderConfig),
 }
 
 impl ModelConfig {
@@ -46,13 +52,14 @@ impl ModelConfig {
         match self {
             ModelConfig::Mlp(c) => c.num_classes,
             ModelConfig::Unet(c) => c.num_classes,
+            ModelConfig::Autoencoder(_) => 0,
         }
     }
 
     /// Width of cross-attention contexts (0: the model takes none).
     pub fn context_dim(&self) -> usize {
         match self {
-            ModelConfig::Mlp(_) => 0,
+            ModelConfig::Mlp(_) | ModelConfig::Autoencoder(_) => 0,
             ModelConfig::Unet(c) => c.context_dim,
         }
     }
@@ -60,7 +67,7 @@ impl ModelConfig {
     /// Whether the network takes the guidance scale as an input.
     pub fn guidance_embed(&self) -> bool {
         match self {
-            ModelConfig::Mlp(_) => false,
+            ModelConfig::Mlp(_) | ModelConfig::Autoencoder(_) => false,
             ModelConfig::Unet(c) => c.guidance_embed,
         }
     }
@@ -69,6 +76,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Mlp(c) => c.learn_sigma,
             ModelConfig::Unet(c) => c.learn_sigma,
+            ModelConfig::Autoencoder(_) => false,
         }
     }
 
@@ -77,7 +85,13 @@ impl ModelConfig {
         match self {
             ModelConfig::Mlp(c) => c.data_shape.clone(),
             ModelConfig::Unet(c) => vec![c.in_channels, c.image_size, c.image_size],
+            ModelConfig::Autoencoder(c) => vec![c.in_channels, c.image_size, c.image_size],
         }
+    }
+
+    /// Whether this is an autoencoder rather than a denoiser.
+    pub fn is_autoencoder(&self) -> bool {
+        matches!(self, ModelConfig::Autoencoder(_))
     }
 }
 
@@ -95,6 +109,10 @@ pub struct Cond<'a> {
     /// Guidance scales [B] of a model that takes w as an input (`guidance_embed`); None: the
     /// model's default (1, plain conditional, unless set by [`Model::with_guidance_input`]).
     pub guidance: Option<&'a [f32]>,
+    /// Super-resolution models: the conditioning image [B, cond_channels, H, W] (already
+    /// upsampled to x's size) and its noise-augmentation levels [B] in [0, 1].
+    pub low_res: Option<&'a Tensor>,
+    pub aug_level: Option<&'a [f32]>,
 }
 
 /// A context on the host: `data` holds [rows, len, dim] row-major.
@@ -130,6 +148,7 @@ impl HostContext<'_> {
 enum Net {
     Mlp(mlp::Mlp),
     Unet(Box<unet::UNet>),
+    Autoencoder(Box<Autoencoder>),
 }
 
 /// A network with its parameters.
@@ -140,6 +159,16 @@ pub struct Model {
     net: Net,
     /// The guidance scale fed to a `guidance_embed` network when the call gives none.
     guidance_input: f32,
+    /// A super-resolution model's conditioning for calls that give none: the upsampled
+    /// (and augmented) images [N, C, H, W] and their augmentation levels [N].
+    low_res_input: Option<std::sync::Arc<LowResInput>>,
+}
+
+/// See [`Model::with_low_res`].
+struct LowResInput {
+    data: Vec<f32>,
+    shape: [usize; 4],
+    levels: Vec<f32>,
 }
 
 impl Model {
@@ -155,12 +184,14 @@ impl Model {
         let net = match &config {
             ModelConfig::Mlp(c) => Net::Mlp(mlp::Mlp::new(&root, c)?),
             ModelConfig::Unet(c) => Net::Unet(Box::new(unet::UNet::new(&root, c)?)),
+            ModelConfig::Autoencoder(c) => Net::Autoencoder(Box::new(Autoencoder::new(&root, c)?)),
         };
         Ok(Model {
             config,
             params,
             net,
             guidance_input: 1.0,
+            low_res_input: None,
         })
     }
 
@@ -173,6 +204,69 @@ impl Model {
         }
     }
 
+    /// Super-resolution models: the same model (sharing its weights) conditioned, in calls that
+    /// give no conditioning image, on the low-resolution images `low` [N, C, h, w]: upsampled
+    /// to the model's resolution by `upsample` and, with `noise_seed`, corrupted at
+    /// augmentation level `aug_level` first (non-truncated conditioning augmentation; without
+    /// a seed the images are taken as already at that level, the truncated variant). Row i of a
+    /// batch takes image i mod N (a guided batch repeats its rows).
+    pub fn with_low_res(
+        &self,
+        low: &[f32],
+        shape: &[usize],
+        aug_level: f32,
+        noise_seed: Option<u64>,
+        upsample: resize::Upsample,
+    ) -> Result<Model> {
+        let ModelConfig::Unet(c) = &self.config else {
+            value_error!("with_low_res needs a super-resolution U-Net (cond_channels > 0)");
+        };
+        if c.cond_channels == 0 {
+            value_error!(
+                "this model takes no conditioning image (cond_channels = 0): build the U-Net with \
+                 cond_channels and aug_embed for super-resolution"
+            );
+        }
+        if shape.len() != 4 || shape[0] == 0 || shape[1] != c.cond_channels || shape[2] == 0 || shape[3] == 0 {
+            shape_error!(
+                "low-resolution images have shape {shape:?} but the model takes [N, {}, h, w]",
+                c.cond_channels
+            );
+        }
+        if shape[2] > c.image_size || shape[3] > c.image_size {
+            value_error!(
+                "the conditioning images ({}x{}) are larger than the model's resolution {}",
+                shape[2],
+                shape[3],
+                c.image_size
+            );
+        }
+        if !(0.0..=1.0).contains(&aug_level) {
+            value_error!("aug_level must lie in [0, 1], got {aug_level}");
+        }
+        if !c.aug_embed && aug_level != 0.0 {
+            value_error!("aug_level {aug_level} given but the model has no augmentation embedding (aug_embed = false)");
+        }
+        if let Some(bad) = low.iter().position(|v| !v.is_finite()) {
+            value_error!("the low-resolution images contain a non-finite value at flat index {bad}");
+        }
+        let n = shape[0];
+        let mut data = low.to_vec();
+        if let Some(seed) = noise_seed {
+            resize::augment(&mut data, n, &vec![aug_level; n], seed, resize::AUG_SAMPLE_STREAM)?;
+        }
+        let s = c.image_size;
+        let data = resize::resize(&data, [n, shape[1], shape[2], shape[3]], s, s, upsample)?;
+        Ok(Model {
+            low_res_input: Some(std::sync::Arc::new(LowResInput {
+                data,
+                shape: [n, shape[1], s, s],
+                levels: vec![aug_level; n],
+            })),
+            ..self.clone()
+        })
+    }
+
     /// A model of the same configuration holding `weights` (e.g. the EMA weights).
     pub fn with_weights(&self, weights: &HashMap<String, Tensor>) -> Result<Model> {
         let m = Model::new(self.config.clone(), 0, self.params.device())?;
@@ -182,6 +276,16 @@ impl Model {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The autoencoder of an autoencoder model; a clear error for a denoiser.
+    pub fn autoencoder(&self) -> Result<&Autoencoder> {
+        match &self.net {
+            Net::Autoencoder(a) => Ok(a),
+            _ => value_error!(
+                "this is a denoiser, not an autoencoder: build one with fd.nn.AutoencoderKL or fd.nn.VQModel"
+            ),
+        }
     }
 
     pub fn params(&self) -> &ParamStore {
@@ -206,6 +310,7 @@ impl Model {
                 Ok(())
             }
             Net::Unet(u) => u.check_input(shape),
+            Net::Autoencoder(a) => a.check_input(shape),
         }
     }
 
@@ -258,6 +363,12 @@ impl Model {
     /// As [`Model::forward`] with every kind of conditioning (labels, cross-attention context).
     pub fn forward_cond(&self, x: &Tensor, t: &[f32], cond: &Cond, ctx: &Ctx) -> Result<Tensor> {
         let labels = cond.labels;
+        if self.config.is_autoencoder() {
+            value_error!(
+                "an autoencoder is not a denoiser: use encode / decode, or fd.LatentDiffusion to \
+                 run diffusion in its latent space"
+            );
+        }
         self.check_input(x.dims())?;
         if cond.context.is_some() && self.config.context_dim() == 0 {
             value_error!(
@@ -297,6 +408,7 @@ impl Model {
         };
         match &self.net {
             Net::Mlp(m) => m.forward(x, t, labels, ctx),
+            Net::Autoencoder(_) => Err(crate::Error::Value("an autoencoder is not a denoiser".into())),
             Net::Unet(u) => u.forward(
                 x,
                 t,
@@ -360,6 +472,35 @@ impl Model {
             Some(c) => Some(self.check_context(c)?.tiled(batch, self.device())?),
             None => None,
         };
+        let low_res = match (&self.low_res_input, &self.config) {
+            (Some(l), _) => {
+                let [n, ch, h, w] = l.shape;
+                if !batch.is_multiple_of(n) {
+                    shape_error!(
+                        "the model holds {n} conditioning images but the batch has {batch} rows \
+                         (a multiple of {n} is needed)"
+                    );
+                }
+                if shape.len() != 4 || shape[2] != h || shape[3] != w {
+                    shape_error!(
+                        "x has shape {shape:?} but the conditioning images are {h}x{w} (the model's resolution)"
+                    );
+                }
+                let mut data = Vec::with_capacity(batch * ch * h * w);
+                let mut levels = Vec::with_capacity(batch);
+                for i in 0..batch {
+                    let r = i % n;
+                    data.extend_from_slice(&l.data[r * ch * h * w..(r + 1) * ch * h * w]);
+                    levels.push(l.levels[r]);
+                }
+                Some((Tensor::from_vec(data, (batch, ch, h, w), self.device())?, levels))
+            }
+            (None, ModelConfig::Unet(c)) if c.cond_channels > 0 => value_error!(
+                "this super-resolution model is conditioned on a low-resolution image: give it one \
+                 with model.with_low_res(images, aug_level=...) or sample it through fd.Cascade"
+            ),
+            _ => None,
+        };
         // Inference runs in chunks of at most INFERENCE_CHUNK rows: candle's CPU ops slow down
         // more than linearly past a few hundred rows (cache), which would make a guided step
         // (one call on the doubled batch) cost more than two unguided ones. Rows are
@@ -382,11 +523,17 @@ impl Model {
                 Some(c) => Some(c.narrow(0, start, n)?),
                 None => None,
             };
+            let low_chunk = match &low_res {
+                Some((t, _)) => Some(t.narrow(0, start, n)?),
+                None => None,
+            };
             let cond = Cond {
                 labels: labels.map(|l| &l[start..start + n]),
                 context: ctx_chunk.as_ref(),
                 null_context: null_context.map(|m| &m[start..start + n]),
                 guidance: None,
+                low_res: low_chunk.as_ref(),
+                aug_level: low_res.as_ref().map(|(_, l)| &l[start..start + n]),
             };
             let y = self.forward_cond(&xt, tf, &cond, &Ctx::eval())?;
             if out_shape.is_empty() {

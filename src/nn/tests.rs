@@ -156,6 +156,8 @@ fn probe_loss(model: &Model, x: &Tensor, ctx: &Ctx) -> Tensor {
         context: c.as_ref(),
         null_context: Some(&[false, true]),
         guidance: None,
+        low_res: None,
+        aug_level: None,
     };
     let out = model.forward_cond(x, &[3.0, 250.0], &cond, ctx).unwrap();
     let n = out.elem_count();
@@ -294,6 +296,8 @@ fn null_rows_attend_to_the_learned_null_context_and_given_rows_to_theirs() {
             context,
             null_context: null,
             guidance: None,
+            low_res: None,
+            aug_level: None,
         };
         model
             .forward_cond(&x, &[10.0, 10.0], &cond, &Ctx::eval())

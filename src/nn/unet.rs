@@ -48,11 +48,19 @@ pub struct UNetConfig {
     /// network, Meng et al. 2023): an embedding of w added to the time embedding, its last
     /// layer zero-initialised so that a new model computes what the same weights without it do.
     pub guidance_embed: bool,
+    /// Super-resolution (cascades): channels of a low-resolution conditioning image, upsampled
+    /// to the model's resolution and concatenated to x at the input (0: none).
+    pub cond_channels: usize,
+    /// Super-resolution: embed the noise-augmentation level s ∈ [0, 1] of the conditioning
+    /// image (an embedding added to the time embedding, as in Ho et al. 2021's cascades).
+    pub aug_embed: bool,
 }
 
 /// w is embedded as the timestep 100 w: guidance scales of a few units then span the
 /// sinusoidal embedding's frequencies as timesteps in [0, 1000) do.
 const GUIDANCE_EMBED_SCALE: f32 = 100.0;
+/// The augmentation level s ∈ [0, 1] is embedded as the timestep 1000 s.
+const AUG_EMBED_SCALE: f32 = 1000.0;
 
 impl Default for UNetConfig {
     fn default() -> Self {
@@ -73,6 +81,8 @@ impl Default for UNetConfig {
             learn_sigma: false,
             context_dim: 0,
             guidance_embed: false,
+            cond_channels: 0,
+            aug_embed: false,
         }
     }
 }
@@ -112,6 +122,11 @@ impl UNetConfig {
                     self.num_heads
                 );
             }
+        }
+        if self.aug_embed && self.cond_channels == 0 {
+            value_error!(
+                "aug_embed embeds the augmentation level of a conditioning image: set cond_channels too"
+            );
         }
         if !(0.0..1.0).contains(&self.dropout) {
             value_error!("dropout must be in [0, 1), got {}", self.dropout);
@@ -276,6 +291,7 @@ pub struct UNet {
     time_2: Linear,
     class_embedding: Option<Embedding>,
     guidance_embedding: Option<(Linear, Linear)>,
+    aug_embedding: Option<(Linear, Linear)>,
     conv_in: Conv2d,
     down: Vec<Level>,
     mid: (ResBlock, AttentionBlock, ResBlock),
@@ -303,7 +319,7 @@ impl UNet {
             }
         };
         let mut ch = base * c.channel_mult[0];
-        let conv_in = Conv2d::new(&p.pp("conv_in"), c.in_channels, ch, 3, 1)?;
+        let conv_in = Conv2d::new(&p.pp("conv_in"), c.in_channels + c.cond_channels, ch, 3, 1)?;
         let mut skips = vec![ch];
         let mut res = c.image_size;
         let levels = c.channel_mult.len();
@@ -435,6 +451,15 @@ impl UNet {
             } else {
                 None
             },
+            aug_embedding: if c.aug_embed {
+                let g = p.pp("aug_embedding");
+                Some((
+                    Linear::new(&g.pp("linear_1"), base, emb_dim)?,
+                    Linear::new(&g.pp("linear_2"), emb_dim, emb_dim)?,
+                ))
+            } else {
+                None
+            },
             conv_in,
             down,
             mid,
@@ -529,8 +554,35 @@ impl UNet {
                 .to_dtype(x.dtype())?;
             emb = (emb + g2.forward(&silu(&g1.forward(&g)?)?)?)?;
         }
+        if let Some((a1, a2)) = &self.aug_embedding {
+            let b = x.dims()[0];
+            let levels = cond.aug_level.map_or_else(|| vec![0f32; b], |l| l.to_vec());
+            let scaled: Vec<f32> = levels.iter().map(|v| v * AUG_EMBED_SCALE).collect();
+            let a = timestep_embedding(&scaled, self.config.base_channels, x.device())?
+                .to_dtype(x.dtype())?;
+            emb = (emb + a2.forward(&silu(&a1.forward(&a)?)?)?)?;
+        }
         let emb = silu(&emb)?;
-        let mut h = self.conv_in.forward(x)?;
+        let input = if self.config.cond_channels > 0 {
+            let Some(low) = cond.low_res else {
+                value_error!(
+                    "this super-resolution model is conditioned on a low-resolution image: pass \
+                     low_res= (or use Model.with_low_res / fd.Cascade)"
+                );
+            };
+            let (b, _, h, w) = x.dims4()?;
+            let want = [b, self.config.cond_channels, h, w];
+            if low.dims() != want {
+                shape_error!(
+                    "the conditioning image has shape {:?} but this batch needs {want:?} (upsampled to the model's resolution)",
+                    low.dims()
+                );
+            }
+            Tensor::cat(&[x, &low.to_dtype(x.dtype())?], 1)?
+        } else {
+            x.clone()
+        };
+        let mut h = self.conv_in.forward(&input)?;
         let mut skips = vec![h.clone()];
         for level in &self.down {
             for j in 0..level.resnets.len() {

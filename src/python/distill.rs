@@ -23,7 +23,7 @@ use crate::train::consistency::{
 use crate::train::{ExternalTeacher, ObjectiveConfig, TeacherNet};
 
 const OBJECTIVES: &str =
-    "'diffusion', 'progressive_distillation', 'consistency_distillation' or 'consistency_training'";
+    "'diffusion', 'progressive_distillation', 'consistency_distillation', 'consistency_training', 'autoencoder' or 'super_resolution'";
 
 /// The objective of `Trainer(objective=..., objective_options=...)`.
 pub(crate) fn objective_arg(
@@ -37,6 +37,8 @@ pub(crate) fn objective_arg(
             | "progressive_distillation"
             | "consistency_distillation"
             | "consistency_training"
+            | "autoencoder"
+            | "super_resolution"
     ) {
         return Err(PyValueError::new_err(format!(
             "objective must be {OBJECTIVES}, got {kind:?}"
@@ -61,15 +63,15 @@ pub(crate) fn objective_arg(
         .map_err(|e| PyValueError::new_err(format!("objective_options of {kind}: {e}")))
 }
 
-/// The trainer's schedule: required except for consistency training, which uses none (a
-/// placeholder is stored).
+/// The trainer's schedule: required except for consistency training and autoencoders, which
+/// use none (a placeholder is stored).
 pub(crate) fn schedule_for(
     objective: &ObjectiveConfig,
     schedule: Option<&Bound<'_, PySchedule>>,
 ) -> PyResult<Schedule> {
     match (schedule, objective) {
         (Some(s), _) => Ok(s.get().inner.clone()),
-        (None, ObjectiveConfig::ConsistencyTraining(_)) => {
+        (None, ObjectiveConfig::ConsistencyTraining(_) | ObjectiveConfig::Autoencoder(_)) => {
             Ok(Schedule::linear(1000, 1e-4, 0.02, false)?)
         }
         (None, o) => Err(PyValueError::new_err(format!(

@@ -215,6 +215,167 @@ impl PyModel {
         vec_to_array(py, out.data, &out.shape)
     }
 
+    /// Autoencoders: the latents [B, C, H/f, W/f] of images x [B, C, H, W] in [-1, 1]
+    /// (unscaled: multiply by `scaling_factor` for diffusion). KL: the posterior mean, or with
+    /// `sample=True` a posterior sample seeded by `seed`; VQ: the continuous latent before
+    /// quantisation (`decode` quantises it).
+    #[pyo3(signature = (x, *, sample=false, seed=0))]
+    fn encode<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        sample: bool,
+        seed: u64,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let a = f32_array(x, "x")?;
+        let shape = a.shape().to_vec();
+        let ro = a.readonly();
+        let data = ro.as_slice()?;
+        let m = &self.inner;
+        let out = detach(py, || m.encode_host(data, &shape, sample.then_some(seed)))?;
+        vec_to_array(py, out.data, &out.shape)
+    }
+
+    /// Autoencoders: images [B, C, H, W] from latents z [B, C, h, w] (unscaled); a VQ model
+    /// quantises z to its codebook first.
+    fn decode<'py>(
+        &self,
+        py: Python<'py>,
+        z: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let a = f32_array(z, "z")?;
+        let shape = a.shape().to_vec();
+        let ro = a.readonly();
+        let data = ro.as_slice()?;
+        let m = &self.inner;
+        let out = detach(py, || m.decode_host(data, &shape))?;
+        vec_to_array(py, out.data, &out.shape)
+    }
+
+    /// Autoencoders: decode(encode(x)) with the posterior mean.
+    fn reconstruct<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let a = f32_array(x, "x")?;
+        let shape = a.shape().to_vec();
+        let ro = a.readonly();
+        let data = ro.as_slice()?;
+        let m = &self.inner;
+        let out = detach(py, || -> Result<_> {
+            let z = m.encode_host(data, &shape, None)?;
+            m.decode_host(&z.data, &z.shape)
+        })?;
+        vec_to_array(py, out.data, &out.shape)
+    }
+
+    /// VQ autoencoders: the codebook indices [B, h, w] (int64) of images x [B, C, H, W].
+    fn codes<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, numpy::PyArrayDyn<i64>>> {
+        let a = f32_array(x, "x")?;
+        let shape = a.shape().to_vec();
+        let ro = a.readonly();
+        let data = ro.as_slice()?;
+        let m = &self.inner;
+        let (codes, zshape) = detach(py, || -> Result<_> {
+            let z = m.encode_host(data, &shape, None)?;
+            Ok((m.codes_host(&z.data, &z.shape)?, z.shape))
+        })?;
+        let v: Vec<i64> = codes.iter().map(|&c| c as i64).collect();
+        let dims = [zshape[0], zshape[2], zshape[3]];
+        Ok(v.into_pyarray(py).reshape(dims.as_slice())?)
+    }
+
+    /// VQ autoencoders: how images x use the codebook, as a dict: `codes_used` (distinct
+    /// entries), `num_codes` (K) and `perplexity` exp(H) of the code frequencies (K when
+    /// every code is used equally, 1 when one code takes everything).
+    fn codebook_usage<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let a = f32_array(x, "x")?;
+        let shape = a.shape().to_vec();
+        let ro = a.readonly();
+        let data = ro.as_slice()?;
+        let m = &self.inner;
+        let (codes, k) = detach(py, || -> Result<_> {
+            let z = m.encode_host(data, &shape, None)?;
+            let k = m.autoencoder()?.config().num_vq_embeddings;
+            Ok((m.codes_host(&z.data, &z.shape)?, k))
+        })?;
+        let (used, perplexity) = crate::nn::autoencoder::codebook_usage(&codes, k);
+        let d = PyDict::new(py);
+        d.set_item("codes_used", used)?;
+        d.set_item("num_codes", k)?;
+        d.set_item("perplexity", perplexity)?;
+        Ok(d)
+    }
+
+    /// Super-resolution U-Nets (`cond_channels > 0`): the same model (sharing its weights)
+    /// conditioned on the low-resolution images `images` [N, C, h, w] in every call and every
+    /// sampler: upsampled to the model's resolution (`upsample`: "bilinear" or "nearest") and,
+    /// with `add_noise=True`, corrupted at augmentation level `aug_level` with noise seeded by
+    /// `seed` (non-truncated conditioning augmentation). With `add_noise=False` the images are
+    /// taken as already at that level (truncated augmentation: a base sampler stopped at level
+    /// `aug_level`). Row i of a sampled batch takes image i mod N.
+    #[pyo3(signature = (images, aug_level=0.0, *, seed=0, add_noise=true, upsample="bilinear"))]
+    fn with_low_res(
+        &self,
+        images: &Bound<'_, PyAny>,
+        aug_level: f32,
+        seed: u64,
+        add_noise: bool,
+        upsample: &str,
+    ) -> PyResult<Self> {
+        let a = f32_array(images, "images")?;
+        let shape = a.shape().to_vec();
+        let ro = a.readonly();
+        let up = crate::nn::resize::Upsample::parse(upsample)?;
+        Ok(PyModel {
+            inner: self.inner.with_low_res(
+                ro.as_slice()?,
+                &shape,
+                aug_level,
+                add_noise.then_some(seed),
+                up,
+            )?,
+        })
+    }
+
+    /// Autoencoders: the factor latents are multiplied by for diffusion (1 / std of the
+    /// training latents once `fd.LatentDiffusion` has computed it).
+    #[getter]
+    fn scaling_factor(&self) -> PyResult<f64> {
+        Ok(self.inner.autoencoder()?.config().scaling_factor)
+    }
+
+    /// Autoencoders: the same model (sharing weights) with another `scaling_factor`.
+    fn with_scaling_factor(&self, scaling_factor: f64) -> PyResult<Self> {
+        Ok(PyModel {
+            inner: self.inner.with_scaling_factor(scaling_factor)?,
+        })
+    }
+
+    /// Autoencoders: [C, h, w] of the latent of an image of `size` (default: the training
+    /// size).
+    #[pyo3(signature = (size=None))]
+    fn latent_shape(&self, size: Option<usize>) -> PyResult<Vec<usize>> {
+        let c = self.inner.autoencoder()?.config();
+        let side = size.unwrap_or(c.image_size);
+        let f = c.downsampling_factor();
+        if side == 0 || !side.is_multiple_of(f) {
+            return Err(PyValueError::new_err(format!(
+                "size {side} is not a positive multiple of the downsampling factor {f}"
+            )));
+        }
+        Ok(c.latent_shape(side))
+    }
+
     /// The configuration as a dict (`Model(model.config)` rebuilds the architecture).
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
@@ -312,6 +473,10 @@ impl PyModel {
         let kind = match self.inner.config() {
             ModelConfig::Mlp(_) => "MLP",
             ModelConfig::Unet(_) => "UNet",
+            ModelConfig::Autoencoder(c) => match c.kind {
+                crate::nn::AutoencoderKind::Kl => "AutoencoderKL",
+                crate::nn::AutoencoderKind::Vq => "VQModel",
+            },
         };
         format!(
             "ferrodiff.nn.Model({kind}, data_shape={:?}, {} parameters)",
@@ -727,10 +892,18 @@ impl PyTrainer {
     }
 
     /// The objective's name ("diffusion", "progressive_distillation",
-    /// "consistency_distillation" or "consistency_training").
+    /// "consistency_distillation", "consistency_training" or "autoencoder").
     #[getter]
     fn objective(&self) -> &'static str {
         self.inner.config.objective.name()
+    }
+
+    /// What the objective measured on the last step besides the loss, as a dict (an
+    /// autoencoder's reconstruction error, KL, commitment, codes used and perplexity); None
+    /// when it reports nothing.
+    #[getter]
+    fn objective_metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        json_loads(py, &to_json(&self.inner.objective_metrics())?)
     }
 
     fn __repr__(&self) -> String {

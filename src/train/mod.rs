@@ -14,6 +14,7 @@ pub mod consistency;
 pub mod distill;
 pub mod ema;
 pub mod lr;
+pub mod autoencoder;
 pub mod objective;
 pub mod teacher;
 
@@ -169,6 +170,20 @@ impl TrainConfig {
                 "timestep_sampling must be 'uniform' or 'loss_second_moment', got {other:?}"
             ),
         };
+        let is_ae = matches!(self.objective, ObjectiveConfig::Autoencoder(_));
+        if model.is_autoencoder() && !is_ae {
+            value_error!(
+                "an autoencoder trains with objective='autoencoder' (fd.nn.AutoencoderKL / VQModel are \
+                 not denoisers), got the {} objective",
+                self.objective.name()
+            );
+        }
+        if is_ae && !model.is_autoencoder() {
+            value_error!(
+                "objective='autoencoder' trains an autoencoder (fd.nn.AutoencoderKL / fd.nn.VQModel), \
+                 not a denoiser"
+            );
+        }
         if self.objective != ObjectiveConfig::Diffusion {
             let name = self.objective.name();
             if loss != LossKind::Mse || model.learn_sigma() {
@@ -559,6 +574,11 @@ impl Trainer {
             data_shape: self.data_shape.clone(),
             extra: self.extra.clone(),
         }
+    }
+
+    /// What the objective measured on the last step besides the loss (JSON; Null if nothing).
+    pub fn objective_metrics(&self) -> serde_json::Value {
+        self.objective.metrics()
     }
 
     /// The objective (its target network, teacher, sampler state).
@@ -1007,6 +1027,23 @@ fn build_objective(
             Box::new(consistency::ConsistencyObjective::distillation(
                 c, teacher, model, dims,
             )?)
+        }
+        (ObjectiveConfig::SuperResolution(c), _) => {
+            c.validate(model.config(), data_shape)?;
+            Box::new(
+                objective::DiffusionObjective::new(
+                    schedule.clone(),
+                    settings.prediction,
+                    settings.weighting,
+                    settings.loss,
+                    settings.sampling,
+                    config.bins,
+                )?
+                .with_super_resolution(c.clone()),
+            )
+        }
+        (ObjectiveConfig::Autoencoder(c), _) => {
+            Box::new(autoencoder::AutoencoderObjective::new(c, model)?)
         }
         (ObjectiveConfig::ConsistencyTraining(c), _) => Box::new(
             consistency::ConsistencyObjective::training(c, model, dims, config.total_steps)?,

@@ -54,6 +54,8 @@ impl<'a> Batch<'a> {
                 None
             },
             guidance: None,
+            low_res: None,
+            aug_level: None,
         }
     }
 
@@ -108,6 +110,12 @@ pub trait Objective: Send + Sync {
     fn load_state(&mut self, _state: ObjectiveState, _what: &str) -> Result<()> {
         Ok(())
     }
+
+    /// What the last step measured besides the loss (e.g. an autoencoder's KL or codebook
+    /// perplexity), as JSON; Null when the objective reports nothing.
+    fn metrics(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -128,6 +136,101 @@ pub struct DiffusionObjective {
     sampler: TimestepSampler,
     /// The last step's timesteps and unweighted per-sample losses (importance sampling).
     last: Option<(Vec<i64>, Tensor)>,
+    /// Super-resolution: how each sample's conditioning image is made from it.
+    super_resolution: Option<SuperResolutionConfig>,
+}
+
+/// The conditioning of a super-resolution stage of a cascade (Ho et al. 2021): each training
+/// image is downsampled by `factor` (block means), blurred with probability `blur_prob` (σ
+/// uniform in `blur_sigma`, pixels of the low-resolution image; the higher stages of CDM and
+/// Imagen), corrupted by Gaussian noise at a level s ~ U[0, `max_aug_level`] (√ᾱ(s) x +
+/// √(1 − ᾱ(s)) ε with ᾱ(s) = cos²(πs/2)), upsampled back by `upsample`, and given to the
+/// model with s.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SuperResolutionConfig {
+    pub factor: usize,
+    /// "bilinear" or "nearest".
+    pub upsample: String,
+    pub max_aug_level: f64,
+    pub blur_prob: f64,
+    pub blur_sigma: (f64, f64),
+}
+
+impl Default for SuperResolutionConfig {
+    fn default() -> Self {
+        SuperResolutionConfig {
+            factor: 2,
+            upsample: "bilinear".into(),
+            max_aug_level: 0.5,
+            blur_prob: 0.0,
+            blur_sigma: (0.4, 0.6),
+        }
+    }
+}
+
+impl SuperResolutionConfig {
+    pub fn validate(&self, model: &crate::nn::ModelConfig, data_shape: &[usize]) -> Result<()> {
+        use crate::value_error;
+        let crate::nn::ModelConfig::Unet(c) = model else {
+            value_error!("the super_resolution objective trains a U-Net built with cond_channels (and aug_embed)");
+        };
+        if c.cond_channels != c.in_channels {
+            value_error!(
+                "a super-resolution U-Net conditions on a low-resolution copy of its images: \
+                 cond_channels must equal in_channels ({}), got {}",
+                c.in_channels,
+                c.cond_channels
+            );
+        }
+        if self.factor < 2 {
+            value_error!("factor must be at least 2, got {}", self.factor);
+        }
+        if data_shape.len() != 3 || !data_shape[1].is_multiple_of(self.factor) || !data_shape[2].is_multiple_of(self.factor) {
+            value_error!("images of shape {data_shape:?} do not divide by the factor {}", self.factor);
+        }
+        crate::nn::resize::Upsample::parse(&self.upsample)?;
+        if !(0.0..=1.0).contains(&self.max_aug_level) {
+            value_error!("max_aug_level must lie in [0, 1], got {}", self.max_aug_level);
+        }
+        if self.max_aug_level > 0.0 && !c.aug_embed {
+            value_error!("noise conditioning augmentation (max_aug_level > 0) needs a U-Net with aug_embed=True");
+        }
+        if !(0.0..=1.0).contains(&self.blur_prob) {
+            value_error!("blur_prob must lie in [0, 1], got {}", self.blur_prob);
+        }
+        let (lo, hi) = self.blur_sigma;
+        if !(lo >= 0.0 && hi >= lo && hi.is_finite()) {
+            value_error!("blur_sigma must be (lo, hi) with 0 <= lo <= hi, got ({lo}, {hi})");
+        }
+        Ok(())
+    }
+
+    /// The conditioning images [B, C, H, W] (upsampled) and levels [B] of a batch.
+    fn condition(&self, batch: &Batch) -> Result<(Vec<f32>, Vec<f32>)> {
+        use crate::nn::resize;
+        let [b, c, h, w] = [batch.shape[0], batch.shape[1], batch.shape[2], batch.shape[3]];
+        let f = self.factor;
+        let mut low = resize::area_down(batch.x0, [b, c, h, w], f)?;
+        let u = crate::nn::params::uniforms(batch.seed, resize::AUG_TRAIN_STREAM + batch.step, 3 * b);
+        if self.blur_prob > 0.0 {
+            let (lo, hi) = self.blur_sigma;
+            let sigma: Vec<f32> = (0..b)
+                .map(|i| {
+                    if (u[b + i] as f64) < self.blur_prob {
+                        (lo + (hi - lo) * u[2 * b + i] as f64) as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            resize::gaussian_blur(&mut low, [b, c, h / f, w / f], &sigma)?;
+        }
+        let levels: Vec<f32> = u[..b].iter().map(|&v| (v as f64 * self.max_aug_level) as f32).collect();
+        resize::augment(&mut low, b, &levels, batch.seed, resize::AUG_TRAIN_STREAM + batch.step)?;
+        let up = resize::Upsample::parse(&self.upsample)?;
+        Ok((resize::resize(&low, [b, c, h / f, w / f], h, w, up)?, levels))
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -156,7 +259,14 @@ impl DiffusionObjective {
             bins,
             sampler,
             last: None,
+            super_resolution: None,
         })
+    }
+
+    /// The same loss for a super-resolution stage conditioned as `config` says.
+    pub(crate) fn with_super_resolution(mut self, config: SuperResolutionConfig) -> Self {
+        self.super_resolution = Some(config);
+        self
     }
 }
 
@@ -174,7 +284,19 @@ impl Objective for DiffusionObjective {
         let noise = Tensor::from_vec(noise, batch.shape, &dev)?;
         let x_t = Tensor::from_vec(x_t, batch.shape, &dev)?;
         let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
-        let out = model.forward_cond(&x_t, &tf, &batch.cond(), ctx)?;
+        let sr = match &self.super_resolution {
+            Some(c) => {
+                let (low, levels) = c.condition(batch)?;
+                Some((Tensor::from_vec(low, batch.shape, &dev)?, levels))
+            }
+            None => None,
+        };
+        let cond = Cond {
+            low_res: sr.as_ref().map(|(t, _)| t),
+            aug_level: sr.as_ref().map(|(_, l)| l.as_slice()),
+            ..batch.cond()
+        };
+        let out = model.forward_cond(&x_t, &tf, &cond, ctx)?;
         let per_sample = match self.loss {
             LossKind::Mse => {
                 let p = self.prediction;
@@ -272,6 +394,11 @@ pub enum ObjectiveConfig {
     ConsistencyDistillation(super::consistency::ConsistencyDistillationConfig),
     /// Consistency training from data alone (CT or iCT).
     ConsistencyTraining(super::consistency::ConsistencyTrainingConfig),
+    /// Reconstruction + KL or VQ losses of an autoencoder (latent diffusion's first stage).
+    Autoencoder(super::autoencoder::AutoencoderLossConfig),
+    /// The diffusion loss of a cascade's super-resolution stage, conditioned on a degraded
+    /// low-resolution copy of each image.
+    SuperResolution(SuperResolutionConfig),
 }
 
 impl ObjectiveConfig {
@@ -281,6 +408,8 @@ impl ObjectiveConfig {
             ObjectiveConfig::ProgressiveDistillation(_) => "progressive_distillation",
             ObjectiveConfig::ConsistencyDistillation(_) => "consistency_distillation",
             ObjectiveConfig::ConsistencyTraining(_) => "consistency_training",
+            ObjectiveConfig::Autoencoder(_) => "autoencoder",
+            ObjectiveConfig::SuperResolution(_) => "super_resolution",
         }
     }
 
