@@ -65,6 +65,8 @@ def test_metrics_module_reexports_the_extension_functions():
         "frechet_distance_from_stats",
         "gaussian_stats",
         "mmd",
+        "mnist_classifier",
+        "mnist_features",
         "psnr",
     }
 

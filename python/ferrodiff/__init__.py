@@ -18,7 +18,7 @@ import os as _os
 # it empty, so every parallel pass runs on rayon's pool. A value the user set is kept.
 _os.environ.setdefault("CANDLE_NUM_THREADS", "1")
 
-from ferrodiff import datasets, distill, langevin, likelihood, losses, metrics, nn, notebook, oracles, sample
+from ferrodiff import datasets, distill, langevin, latent, likelihood, losses, metrics, nn, notebook, oracles, sample
 from ferrodiff._core import (
     ConsistencySampler,
     DDIM,
@@ -42,9 +42,13 @@ from ferrodiff._core import (
     space_timesteps,
     timesteps,
 )
+from ferrodiff.latent import Cascade, CascadeStage, LatentDiffusion
 
 __all__ = [
+    "Cascade",
+    "CascadeStage",
     "ConsistencySampler",
+    "LatentDiffusion",
     "DDIM",
     "DDPM",
     "DPMAdaptive",
@@ -65,6 +69,7 @@ __all__ = [
     "distill",
     "karras_sigmas",
     "langevin",
+    "latent",
     "likelihood",
     "losses",
     "metrics",

@@ -199,7 +199,10 @@ impl MidBlock {
         Ok(MidBlock {
             first: Resnet::new(&p.pp("resnets").pp(0), g, ch, ch)?,
             attention: if c.mid_block_add_attention {
-                Some(AttentionBlock::new(&p.pp("attentions").pp(0), ch, 1, g, false)?.with_norm_eps(AE_NORM_EPS))
+                Some(
+                    AttentionBlock::new(&p.pp("attentions").pp(0), ch, 1, g, false)?
+                        .with_norm_eps(AE_NORM_EPS),
+                )
             } else {
                 None
             },
@@ -277,8 +280,7 @@ impl Encoder {
             }
         }
         h = self.mid.forward(&h)?;
-        self.conv_out
-            .forward(&self.conv_norm_out.forward_silu(&h)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
@@ -339,8 +341,7 @@ impl Decoder {
                 h = conv.forward(&super::upsample::upsample_nearest_2x(&h)?)?;
             }
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward_silu(&h)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
@@ -374,7 +375,11 @@ impl Autoencoder {
     pub fn new(p: &Path, c: &AutoencoderConfig) -> Result<Self> {
         c.validate()?;
         let (enc_out, quant_out, post_in) = match c.kind {
-            AutoencoderKind::Kl => (2 * c.latent_channels, 2 * c.latent_channels, c.latent_channels),
+            AutoencoderKind::Kl => (
+                2 * c.latent_channels,
+                2 * c.latent_channels,
+                c.latent_channels,
+            ),
             AutoencoderKind::Vq => (c.latent_channels, c.embed_dim(), c.embed_dim()),
         };
         let codebook = match c.kind {
@@ -391,7 +396,13 @@ impl Autoencoder {
             encoder: Encoder::new(&p.pp("encoder"), c, enc_out)?,
             decoder: Decoder::new(&p.pp("decoder"), c)?,
             quant_conv: Conv2d::new(&p.pp("quant_conv"), enc_out, quant_out, 1, 1)?,
-            post_quant_conv: Conv2d::new(&p.pp("post_quant_conv"), post_in, c.latent_channels, 1, 1)?,
+            post_quant_conv: Conv2d::new(
+                &p.pp("post_quant_conv"),
+                post_in,
+                c.latent_channels,
+                1,
+                1,
+            )?,
             codebook,
         })
     }
@@ -490,7 +501,10 @@ impl Autoencoder {
         };
         let (b, d, h, w) = z.dims4()?;
         if d != book.dims()[1] {
-            shape_error!("latents have {d} channels but the codebook's vectors have {}", book.dims()[1]);
+            shape_error!(
+                "latents have {d} channels but the codebook's vectors have {}",
+                book.dims()[1]
+            );
         }
         let tokens = z.permute((0, 2, 3, 1))?.reshape((b * h * w, d))?;
         let codes = nearest_codes(&tokens.detach(), &book.detach())?;
@@ -521,7 +535,12 @@ impl Autoencoder {
 
     /// The training pass: KL decodes a posterior sample (`noise` [B, C, h, w], or the mean
     /// when None); VQ decodes the straight-through quantised latent z + sg[e − z].
-    pub fn forward_train(&self, x: &Tensor, noise: Option<&Tensor>, _ctx: &Ctx) -> Result<AutoencoderOutput> {
+    pub fn forward_train(
+        &self,
+        x: &Tensor,
+        noise: Option<&Tensor>,
+        _ctx: &Ctx,
+    ) -> Result<AutoencoderOutput> {
         let m = self.encode_moments(x)?;
         let b = x.dims()[0];
         match self.config.kind {
@@ -547,12 +566,17 @@ impl Autoencoder {
             }
             AutoencoderKind::Vq => {
                 let (e, codes) = self.quantize(&m)?;
-                let per_sample = |t: Tensor| -> Result<Tensor> { Ok(t.sqr()?.reshape((b, ()))?.mean(1)?) };
+                let per_sample =
+                    |t: Tensor| -> Result<Tensor> { Ok(t.sqr()?.reshape((b, ()))?.mean(1)?) };
                 let codebook = per_sample((m.detach() - &e)?)?;
                 let commitment = per_sample((&m - e.detach())?)?;
                 let st = (&m + (&e - &m)?.detach())?;
                 let d = m.dims()[1];
-                let tokens = m.detach().permute((0, 2, 3, 1))?.reshape(((), d))?.contiguous()?;
+                let tokens = m
+                    .detach()
+                    .permute((0, 2, 3, 1))?
+                    .reshape(((), d))?
+                    .contiguous()?;
                 Ok(AutoencoderOutput {
                     reconstruction: self.decode_quantized(&st)?,
                     kl: None,
@@ -637,8 +661,12 @@ impl super::Model {
             let n = super::INFERENCE_CHUNK.min(batch - start);
             let mut sh = shape.to_vec();
             sh[0] = n;
-            let x = Tensor::from_slice(&data[start * row..(start + n) * row], sh.as_slice(), self.device())?
-                .to_dtype(self.params().dtype())?;
+            let x = Tensor::from_slice(
+                &data[start * row..(start + n) * row],
+                sh.as_slice(),
+                self.device(),
+            )?
+            .to_dtype(self.params().dtype())?;
             let y = f(&x, start)?;
             if out_shape.is_empty() {
                 out_shape = y.dims().to_vec();
@@ -682,7 +710,12 @@ impl super::Model {
                     let dims = (n, ae.config.latent_channels, h / f, w / f);
                     let per = dims.1 * dims.2 * dims.3;
                     let mut v = vec![0f32; n * per];
-                    crate::kernels::rng::fill_normal(s, POSTERIOR_STREAM, (start * per) as u64, &mut v);
+                    crate::kernels::rng::fill_normal(
+                        s,
+                        POSTERIOR_STREAM,
+                        (start * per) as u64,
+                        &mut v,
+                    );
                     Some(Tensor::from_vec(v, dims, xt.device())?.to_dtype(xt.dtype())?)
                 }
             };
@@ -708,7 +741,11 @@ impl super::Model {
         Self::check_finite(z, "latents")?;
         let out = self.map_rows(z, shape, |zt, _| {
             let codes = ae.quantize(zt)?.1;
-            Ok(Tensor::from_vec(codes, zt.dims()[0] * zt.dims()[2] * zt.dims()[3], zt.device())?)
+            Ok(Tensor::from_vec(
+                codes,
+                zt.dims()[0] * zt.dims()[2] * zt.dims()[3],
+                zt.device(),
+            )?)
         })?;
         Ok(out.data.iter().map(|&v| v as u32).collect())
     }

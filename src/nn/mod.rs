@@ -227,7 +227,12 @@ impl Model {
                  cond_channels and aug_embed for super-resolution"
             );
         }
-        if shape.len() != 4 || shape[0] == 0 || shape[1] != c.cond_channels || shape[2] == 0 || shape[3] == 0 {
+        if shape.len() != 4
+            || shape[0] == 0
+            || shape[1] != c.cond_channels
+            || shape[2] == 0
+            || shape[3] == 0
+        {
             shape_error!(
                 "low-resolution images have shape {shape:?} but the model takes [N, {}, h, w]",
                 c.cond_channels
@@ -248,12 +253,20 @@ impl Model {
             value_error!("aug_level {aug_level} given but the model has no augmentation embedding (aug_embed = false)");
         }
         if let Some(bad) = low.iter().position(|v| !v.is_finite()) {
-            value_error!("the low-resolution images contain a non-finite value at flat index {bad}");
+            value_error!(
+                "the low-resolution images contain a non-finite value at flat index {bad}"
+            );
         }
         let n = shape[0];
         let mut data = low.to_vec();
         if let Some(seed) = noise_seed {
-            resize::augment(&mut data, n, &vec![aug_level; n], seed, resize::AUG_SAMPLE_STREAM)?;
+            resize::augment(
+                &mut data,
+                n,
+                &vec![aug_level; n],
+                seed,
+                resize::AUG_SAMPLE_STREAM,
+            )?;
         }
         let s = c.image_size;
         let data = resize::resize(&data, [n, shape[1], shape[2], shape[3]], s, s, upsample)?;
@@ -408,7 +421,9 @@ impl Model {
         };
         match &self.net {
             Net::Mlp(m) => m.forward(x, t, labels, ctx),
-            Net::Autoencoder(_) => Err(crate::Error::Value("an autoencoder is not a denoiser".into())),
+            Net::Autoencoder(_) => Err(crate::Error::Value(
+                "an autoencoder is not a denoiser".into(),
+            )),
             Net::Unet(u) => u.forward(
                 x,
                 t,
@@ -493,7 +508,10 @@ impl Model {
                     data.extend_from_slice(&l.data[r * ch * h * w..(r + 1) * ch * h * w]);
                     levels.push(l.levels[r]);
                 }
-                Some((Tensor::from_vec(data, (batch, ch, h, w), self.device())?, levels))
+                Some((
+                    Tensor::from_vec(data, (batch, ch, h, w), self.device())?,
+                    levels,
+                ))
             }
             (None, ModelConfig::Unet(c)) if c.cond_channels > 0 => value_error!(
                 "this super-resolution model is conditioned on a low-resolution image: give it one \
@@ -600,5 +618,7 @@ impl Denoiser for ModelDenoiser<'_> {
     }
 }
 
+#[cfg(test)]
+mod autoencoder_tests;
 #[cfg(test)]
 mod tests;

@@ -70,16 +70,28 @@ impl Upsample {
 }
 
 /// [B, C, h, w] → [B, C, out_h, out_w] (separable; PyTorch's `interpolate` conventions).
-pub fn resize(x: &[f32], shape: [usize; 4], out_h: usize, out_w: usize, method: Upsample) -> Result<Vec<f32>> {
+pub fn resize(
+    x: &[f32],
+    shape: [usize; 4],
+    out_h: usize,
+    out_w: usize,
+    method: Upsample,
+) -> Result<Vec<f32>> {
     let [b, c, h, w] = shape;
     if h == 0 || w == 0 || out_h == 0 || out_w == 0 || x.len() != b * c * h * w {
-        shape_error!("cannot resize {shape:?} ({} values) to {out_h}x{out_w}", x.len());
+        shape_error!(
+            "cannot resize {shape:?} ({} values) to {out_h}x{out_w}",
+            x.len()
+        );
     }
     let wy = axis_weights(h, out_h, method);
     let wx = axis_weights(w, out_w, method);
     let mut out = vec![0f32; b * c * out_h * out_w];
     let mut rows = vec![0f32; out_h * w];
-    for (plane, o) in x.chunks_exact(h * w).zip(out.chunks_exact_mut(out_h * out_w)) {
+    for (plane, o) in x
+        .chunks_exact(h * w)
+        .zip(out.chunks_exact_mut(out_h * out_w))
+    {
         for (oy, ws) in wy.iter().enumerate() {
             let dst = &mut rows[oy * w..(oy + 1) * w];
             dst.fill(0.0);
@@ -122,7 +134,9 @@ pub fn gaussian_blur(x: &mut [f32], shape: [usize; 4], sigma: &[f32]) -> Result<
             continue;
         }
         let r = (3.0 * s).ceil() as isize;
-        let mut k: Vec<f32> = (-r..=r).map(|d| (-(d * d) as f32 / (2.0 * s * s)).exp()).collect();
+        let mut k: Vec<f32> = (-r..=r)
+            .map(|d| (-(d * d) as f32 / (2.0 * s * s)).exp())
+            .collect();
         let total: f32 = k.iter().sum();
         k.iter_mut().for_each(|v| *v /= total);
         for plane in item.chunks_exact_mut(h * w) {
@@ -170,7 +184,11 @@ pub fn augment(x: &mut [f32], rows: usize, levels: &[f32], seed: u64, stream: u6
     let mut noise = vec![0f32; x.len()];
     fill_normal(seed, stream, 0, &mut noise);
     let per = x.len() / rows;
-    for ((row, n), &s) in x.chunks_exact_mut(per).zip(noise.chunks_exact(per)).zip(levels) {
+    for ((row, n), &s) in x
+        .chunks_exact_mut(per)
+        .zip(noise.chunks_exact(per))
+        .zip(levels)
+    {
         let a = aug_alpha_bar(s);
         let (sa, sn) = (a.sqrt(), (1.0 - a).max(0.0).sqrt());
         for (v, &e) in row.iter_mut().zip(n) {

@@ -36,6 +36,8 @@ fn unet_config(resblock_updown: bool, scale_shift: bool) -> ModelConfig {
         learn_sigma: true,
         context_dim: 0,
         guidance_embed: false,
+        cond_channels: 0,
+        aug_embed: false,
     })
 }
 

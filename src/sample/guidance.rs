@@ -412,8 +412,6 @@ mod tests {
             },
             labels: vec![1],
             guidance: None,
-            low_res: None,
-            aug_level: None,
         };
         assert!(c.predict(&[0.0; 4], &[2, 2], &[0, 0]).is_err());
     }

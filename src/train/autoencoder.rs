@@ -78,7 +78,10 @@ impl AutoencoderLossConfig {
             value_error!("kl_weight must be >= 0 and finite, got {}", self.kl_weight);
         }
         if !(self.commitment >= 0.0 && self.commitment.is_finite()) {
-            value_error!("commitment must be >= 0 and finite, got {}", self.commitment);
+            value_error!(
+                "commitment must be >= 0 and finite, got {}",
+                self.commitment
+            );
         }
         if !matches!(self.codebook_update.as_str(), "loss" | "ema") {
             value_error!(
@@ -253,7 +256,10 @@ impl Objective for AutoencoderObjective {
         if self.ema() {
             let mut sums = vec![0f32; k * d];
             for (row, &c) in z.chunks_exact(d).zip(&codes) {
-                for (s, &v) in sums[c as usize * d..(c as usize + 1) * d].iter_mut().zip(row) {
+                for (s, &v) in sums[c as usize * d..(c as usize + 1) * d]
+                    .iter_mut()
+                    .zip(row)
+                {
                     *s += v;
                 }
             }
@@ -263,7 +269,8 @@ impl Objective for AutoencoderObjective {
             // Laplace-smoothed cluster sizes keep unused codes from dividing by zero.
             let total: f64 = self.cluster_size.iter().map(|&v| v as f64).sum();
             for j in 0..k {
-                let smoothed = (self.cluster_size[j] as f64 + EMA_EPS) / (total + k as f64 * EMA_EPS) * total;
+                let smoothed =
+                    (self.cluster_size[j] as f64 + EMA_EPS) / (total + k as f64 * EMA_EPS) * total;
                 if smoothed > 0.0 {
                     for (e, &m) in book[j * d..(j + 1) * d]
                         .iter_mut()
@@ -335,7 +342,9 @@ impl Objective for AutoencoderObjective {
             if v.len() != into.len() {
                 return Err(Error::BadFile {
                     path: what.to_string(),
-                    message: format!("the autoencoder objective's {name} does not match the codebook"),
+                    message: format!(
+                        "the autoencoder objective's {name} does not match the codebook"
+                    ),
                 });
             }
             *into = v;

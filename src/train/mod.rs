@@ -9,12 +9,12 @@
 //! one that never stopped.
 
 pub mod adamw;
+pub mod autoencoder;
 pub mod checkpoint;
 pub mod consistency;
 pub mod distill;
 pub mod ema;
 pub mod lr;
-pub mod autoencoder;
 pub mod objective;
 pub mod teacher;
 

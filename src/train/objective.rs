@@ -186,12 +186,21 @@ impl SuperResolutionConfig {
         if self.factor < 2 {
             value_error!("factor must be at least 2, got {}", self.factor);
         }
-        if data_shape.len() != 3 || !data_shape[1].is_multiple_of(self.factor) || !data_shape[2].is_multiple_of(self.factor) {
-            value_error!("images of shape {data_shape:?} do not divide by the factor {}", self.factor);
+        if data_shape.len() != 3
+            || !data_shape[1].is_multiple_of(self.factor)
+            || !data_shape[2].is_multiple_of(self.factor)
+        {
+            value_error!(
+                "images of shape {data_shape:?} do not divide by the factor {}",
+                self.factor
+            );
         }
         crate::nn::resize::Upsample::parse(&self.upsample)?;
         if !(0.0..=1.0).contains(&self.max_aug_level) {
-            value_error!("max_aug_level must lie in [0, 1], got {}", self.max_aug_level);
+            value_error!(
+                "max_aug_level must lie in [0, 1], got {}",
+                self.max_aug_level
+            );
         }
         if self.max_aug_level > 0.0 && !c.aug_embed {
             value_error!("noise conditioning augmentation (max_aug_level > 0) needs a U-Net with aug_embed=True");
@@ -209,10 +218,16 @@ impl SuperResolutionConfig {
     /// The conditioning images [B, C, H, W] (upsampled) and levels [B] of a batch.
     fn condition(&self, batch: &Batch) -> Result<(Vec<f32>, Vec<f32>)> {
         use crate::nn::resize;
-        let [b, c, h, w] = [batch.shape[0], batch.shape[1], batch.shape[2], batch.shape[3]];
+        let [b, c, h, w] = [
+            batch.shape[0],
+            batch.shape[1],
+            batch.shape[2],
+            batch.shape[3],
+        ];
         let f = self.factor;
         let mut low = resize::area_down(batch.x0, [b, c, h, w], f)?;
-        let u = crate::nn::params::uniforms(batch.seed, resize::AUG_TRAIN_STREAM + batch.step, 3 * b);
+        let u =
+            crate::nn::params::uniforms(batch.seed, resize::AUG_TRAIN_STREAM + batch.step, 3 * b);
         if self.blur_prob > 0.0 {
             let (lo, hi) = self.blur_sigma;
             let sigma: Vec<f32> = (0..b)
@@ -226,10 +241,22 @@ impl SuperResolutionConfig {
                 .collect();
             resize::gaussian_blur(&mut low, [b, c, h / f, w / f], &sigma)?;
         }
-        let levels: Vec<f32> = u[..b].iter().map(|&v| (v as f64 * self.max_aug_level) as f32).collect();
-        resize::augment(&mut low, b, &levels, batch.seed, resize::AUG_TRAIN_STREAM + batch.step)?;
+        let levels: Vec<f32> = u[..b]
+            .iter()
+            .map(|&v| (v as f64 * self.max_aug_level) as f32)
+            .collect();
+        resize::augment(
+            &mut low,
+            b,
+            &levels,
+            batch.seed,
+            resize::AUG_TRAIN_STREAM + batch.step,
+        )?;
         let up = resize::Upsample::parse(&self.upsample)?;
-        Ok((resize::resize(&low, [b, c, h / f, w / f], h, w, up)?, levels))
+        Ok((
+            resize::resize(&low, [b, c, h / f, w / f], h, w, up)?,
+            levels,
+        ))
     }
 }
 
