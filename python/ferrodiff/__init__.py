@@ -18,7 +18,19 @@ import os as _os
 # it empty, so every parallel pass runs on rayon's pool. A value the user set is kept.
 _os.environ.setdefault("CANDLE_NUM_THREADS", "1")
 
-from ferrodiff import datasets, distill, langevin, latent, likelihood, losses, metrics, nn, notebook, oracles, sample
+from ferrodiff import (
+    datasets,
+    distill,
+    langevin,
+    latent,
+    likelihood,
+    losses,
+    metrics,
+    nn,
+    notebook,
+    oracles,
+    sample,
+)
 from ferrodiff._core import (
     ConsistencySampler,
     DDIM,

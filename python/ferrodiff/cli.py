@@ -9,13 +9,19 @@
   stopped run exactly where it stopped.
   ``--objective consistency-training`` trains a consistency model from the data alone (iCT by
   default, ``--recipe ct`` for the original recipe).
+  ``--latent AE`` trains a U-Net on the latents of the autoencoder AE (latent diffusion): the run
+  folder also holds ``autoencoder.safetensors``, the autoencoder with the latents' scale factor.
+- ``ferrodiff train-autoencoder --data NAME --kind {kl,vq} --out AE``: trains the autoencoder of
+  latent diffusion on an image dataset, checkpointing into AE (``--resume`` continues it), and
+  writes ``metrics.json``: PSNR of held-out reconstructions, and for VQ the codebook usage.
 - ``ferrodiff distill --checkpoint RUN --from-steps 64 --to-steps 4 --out RUN2``: progressive
   distillation of a trained run (``RUN2/steps-N/`` holds the student of each round);
   ``--method consistency`` distils it into a consistency model instead. Rerunning the command
   resumes a stopped distillation exactly.
 - ``ferrodiff sample --checkpoint RUN --sampler {ddpm,ddim} --steps S --n N --out FILE.{npy,png}``:
   a distilled student samples with its own step count and grid, a consistency model with
-  :class:`ferrodiff.ConsistencySampler` (one step unless ``--steps``).
+  :class:`ferrodiff.ConsistencySampler` (one step unless ``--steps``); a latent run samples
+  latents and decodes them with its autoencoder.
 - ``ferrodiff oracle-demo``: samples the eight-Gaussians mixture with its exact denoiser through
   DDPM and DDIM and reports the energy distance of each to the truth.
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -36,11 +43,12 @@ from pathlib import Path
 import numpy as np
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
     """Writes through a temporary file in the same folder, then renames: a failure half-way
-    never leaves a truncated file where a previous good one was."""
+    never leaves a truncated file where a previous good one was. ``suffix`` ends the temporary
+    file's name (writers that choose the format by extension need the real one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)
@@ -57,6 +65,11 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
             np.save(f, array)
 
     _atomic_write(path, write)
+
+
+def _save_model(path: Path, model) -> None:
+    """``model.save`` to a ``.safetensors`` file, atomically."""
+    _atomic_write(path, model.save, suffix=".tmp.safetensors")
 
 
 def _save_json(path: Path, obj) -> None:
@@ -215,6 +228,9 @@ def oracle_demo(out: Path, n: int, seed: int, progress: bool) -> dict:
     return results
 
 
+# The autoencoder of a latent run, with its latents' scale factor, beside the checkpoint.
+LATENT_AUTOENCODER_FILE = "autoencoder.safetensors"
+
 TOYS = ("swissroll", "moons", "eight_gaussians", "checkerboard", "circles")
 
 
@@ -237,17 +253,91 @@ def _build_model(kind: str, ds, conditional: bool, hidden: int, channels: int, s
         return fd.nn.MLP(data_shape=shape, hidden=hidden, num_classes=num_classes, seed=seed)
     if len(shape) != 3 or shape[1] != shape[2]:
         raise ValueError(f"--model unet needs square images [C, H, W], the data has samples of shape {shape}")
-    levels = 2 if shape[1] <= 16 else 3
-    attention = (shape[1] // 2 ** (levels - 1),)
+    return _unet(shape, num_classes, channels, seed)
+
+
+def _unet(shape: tuple[int, ...], num_classes: int, channels: int, seed: int):
+    """The command line's U-Net for samples [C, S, S]: two levels up to 16x16, three above, fewer
+    where S does not halve that often (one level, channel_mult (1,), for an odd S such as the
+    7x7 latents of a three-level autoencoder on 28x28 images); attention at the lowest level."""
+    import ferrodiff as fd
+
+    side = shape[1]
+    levels = 2 if side <= 16 else 3
+    while levels > 1 and side % 2 ** (levels - 1):
+        levels -= 1
     return fd.nn.UNet(
         in_channels=shape[0],
-        image_size=shape[1],
+        image_size=side,
         base_channels=channels,
         channel_mult=(1, 2, 2)[:levels],
-        attention_resolutions=attention,
+        attention_resolutions=(side // 2 ** (levels - 1),),
         num_classes=num_classes,
         seed=seed,
     )
+
+
+def _first(array, limit: int | None):
+    """The first ``limit`` rows of ``array`` (all of them when ``limit`` is None)."""
+    if array is None or limit is None:
+        return array
+    return array[:limit]
+
+
+def _require_images(ds, name: str) -> None:
+    if ds.data.ndim != 4:
+        raise ValueError(
+            f"--data {name}: an autoencoder needs images [N, C, H, W], but {name} has samples of "
+            f"shape {tuple(ds.shape)} (use digits, mnist, fashion_mnist, cifar10 or folder)"
+        )
+
+
+def _load_autoencoder(path):
+    """The autoencoder at ``path`` (a ``train-autoencoder`` run folder, EMA weights, or a
+    ``.safetensors`` file), refusing any other model."""
+    import ferrodiff as fd
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no autoencoder there (expected a run folder of ferrodiff train-autoencoder "
+            "or a .safetensors file)"
+        )
+    model = fd.nn.Model.load(path)
+    kind = model.config.get("type")
+    if kind != "autoencoder":
+        raise ValueError(
+            f"--latent {path}: expected an autoencoder (ferrodiff train-autoencoder) but it holds a "
+            f"{kind} model"
+        )
+    return model
+
+
+def _latent_trainer(args, ds, images, labels, schedule, out: Path, trainer_kwargs):
+    """A trainer of a latent U-Net on the scaled latents of ``images`` under the autoencoder
+    ``args.latent``, whose copy with the scale factor (1 / std of those latents unless the
+    autoencoder has one) it writes to ``out``; returns the trainer and that copy."""
+    import ferrodiff as fd
+
+    ae = _load_autoencoder(args.latent)
+    if ds.data.ndim != 4 or list(ae.data_shape) != list(ds.shape):
+        raise ValueError(
+            f"the autoencoder {args.latent} takes images of shape {list(ae.data_shape)} but "
+            f"{args.data} has samples of shape {list(ds.shape)}"
+        )
+    latent_shape = tuple(ae.latent_shape())
+    num_classes = ds.num_classes if args.conditional else 0
+    denoiser = _unet(latent_shape, num_classes, args.channels, args.seed)
+    pipeline = fd.LatentDiffusion(ae, denoiser, schedule)
+    if ae.scaling_factor == 1.0:
+        pipeline.fit_scaling_factor(images)
+    saved = out / LATENT_AUTOENCODER_FILE
+    _save_model(saved, pipeline.autoencoder)
+    # Train on the latents as scaled by the saved file, the one `sample` decodes with; the
+    # pipeline keeps its cache of the unscaled latents, so the images are encoded once.
+    pipeline.autoencoder = fd.nn.Model.load(saved)
+    trainer = pipeline.trainer(images, labels, **trainer_kwargs)
+    return trainer, pipeline.autoencoder
 
 
 def train_command(args) -> int:
@@ -261,15 +351,33 @@ def train_command(args) -> int:
                 f"{info_path}: no run to resume (expected a folder written by ferrodiff train)"
             )
         extra = json.loads(info_path.read_text())["extra"]
+        if extra.get("command") == "train-autoencoder":
+            raise ValueError(
+                f"{run} is an autoencoder run: continue it with "
+                f"ferrodiff train-autoencoder --out {run} --resume"
+            )
         ds, labels = _load_data(extra["data"], extra.get("path"), extra.get("conditional", False))
-        trainer = fd.Trainer.resume(run, ds.data, labels)
+        data, labels = _first(ds.data, extra.get("limit")), _first(labels, extra.get("limit"))
+        latent = extra.get("latent")
+        if latent:
+            ae = fd.nn.Model.load(run / latent["autoencoder"])
+            data = ae.encode(data) * np.float32(ae.scaling_factor)  # as LatentDiffusion.encode
+        trainer = fd.Trainer.resume(run, data, labels)
         total = int(extra["steps"])
         out = run
         print(f"resuming {run} at step {trainer.step} of {total}")
     else:
         out = Path(args.out)
+        if args.latent and args.model == "mlp":
+            raise ValueError(
+                "--latent trains a U-Net on the autoencoder's latents: --model mlp does not apply"
+            )
+        if args.latent and args.objective != "diffusion":
+            raise ValueError(
+                f"--latent trains a diffusion model; --objective {args.objective} is not supported with it"
+            )
         ds, labels = _load_data(args.data, args.path, args.conditional)
-        model = _build_model(args.model, ds, args.conditional, args.hidden, args.channels, args.seed)
+        images, labels = _first(ds.data, args.limit), _first(labels, args.limit)
         schedule = (
             fd.Schedule.cosine(args.timesteps)
             if args.schedule == "cosine"
@@ -277,11 +385,7 @@ def train_command(args) -> int:
         )
         objective = args.objective.replace("-", "_")
         options = {"recipe": args.recipe} if objective == "consistency_training" else None
-        trainer = fd.Trainer(
-            model,
-            None if objective == "consistency_training" else schedule,
-            ds.data,
-            labels,
+        trainer_kwargs = dict(
             batch_size=args.batch_size,
             lr=args.lr,
             lr_schedule=args.lr_schedule,
@@ -293,12 +397,31 @@ def train_command(args) -> int:
             objective_options=options,
         )
         total = args.steps
-        trainer.extra = {
+        extra = {
             "data": args.data,
             "path": args.path,
             "conditional": args.conditional,
             "steps": total,
+            "limit": args.limit,
         }
+        if args.latent:
+            trainer, ae = _latent_trainer(args, ds, images, labels, schedule, out, trainer_kwargs)
+            extra["latent"] = {
+                "scaling_factor": float(ae.scaling_factor),
+                "autoencoder": LATENT_AUTOENCODER_FILE,
+                "image_shape": list(ds.shape),
+                "source": str(args.latent),
+            }
+        else:
+            model = _build_model(args.model, ds, args.conditional, args.hidden, args.channels, args.seed)
+            trainer = fd.Trainer(
+                model,
+                None if objective == "consistency_training" else schedule,
+                images,
+                labels,
+                **trainer_kwargs,
+            )
+        trainer.extra = extra
     remaining = max(total - trainer.step, 0)
     if args.max_steps_this_run is not None:
         remaining = min(remaining, args.max_steps_this_run)
@@ -307,6 +430,187 @@ def train_command(args) -> int:
     _save_npy(out / "losses.npy", np.asarray(trainer.losses))
     _plot_loss(out / "loss.png", trainer.losses)
     print(f"step {trainer.step}/{total}: checkpoint in {out}/checkpoint.safetensors")
+    return 0
+
+
+# Loaders with a held-out split="test" (the autoencoder is evaluated there); any other image
+# dataset holds out its last HELD_OUT_FRACTION of images instead.
+_HELD_OUT_SPLITS = ("digits", "mnist", "fashion_mnist", "cifar10")
+HELD_OUT_FRACTION = 0.1
+AUTOENCODER_DEFAULTS = dict(layers_per_block=1, mid_block_add_attention=True)
+# GroupNorm of LDM's autoencoders has 32 groups at 128+ channels; 8 suits the small widths here.
+MAX_NORM_GROUPS = 8
+
+
+def _autoencoder_data(name: str, path, limit: int | None):
+    """(training images, held-out images, a description of the held-out set) of an image dataset."""
+    import ferrodiff as fd
+    from ferrodiff.datasets import _ALIASES
+
+    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key in _HELD_OUT_SPLITS:
+        train = fd.datasets.load(name, path, split="train")
+        _require_images(train, name)
+        test = fd.datasets.load(name, path, split="test").data
+        # A single file given as --path has no split: the "test" split is the same images.
+        if test.shape != train.data.shape or not np.array_equal(test, train.data):
+            return _first(train.data, limit), test, f"{key} split 'test'"
+        images = train.data
+    else:
+        ds = fd.datasets.load(name, path)
+        _require_images(ds, name)
+        images = ds.data
+    n_held_out = int(len(images) * HELD_OUT_FRACTION) if len(images) >= 20 else 0
+    if n_held_out == 0:
+        return _first(images, limit), images, "none: the training images (too few to hold any out)"
+    kept = images[: len(images) - n_held_out]
+    return _first(kept, limit), images[len(kept) :], f"the last {n_held_out} images of {key}"
+
+
+def _channels_arg(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise ValueError(f"--channels must be comma-separated positive widths, e.g. 32,64,64, got {text!r}")
+    return widths
+
+
+def _build_autoencoder(args, image_shape: tuple[int, ...]):
+    import ferrodiff as fd
+
+    widths = _channels_arg(args.channels)
+    if image_shape[1] != image_shape[2]:
+        raise ValueError(f"--data {args.data}: the autoencoder needs square images, got {list(image_shape)}")
+    common = dict(
+        in_channels=image_shape[0],
+        image_size=image_shape[1],
+        block_out_channels=widths,
+        latent_channels=args.latent_channels,
+        # The largest group count up to 8 that divides every width.
+        norm_num_groups=math.gcd(MAX_NORM_GROUPS, *widths),
+        seed=args.seed,
+        **AUTOENCODER_DEFAULTS,
+    )
+    if args.kind == "vq":
+        return fd.nn.VQModel(num_vq_embeddings=args.codebook_size, **common)
+    return fd.nn.AutoencoderKL(**common)
+
+
+def _autoencoder_options(args) -> dict:
+    if args.kind == "vq":
+        return {
+            "reconstruction": args.reconstruction,
+            "commitment": args.commitment,
+            "codebook_update": args.codebook_update,
+            "dead_code_threshold": args.dead_code_threshold,
+        }
+    return {"reconstruction": args.reconstruction, "kl_weight": args.kl_weight}
+
+
+def _evaluate_autoencoder(model, images: np.ndarray) -> dict:
+    """PSNR of the reconstructions of ``images`` (clipped to the data range [-1, 1]), and for a
+    VQ autoencoder how they use the codebook."""
+    import ferrodiff as fd
+
+    reconstructions = np.clip(model.reconstruct(images), -1.0, 1.0)
+    metrics = {"psnr_db": fd.metrics.psnr(reconstructions, images)}
+    if model.config.get("kind") == "vq":
+        metrics.update(model.codebook_usage(images))
+    return metrics
+
+
+def train_autoencoder_command(args) -> int:
+    """Trains a KL or VQ autoencoder on an image dataset, checkpointing into ``args.out``; then
+    writes ``metrics.json`` (held-out reconstruction PSNR; codebook usage for VQ)."""
+    import ferrodiff as fd
+
+    out = Path(args.out)
+    if args.resume:
+        info_path = out / "config.json"
+        if not info_path.exists():
+            raise FileNotFoundError(
+                f"{info_path}: no run to resume (expected a folder written by ferrodiff train-autoencoder)"
+            )
+        extra = json.loads(info_path.read_text())["extra"] or {}
+        if extra.get("command") != "train-autoencoder":
+            raise ValueError(
+                f"{out} was not written by ferrodiff train-autoencoder: resume it with its own command"
+            )
+        images, held_out, held_out_name = _autoencoder_data(
+            extra["data"], extra.get("path"), extra.get("limit")
+        )
+        trainer = fd.Trainer.resume(out, images)
+        print(f"resuming {out} at step {trainer.step} of {extra['steps']}")
+    else:
+        images, held_out, held_out_name = _autoencoder_data(args.data, args.path, args.limit)
+        model = _build_autoencoder(args, tuple(images.shape[1:]))
+        trainer = fd.Trainer(
+            model,
+            None,
+            images,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            lr_schedule="cosine",
+            warmup_steps=min(args.warmup_steps, max(args.steps - 1, 0)),
+            total_steps=args.steps,
+            seed=args.seed,
+            objective="autoencoder",
+            objective_options=_autoencoder_options(args),
+        )
+        extra = {
+            "command": "train-autoencoder",
+            "data": args.data,
+            "path": args.path,
+            "kind": args.kind,
+            "steps": args.steps,
+            "limit": args.limit,
+        }
+        trainer.extra = extra
+    total = int(extra["steps"])
+    remaining = max(total - trainer.step, 0)
+    if args.max_steps_this_run is not None:
+        remaining = min(remaining, args.max_steps_this_run)
+    every = args.checkpoint_every or max(total // 10, 1)
+    start = time.perf_counter()
+    trainer.train(remaining, progress=not args.no_progress, checkpoint=out, checkpoint_every=every)
+    train_seconds = time.perf_counter() - start
+    losses = np.asarray(trainer.losses)
+    _save_npy(out / "losses.npy", losses)
+    _plot_loss(out / "loss.png", losses)
+
+    # The EMA weights: what fd.nn.Model.load(out) and `train --latent out` use.
+    model = trainer.ema_model()
+    latent_shape = list(model.latent_shape())
+    metrics = {
+        "data": extra["data"],
+        "kind": extra["kind"],
+        "model": model.config,
+        "parameters": model.num_parameters,
+        "latent_shape": latent_shape,
+        "downsampling_factor": int(images.shape[-1]) // latent_shape[-1],
+        "step": int(trainer.step),
+        "steps": total,
+        "train_images": int(len(images)),
+        "train_seconds_this_run": train_seconds,
+        "final_loss_mean_last_100": float(np.mean(losses[-100:])) if len(losses) else None,
+        "held_out": held_out_name,
+        "held_out_images": int(len(held_out)),
+        "weights": "ema",
+        **_evaluate_autoencoder(model, held_out),
+    }
+    _save_json(out / "metrics.json", metrics)
+    summary = f"held-out PSNR {metrics['psnr_db']:.2f} dB"
+    if extra["kind"] == "vq":
+        summary += (
+            f", {metrics['codes_used']}/{metrics['num_codes']} codes used, "
+            f"perplexity {metrics['perplexity']:.1f}"
+        )
+    print(
+        f"{extra['kind']} autoencoder, step {trainer.step}/{total}: latents "
+        f"{'x'.join(map(str, latent_shape))}, {summary}; checkpoint and metrics.json in {out}"
+    )
     return 0
 
 
@@ -380,7 +684,18 @@ def sample_command(args) -> int:
     schedule = fd.Schedule.from_checkpoint(run)
     train_info = _run_train_config(run)
     objective = train_info.get("objective") or {}
+    if model.config.get("type") == "autoencoder":
+        raise ValueError(
+            f"{args.checkpoint} is an autoencoder, not a diffusion model: train one on its latents "
+            f"with ferrodiff train --latent {args.checkpoint} and sample that run"
+        )
+    autoencoder = _run_autoencoder(run)
     classifier = None
+    if args.classifier is not None and autoencoder is not None:
+        raise ValueError(
+            f"{args.checkpoint} is a latent diffusion run: --classifier guides models of the images "
+            "themselves, not of latents"
+        )
     if args.classifier is not None:
         classifier = fd.nn.Classifier.load(Path(args.classifier))
         trained_on = classifier.schedule
@@ -456,17 +771,39 @@ def sample_command(args) -> int:
         progress=not args.no_progress,
         **extra,
     )
+    if autoencoder is not None:
+        x = fd.LatentDiffusion(autoencoder, model, schedule).decode(x)
+        what += ", latents decoded by the run's autoencoder"
     _save_samples(Path(args.out), x)
     print(f"wrote {args.out} ({args.n} samples, {what})")
     return 0
 
 
-def _run_train_config(run: Path) -> dict:
-    """The training settings recorded in a run folder's config.json ({} if none)."""
+def _run_config(run: Path) -> dict:
+    """A run folder's config.json ({} if none); ``run`` may also be a file inside the folder."""
     info = run / "config.json" if run.is_dir() else run.parent / "config.json"
     if not info.exists():
         return {}
-    return json.loads(info.read_text()).get("train", {}) or {}
+    return json.loads(info.read_text())
+
+
+def _run_autoencoder(run: Path):
+    """The autoencoder of a latent run (``train --latent``), or None for a run on the data itself."""
+    import ferrodiff as fd
+
+    folder = run if run.is_dir() else run.parent
+    latent = (_run_config(run).get("extra") or {}).get("latent")
+    path = folder / (latent or {}).get("autoencoder", LATENT_AUTOENCODER_FILE)
+    if latent is None and not path.exists():
+        return None
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {run} samples latents but its autoencoder is missing")
+    return fd.nn.Model.load(path)
+
+
+def _run_train_config(run: Path) -> dict:
+    """The training settings recorded in a run folder's config.json ({} if none)."""
+    return _run_config(run).get("train", {}) or {}
 
 
 def distill_command(args) -> int:
@@ -482,6 +819,12 @@ def distill_command(args) -> int:
     extra = info.get("extra") or {}
     if extra.get("data") is None:
         raise ValueError(f"{run} does not record its dataset: distil it from Python with fd.distill")
+    if extra.get("latent"):
+        raise ValueError(
+            f"{run} is a latent diffusion run: distil it from Python with fd.distill on its latents"
+        )
+    if extra.get("command") == "train-autoencoder":
+        raise ValueError(f"{run} is an autoencoder, not a diffusion model: there is nothing to distil")
     schedule = fd.Schedule.from_checkpoint(run)
     teacher = fd.nn.Model.load(run)
     conditional = teacher.num_classes > 0
@@ -568,6 +911,16 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", help="run folder (checkpoint.safetensors, config.json, loss.png)")
     t.add_argument("--resume", help="continue the run in this folder where it stopped")
     t.add_argument("--model", choices=["auto", "mlp", "unet"], default="auto")
+    t.add_argument(
+        "--latent",
+        metavar="AE",
+        help="latent diffusion: train a U-Net on the latents of this autoencoder (a run folder of "
+        "ferrodiff train-autoencoder or a .safetensors file); the run folder gets "
+        f"{LATENT_AUTOENCODER_FILE}, the autoencoder with the latents' scale factor",
+    )
+    t.add_argument(
+        "--limit", type=int, default=None, help="train on the first N samples only (for quick runs)"
+    )
     t.add_argument("--conditional", action="store_true", help="condition on the dataset's labels")
     t.add_argument(
         "--label-dropout",
@@ -603,6 +956,75 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--recipe", choices=["ict", "ct"], default="ict", help="consistency-training recipe")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")
+
+    a = sub.add_parser(
+        "train-autoencoder",
+        help="train the KL or VQ autoencoder of latent diffusion on images; checkpoints into --out",
+        description="Trains an autoencoder (Rombach et al. 2022) on an image dataset, checkpointing "
+        "into --out (so fd.nn.Model.load(OUT) and ferrodiff train --latent OUT use it), and writes "
+        "metrics.json: the PSNR of held-out reconstructions (the dataset's test split, or its last "
+        "10% of images) and, for VQ, the codes used and the perplexity.",
+    )
+    a.add_argument("--data", help="image dataset: digits, mnist, fashion_mnist, cifar10, folder")
+    a.add_argument("--path", help="file or folder of the dataset (mnist, fashion_mnist, cifar10, folder)")
+    a.add_argument(
+        "--out", required=True, help="run folder (checkpoint.safetensors, config.json, metrics.json)"
+    )
+    a.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out where it stopped (its recorded settings)",
+    )
+    a.add_argument(
+        "--kind",
+        choices=["kl", "vq"],
+        default="kl",
+        help="kl: AutoencoderKL (Gaussian posterior); vq: VQModel (codebook) (default kl)",
+    )
+    a.add_argument("--steps", type=int, default=2000, help="total training steps (default 2000)")
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default 2e-3)")
+    a.add_argument("--warmup-steps", type=int, default=100)
+    a.add_argument(
+        "--channels",
+        default="32,64,64",
+        help="widths of the levels, comma-separated; each level after the first halves the image "
+        "(default 32,64,64: 28x28 -> 7x7)",
+    )
+    a.add_argument("--latent-channels", type=int, default=4, help="channels of the latents (default 4)")
+    a.add_argument(
+        "--reconstruction", choices=["l1", "l2"], default="l1", help="reconstruction loss (default l1)"
+    )
+    a.add_argument("--kl-weight", type=float, default=1e-6, help="kl: weight of the KL term (default 1e-6)")
+    a.add_argument("--codebook-size", type=int, default=256, help="vq: codebook entries K (default 256)")
+    a.add_argument("--commitment", type=float, default=0.25, help="vq: commitment weight beta (default 0.25)")
+    a.add_argument(
+        "--codebook-update",
+        choices=["loss", "ema"],
+        default="loss",
+        help="vq: learn the codebook by its loss or by exponential moving averages (default loss)",
+    )
+    a.add_argument(
+        "--dead-code-threshold",
+        type=float,
+        default=0.0,
+        help="vq: restart codes whose moving-average use (assignments per batch) falls below this "
+        "(0: never; default 0)",
+    )
+    a.add_argument(
+        "--limit", type=int, default=None, help="train on the first N training images only (for quick runs)"
+    )
+    a.add_argument(
+        "--checkpoint-every", type=int, default=0, help="steps between checkpoints (default: steps/10)"
+    )
+    a.add_argument(
+        "--max-steps-this-run",
+        type=int,
+        default=None,
+        help="stop after this many steps in this invocation (checkpointed; continue with --resume)",
+    )
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--no-progress", action="store_true")
 
     di = sub.add_parser("distill", help="distil a trained run into a few-step student or a consistency model")
     di.add_argument("--checkpoint", required=True, help="the teacher's run folder")
@@ -713,7 +1135,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             if not args.resume and (not args.data or not args.out):
                 parser.error("train needs --data and --out (or --resume RUN)")
+            if args.limit is not None and args.limit < 1:
+                parser.error("--limit must be at least 1")
             return train_command(args)
+        elif args.command == "train-autoencoder":
+            if not args.resume and not args.data:
+                parser.error("train-autoencoder needs --data (or --resume)")
+            if args.steps < 1 or args.batch_size < 1:
+                parser.error("--steps and --batch-size must be at least 1")
+            if args.limit is not None and args.limit < 1:
+                parser.error("--limit must be at least 1")
+            return train_autoencoder_command(args)
         elif args.command == "train-classifier":
             if args.steps < 1:
                 parser.error("--steps must be at least 1")

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ferrodiff._core import Model, Schedule, Trainer
+from ferrodiff._core import DDIM, DDPM, Model, Schedule, Trainer
 
 __all__ = ["Cascade", "CascadeStage", "LatentDiffusion"]
 
@@ -83,7 +83,8 @@ class LatentDiffusion:
         if not _is_autoencoder(autoencoder):
             raise TypeError(
                 "autoencoder must be an fd.nn.AutoencoderKL or fd.nn.VQModel model, "
-                f"got {type(autoencoder).__name__}" + (f" {autoencoder!r}" if isinstance(autoencoder, Model) else "")
+                f"got {type(autoencoder).__name__}"
+                + (f" {autoencoder!r}" if isinstance(autoencoder, Model) else "")
             )
         if _is_autoencoder(denoiser):
             raise TypeError("denoiser is an autoencoder: pass the latent denoiser (e.g. fd.nn.UNet)")
@@ -163,7 +164,9 @@ class LatentDiffusion:
         z = self._raw_latents(images) * np.float32(self.scaling_factor)
         return Trainer(self.denoiser, self.schedule, z, labels, **trainer_kwargs)
 
-    def train(self, images, labels=None, *, steps: int, progress: bool = True, callback=None, **trainer_kwargs):
+    def train(
+        self, images, labels=None, *, steps: int, progress: bool = True, callback=None, **trainer_kwargs
+    ):
         """Trains the denoiser on the latents of ``images`` for ``steps`` steps, then holds its EMA
         weights as :attr:`denoiser`; returns the trainer (losses, checkpoints, resume)."""
         t = self.trainer(images, labels, **trainer_kwargs)
@@ -189,11 +192,17 @@ class LatentDiffusion:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         kw = dict(sample_kwargs)
-        if image is not None:
-            kw["image"] = self.encode(image)
         if mask is not None:
             kw["mask"] = _resize_mask(mask, self.latent_shape[1:])
-        z = sampler.sample(self.denoiser, (int(n), *self.latent_shape), **kw)
+        if image is not None:
+            image = np.asarray(image, dtype=np.float32)
+            if image.ndim != 4 or len(image) != int(n):
+                raise ValueError(
+                    f"image must be [n = {int(n)}, C, H, W] (one source image per sample), got shape {image.shape}"
+                )
+            z = sampler.sample(self.denoiser, image=self.encode(image), **kw)
+        else:
+            z = sampler.sample(self.denoiser, (int(n), *self.latent_shape), **kw)
         x = self.decode(z)
         return (x, z) if return_latents else x
 
@@ -273,8 +282,10 @@ class Cascade:
             if not 0.0 <= float(s.aug_level) <= 1.0:
                 raise ValueError(f"stage {i}: aug_level must lie in [0, 1], got {s.aug_level}")
             if s.aug_level and not s.model.config.get("aug_embed"):
-                raise ValueError(f"stage {i}: aug_level {s.aug_level} needs a model built with aug_embed=True")
-            if s.truncate and not hasattr(stages[i - 1].sampler, "timesteps"):
+                raise ValueError(
+                    f"stage {i}: aug_level {s.aug_level} needs a model built with aug_embed=True"
+                )
+            if s.truncate and not isinstance(stages[i - 1].sampler, (DDPM, DDIM)):
                 raise ValueError(f"stage {i}: truncate=True needs a DDPM or DDIM sampler in stage {i - 1}")
         self.stages = stages
 
@@ -295,7 +306,9 @@ class Cascade:
             kw["guidance_scale"] = stage.guidance_scale
         if isinstance(model, LatentDiffusion):
             if stop_level is not None:
-                raise ValueError("truncated conditioning on a latent base stage is not supported: use truncate=False")
+                raise ValueError(
+                    "truncated conditioning on a latent base stage is not supported: use truncate=False"
+                )
             return model.sample(stage.sampler, n, **kw), 0.0
         shape = (n, *self._shape(stage))
         if stop_level is None:

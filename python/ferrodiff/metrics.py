@@ -108,7 +108,9 @@ def mnist_classifier():
 
     ds = datasets.mnist(split="train")
     clf = Classifier(784, list(MNIST_CLASSIFIER_HIDDEN), 10, seed=0)
-    clf.fit(ds.data.reshape(len(ds), -1), ds.labels, steps=MNIST_CLASSIFIER_STEPS, batch_size=128, lr=2e-3, seed=0)
+    clf.fit(
+        ds.data.reshape(len(ds), -1), ds.labels, steps=MNIST_CLASSIFIER_STEPS, batch_size=128, lr=2e-3, seed=0
+    )
     return clf
 
 

@@ -753,10 +753,11 @@ impl super::Model {
     /// The same autoencoder (sharing its weights) with `scaling_factor` = `s`.
     pub fn with_scaling_factor(&self, s: f64) -> Result<super::Model> {
         let mut m = self.clone();
-        match &mut m.config {
-            super::ModelConfig::Autoencoder(c) => {
+        match (&mut m.config, &mut m.net) {
+            (super::ModelConfig::Autoencoder(c), super::Net::Autoencoder(a)) => {
                 c.scaling_factor = s;
                 c.validate()?;
+                a.config.scaling_factor = s;
             }
             _ => value_error!("scaling_factor belongs to autoencoders"),
         }

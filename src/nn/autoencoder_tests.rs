@@ -515,7 +515,7 @@ fn super_resolution_unet_reads_its_conditioning_image_and_level() {
         .with_low_res(&low, &[2, 1, 4, 4], 1.5, None, Upsample::Bilinear)
         .is_err());
     assert!(m
-        .predict_host(&x[..64 * 1], &[1, 1, 8, 8], &[10], None)
+        .predict_host(&x[..64], &[1, 1, 8, 8], &[10], None)
         .is_err());
     let plain = Model::new(ModelConfig::Unet(UNetConfig::default()), 0, &Device::Cpu).unwrap();
     assert!(plain

@@ -89,6 +89,14 @@ impl ModelConfig {
         }
     }
 
+    /// Channels of a super-resolution model's conditioning image (0: none).
+    pub fn cond_channels(&self) -> usize {
+        match self {
+            ModelConfig::Unet(c) => c.cond_channels,
+            _ => 0,
+        }
+    }
+
     /// Whether this is an autoencoder rather than a denoiser.
     pub fn is_autoencoder(&self) -> bool {
         matches!(self, ModelConfig::Autoencoder(_))

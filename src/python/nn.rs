@@ -287,7 +287,7 @@ impl PyModel {
         })?;
         let v: Vec<i64> = codes.iter().map(|&c| c as i64).collect();
         let dims = [zshape[0], zshape[2], zshape[3]];
-        Ok(v.into_pyarray(py).reshape(dims.as_slice())?)
+        v.into_pyarray(py).reshape(dims.as_slice())
     }
 
     /// VQ autoencoders: how images x use the codebook, as a dict: `codes_used` (distinct

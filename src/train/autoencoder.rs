@@ -117,7 +117,8 @@ pub struct AutoencoderObjective {
     config: AutoencoderLossConfig,
     kind: AutoencoderKind,
     codebook_var: Option<Var>,
-    /// EMA of each code's assignments per batch [K] and (EMA codebook) of their sums [K, d].
+    /// EMA of each code's assignments per batch [K] (starting at 1) and (EMA codebook) of their
+    /// sums [K, d] (starting at the codebook).
     cluster_size: Vec<f32>,
     embed_sum: Vec<f32>,
     /// The last batch's encoder outputs [N, d] and codes, consumed by `after_step`.
@@ -156,8 +157,10 @@ impl AutoencoderObjective {
         Ok(AutoencoderObjective {
             config: config.clone(),
             kind: ae.kind,
+            // Every code starts as if used once (with its own vector as the running sum), so an
+            // unused code decays towards where it is instead of being divided by ~0.
             cluster_size: if ae.kind == AutoencoderKind::Vq {
-                vec![0.0; k]
+                vec![1.0; k]
             } else {
                 Vec::new()
             },
@@ -283,7 +286,7 @@ impl Objective for AutoencoderObjective {
         }
         let mut restarted = 0;
         let threshold = self.config.dead_code_threshold as f32;
-        // Usage counts start at zero: give every code the first 1/(1 − γ) steps to be used.
+        // Give every code the first 1/(1 − γ) steps to be used before it can be restarted.
         let warm = (self.step as f64 + 1.0) * (1.0 - self.config.ema_decay) >= 1.0;
         if threshold > 0.0 && warm && n > 0 {
             let u = uniforms(self.seed, RESTART_STREAM ^ self.step, k);

@@ -184,6 +184,15 @@ impl TrainConfig {
                  not a denoiser"
             );
         }
+        let is_sr = matches!(self.objective, ObjectiveConfig::SuperResolution(_));
+        if model.cond_channels() > 0 && !is_sr {
+            value_error!(
+                "a super-resolution U-Net (cond_channels = {}) trains with objective='super_resolution', \
+                 which makes its conditioning images; got the {} objective",
+                model.cond_channels(),
+                self.objective.name()
+            );
+        }
         if self.objective != ObjectiveConfig::Diffusion {
             let name = self.objective.name();
             if loss != LossKind::Mse || model.learn_sigma() {
