@@ -157,12 +157,31 @@ def check_few_step(results: dict) -> None:
     assert ict["2"]["accuracy"] > 0.5, ict
 
 
+def check_latent(results: dict) -> None:
+    assert results["fast"] is True
+    # Held-out PSNR of the short fast-mode autoencoders (about 19 and 18 dB) against the trivial
+    # reconstructions: the all-background image scores 9.7 dB, the mean training digit 11.8 dB.
+    assert results["kl_psnr"] > 15, results
+    assert results["vq_psnr"] > 14, results
+    usage = results["vq_usage"]
+    assert usage["codes_used"] > 16 and 1 < usage["perplexity"] <= usage["num_codes"], usage
+    assert results["scaling_factor"] > 0, results
+    # Latent samples are digits of the class asked for far more often than chance (10 %).
+    assert results["ldm"]["accuracy"] > 0.2, results["ldm"]
+    cascade = results["cascade"]
+    for name, row in cascade.items():
+        assert math.isfinite(row["frechet"]) and row["accuracy"] > 0.5, (name, row)
+    sr = results["sr_psnr"]
+    assert all(math.isfinite(v) and v > 10 for v in sr.values()), sr
+
+
 CHECKS = {
     "01_quickstart.ipynb": check_quickstart,
     "02_samplers.ipynb": check_samplers,
     "03_guidance.ipynb": check_guidance,
     "04_fast_sampling.ipynb": check_fast_sampling,
     "05_few_step.ipynb": check_few_step,
+    "06_latent_and_cascades.ipynb": check_latent,
 }
 
 
