@@ -216,7 +216,7 @@ impl SuperResolutionConfig {
     }
 
     /// The conditioning images [B, C, H, W] (upsampled) and levels [B] of a batch.
-    fn condition(&self, batch: &Batch) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub(crate) fn condition(&self, batch: &Batch) -> Result<(Vec<f32>, Vec<f32>)> {
         use crate::nn::resize;
         let [b, c, h, w] = [
             batch.shape[0],

@@ -362,3 +362,69 @@ fn bad_objective_settings_are_clear_errors() {
     });
     assert!(make(many, Some(TeacherNet::Model(mlp(3)))).contains("steps must be in"));
 }
+
+/// A batch of 2 images 1x4x4 with distinct pixels.
+fn sr_batch<'a>(x0: &'a [f32], shape: &'a [usize], step: u64) -> objective::Batch<'a> {
+    objective::Batch {
+        x0,
+        shape,
+        labels: None,
+        context: None,
+        null_context: None,
+        step,
+        seed: 7,
+    }
+}
+
+#[test]
+fn super_resolution_conditioning_is_the_upsampled_block_means_without_augmentation() {
+    let x0: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
+    let shape = [2, 1, 4, 4];
+    let plain = objective::SuperResolutionConfig {
+        max_aug_level: 0.0,
+        ..Default::default()
+    };
+    let (cond, levels) = plain.condition(&sr_batch(&x0, &shape, 3)).unwrap();
+    assert_eq!(levels, vec![0.0, 0.0]);
+    let low = crate::nn::resize::area_down(&x0, [2, 1, 4, 4], 2).unwrap();
+    let want = crate::nn::resize::resize(
+        &low,
+        [2, 1, 2, 2],
+        4,
+        4,
+        crate::nn::resize::Upsample::Bilinear,
+    )
+    .unwrap();
+    assert_eq!(cond, want);
+    // With augmentation: levels in [0, max], the same for the same (seed, step), other for
+    // another step, and the image is the augmentation of the block means at those levels.
+    let aug = objective::SuperResolutionConfig {
+        max_aug_level: 0.6,
+        upsample: "nearest".into(),
+        ..Default::default()
+    };
+    let (a, la) = aug.condition(&sr_batch(&x0, &shape, 3)).unwrap();
+    let (b, lb) = aug.condition(&sr_batch(&x0, &shape, 3)).unwrap();
+    let (_, lc) = aug.condition(&sr_batch(&x0, &shape, 4)).unwrap();
+    assert_eq!((a.clone(), la.clone()), (b, lb));
+    assert_ne!(la, lc);
+    assert!(la.iter().all(|&s| (0.0..=0.6).contains(&s)));
+    let mut noisy = low.clone();
+    crate::nn::resize::augment(
+        &mut noisy,
+        2,
+        &la,
+        7,
+        crate::nn::resize::AUG_TRAIN_STREAM + 3,
+    )
+    .unwrap();
+    let want = crate::nn::resize::resize(
+        &noisy,
+        [2, 1, 2, 2],
+        4,
+        4,
+        crate::nn::resize::Upsample::Nearest,
+    )
+    .unwrap();
+    assert_eq!(a, want);
+}
