@@ -103,7 +103,6 @@ class LatentDiffusion:
         self.denoiser = denoiser
         self.schedule = schedule
         self._scale_fixed = scaling_factor is not None or autoencoder.scaling_factor != 1.0
-        self._cache: tuple[int, tuple, np.ndarray] | None = None
 
     @property
     def scaling_factor(self) -> float:
@@ -120,24 +119,17 @@ class LatentDiffusion:
         )
 
     # -- latents ------------------------------------------------------------------------------
-    def _raw_latents(self, images) -> np.ndarray:
-        x = np.ascontiguousarray(images, dtype=np.float32)
-        key = (id(images), x.shape, float(x.reshape(-1)[:: max(1, x.size // 997)].sum()) if x.size else 0.0)
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        z = self.autoencoder.encode(x)
-        self._cache = (key, z)
-        return z
-
-    def fit_scaling_factor(self, images) -> float:
-        """Sets the scale factor to 1 / std of the latents of ``images`` (LDM's rule) and returns it."""
-        z = self._raw_latents(images)
+    def _set_scale_from(self, z: np.ndarray) -> float:
         std = float(np.std(z))
         if not np.isfinite(std) or std <= 0:
             raise ValueError(f"the latents of these images have standard deviation {std}: cannot scale them")
         self.autoencoder = self.autoencoder.with_scaling_factor(1.0 / std)
         self._scale_fixed = True
         return self.scaling_factor
+
+    def fit_scaling_factor(self, images) -> float:
+        """Sets the scale factor to 1 / std of the latents of ``images`` (LDM's rule) and returns it."""
+        return self._set_scale_from(self.autoencoder.encode(images))
 
     def encode(self, images, *, sample: bool = False, seed: int = 0) -> np.ndarray:
         """Scaled latents of ``images`` [N, C, H, W] in [-1, 1] (posterior means; ``sample=True``
@@ -159,9 +151,11 @@ class LatentDiffusion:
         (any Trainer keyword: ``batch_size``, ``lr``, ``class_dropout``, ``context``, ...)."""
         if not isinstance(self.denoiser, Model):
             raise TypeError("trainer() trains a ferrodiff denoiser; this pipeline holds an external one")
+        # The training images are encoded once: the same latents set the scale and are trained on.
+        z = self.autoencoder.encode(images)
         if not self._scale_fixed:
-            self.fit_scaling_factor(images)
-        z = self._raw_latents(images) * np.float32(self.scaling_factor)
+            self._set_scale_from(z)
+        z *= np.float32(self.scaling_factor)
         return Trainer(self.denoiser, self.schedule, z, labels, **trainer_kwargs)
 
     def train(

@@ -592,8 +592,6 @@ impl Autoencoder {
 /// For each row of `tokens` [N, d] the index of the nearest row of `book` [K, d] (squared
 /// Euclidean distance, ties to the lower index), by ‖e‖² − 2 z·e on the host.
 pub fn nearest_codes(tokens: &Tensor, book: &Tensor) -> Result<Vec<u32>> {
-    let (_, d) = tokens.dims2()?;
-    let (k, _) = book.dims2()?;
     let dots = tokens
         .to_dtype(DType::F32)?
         .matmul(&book.to_dtype(DType::F32)?.t()?)?
@@ -603,8 +601,6 @@ pub fn nearest_codes(tokens: &Tensor, book: &Tensor) -> Result<Vec<u32>> {
         .sqr()?
         .sum(D::Minus1)?
         .to_vec1::<f32>()?;
-    debug_assert_eq!(norms.len(), k);
-    let _ = d;
     Ok(dots
         .iter()
         .map(|row| {
@@ -748,6 +744,14 @@ impl super::Model {
             )?)
         })?;
         Ok(out.data.iter().map(|&v| v as u32).collect())
+    }
+
+    /// The codes [B·h·w] of images x [B, C, H, W] (their encoder outputs quantised) and the
+    /// codes' shape [B, h, w].
+    pub fn image_codes(&self, x: &[f32], shape: &[usize]) -> Result<(Vec<u32>, [usize; 3])> {
+        let z = self.encode_host(x, shape, None)?;
+        let dims = [z.shape[0], z.shape[2], z.shape[3]];
+        Ok((self.codes_host(&z.data, &z.shape)?, dims))
     }
 
     /// The same autoencoder (sharing its weights) with `scaling_factor` = `s`.

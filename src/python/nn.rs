@@ -152,6 +152,21 @@ pub(crate) fn context_arg(
     Ok(ContextArg { data, len, dim })
 }
 
+/// `f(data, shape)` on the float32 values of array `x` (named `name` in errors), with the GIL
+/// released.
+fn on_host<'py, R: Send>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    name: &str,
+    f: impl FnOnce(&[f32], &[usize]) -> Result<R> + Send,
+) -> PyResult<R> {
+    let a = f32_array(x, name)?;
+    let shape = a.shape().to_vec();
+    let ro = a.readonly();
+    let data = ro.as_slice()?;
+    Ok(detach(py, || f(data, &shape))?)
+}
+
 /// A candle denoiser network (MLP or U-Net) with its weights. Call it as `model(x, t, y=None)`
 /// on numpy arrays; samplers run it without leaving Rust.
 #[pyclass(name = "Model", module = "ferrodiff.nn", frozen)]
@@ -227,12 +242,10 @@ impl PyModel {
         sample: bool,
         seed: u64,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        let a = f32_array(x, "x")?;
-        let shape = a.shape().to_vec();
-        let ro = a.readonly();
-        let data = ro.as_slice()?;
         let m = &self.inner;
-        let out = detach(py, || m.encode_host(data, &shape, sample.then_some(seed)))?;
+        let out = on_host(py, x, "x", |data, shape| {
+            m.encode_host(data, shape, sample.then_some(seed))
+        })?;
         vec_to_array(py, out.data, &out.shape)
     }
 
@@ -243,12 +256,8 @@ impl PyModel {
         py: Python<'py>,
         z: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        let a = f32_array(z, "z")?;
-        let shape = a.shape().to_vec();
-        let ro = a.readonly();
-        let data = ro.as_slice()?;
         let m = &self.inner;
-        let out = detach(py, || m.decode_host(data, &shape))?;
+        let out = on_host(py, z, "z", |data, shape| m.decode_host(data, shape))?;
         vec_to_array(py, out.data, &out.shape)
     }
 
@@ -258,13 +267,9 @@ impl PyModel {
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        let a = f32_array(x, "x")?;
-        let shape = a.shape().to_vec();
-        let ro = a.readonly();
-        let data = ro.as_slice()?;
         let m = &self.inner;
-        let out = detach(py, || -> Result<_> {
-            let z = m.encode_host(data, &shape, None)?;
+        let out = on_host(py, x, "x", |data, shape| {
+            let z = m.encode_host(data, shape, None)?;
             m.decode_host(&z.data, &z.shape)
         })?;
         vec_to_array(py, out.data, &out.shape)
@@ -276,17 +281,9 @@ impl PyModel {
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, numpy::PyArrayDyn<i64>>> {
-        let a = f32_array(x, "x")?;
-        let shape = a.shape().to_vec();
-        let ro = a.readonly();
-        let data = ro.as_slice()?;
         let m = &self.inner;
-        let (codes, zshape) = detach(py, || -> Result<_> {
-            let z = m.encode_host(data, &shape, None)?;
-            Ok((m.codes_host(&z.data, &z.shape)?, z.shape))
-        })?;
+        let (codes, dims) = on_host(py, x, "x", |data, shape| m.image_codes(data, shape))?;
         let v: Vec<i64> = codes.iter().map(|&c| c as i64).collect();
-        let dims = [zshape[0], zshape[2], zshape[3]];
         v.into_pyarray(py).reshape(dims.as_slice())
     }
 
@@ -298,16 +295,9 @@ impl PyModel {
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let a = f32_array(x, "x")?;
-        let shape = a.shape().to_vec();
-        let ro = a.readonly();
-        let data = ro.as_slice()?;
         let m = &self.inner;
-        let (codes, k) = detach(py, || -> Result<_> {
-            let z = m.encode_host(data, &shape, None)?;
-            let k = m.autoencoder()?.config().num_vq_embeddings;
-            Ok((m.codes_host(&z.data, &z.shape)?, k))
-        })?;
+        let (codes, _) = on_host(py, x, "x", |data, shape| m.image_codes(data, shape))?;
+        let k = m.autoencoder()?.config().num_vq_embeddings;
         let (used, perplexity) = crate::nn::autoencoder::codebook_usage(&codes, k);
         let d = PyDict::new(py);
         d.set_item("codes_used", used)?;

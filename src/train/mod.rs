@@ -980,6 +980,22 @@ pub fn load_classifier(path: &Path) -> Result<(crate::nn::Classifier, Option<Sch
 #[cfg(test)]
 mod tests;
 
+/// The diffusion loss the trainer's settings describe.
+fn diffusion_objective(
+    schedule: &Schedule,
+    settings: Settings,
+    bins: u32,
+) -> Result<objective::DiffusionObjective> {
+    objective::DiffusionObjective::new(
+        schedule.clone(),
+        settings.prediction,
+        settings.weighting,
+        settings.loss,
+        settings.sampling,
+        bins,
+    )
+}
+
 /// The objective a configuration asks for.
 fn build_objective(
     config: &TrainConfig,
@@ -1013,14 +1029,9 @@ fn build_objective(
         )
     };
     Ok(match (&config.objective, teacher) {
-        (ObjectiveConfig::Diffusion, _) => Box::new(objective::DiffusionObjective::new(
-            schedule.clone(),
-            settings.prediction,
-            settings.weighting,
-            settings.loss,
-            settings.sampling,
-            config.bins,
-        )?),
+        (ObjectiveConfig::Diffusion, _) => {
+            Box::new(diffusion_objective(schedule, settings, config.bins)?)
+        }
         (ObjectiveConfig::ProgressiveDistillation(c), Some(net)) => {
             let teacher = make_teacher(net, &c.teacher_prediction, c.guidance)?;
             Box::new(distill::ProgressiveObjective::new(
@@ -1040,15 +1051,8 @@ fn build_objective(
         (ObjectiveConfig::SuperResolution(c), _) => {
             c.validate(model.config(), data_shape)?;
             Box::new(
-                objective::DiffusionObjective::new(
-                    schedule.clone(),
-                    settings.prediction,
-                    settings.weighting,
-                    settings.loss,
-                    settings.sampling,
-                    config.bins,
-                )?
-                .with_super_resolution(c.clone()),
+                diffusion_objective(schedule, settings, config.bins)?
+                    .with_super_resolution(c.clone()),
             )
         }
         (ObjectiveConfig::Autoencoder(c), _) => {
