@@ -188,10 +188,12 @@ def test_a_killed_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         trainer = fd.Trainer.resume(run, np.ones((64, 2), np.float32))
         assert trainer.step >= 1
         pids.append(p.pid)
-    # Each process's first complete save removes the temporaries that killed processes left, so
-    # at most the last one's temporary can remain.
+    # Each process's first complete save of a file removes the temporaries of that file that
+    # killed processes left, so only the last process's temporaries (of the checkpoint or of the
+    # config it rewrites with it) can remain.
     leftovers = [f for f in os.listdir(run) if ".tmp" in f]
-    assert set(leftovers) <= {f".checkpoint.safetensors.tmp-{pids[-1]}"}, (leftovers, pids)
+    allowed = {f".{name}.tmp-{pids[-1]}" for name in ("checkpoint.safetensors", "config.json")}
+    assert set(leftovers) <= allowed, (leftovers, pids)
 
 
 def test_classifier_free_guidance_combines_conditional_and_unconditional_predictions():
