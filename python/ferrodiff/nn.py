@@ -65,7 +65,7 @@ def UNet(
     image_size: int = 8,
     base_channels: int = 32,
     channel_mult: Sequence[int] = (1, 2),
-    num_res_blocks: int = 1,
+    num_res_blocks: int | Sequence[int] = 1,
     attention_resolutions: Sequence[int] = (4,),
     num_heads: int = 1,
     dropout: float = 0.0,
@@ -79,6 +79,7 @@ def UNet(
     guidance_embed: bool = False,
     cond_channels: int = 0,
     aug_embed: bool = False,
+    downsample_first: bool = False,
     seed: int = 0,
 ) -> Model:
     """The DDPM U-Net (Ho et al. 2020) with the improvements of Nichol & Dhariwal (2021) as options.
@@ -114,7 +115,19 @@ def UNet(
     embedding. Train it with ``objective="super_resolution"`` (the conditioning images are made
     from the training images) and sample it through ``model.with_low_res(images, aug_level)`` or
     :class:`ferrodiff.Cascade`.
+
+    Imagen's Efficient U-Net options (Saharia et al. 2022, App. B.1): ``num_res_blocks`` may give
+    one count per level (e.g. ``(1, 2, 4)``: parameters moved to the low resolutions, where they
+    cost less), and ``downsample_first=True`` downsamples at the start of every down level and
+    upsamples at the end of every up level, so no residual block runs at full resolution; the
+    output of ``conv_in`` is concatenated to the last upsampling's before the output layers.
+    Image sides must then be divisible by ``2 ** len(channel_mult)``. (The 1/√2 skip scaling is
+    ``skip_rescale``.)
     """
+    if isinstance(num_res_blocks, int):
+        blocks: int | list[int] = num_res_blocks
+    else:
+        blocks = [int(n) for n in num_res_blocks]
     return Model(
         {
             "type": "unet",
@@ -122,7 +135,7 @@ def UNet(
             "image_size": image_size,
             "base_channels": base_channels,
             "channel_mult": [int(m) for m in channel_mult],
-            "num_res_blocks": num_res_blocks,
+            "num_res_blocks": blocks,
             "attention_resolutions": [int(r) for r in attention_resolutions],
             "num_heads": num_heads,
             "dropout": dropout,
@@ -136,6 +149,7 @@ def UNet(
             "guidance_embed": guidance_embed,
             "cond_channels": cond_channels,
             "aug_embed": aug_embed,
+            "downsample_first": downsample_first,
         },
         seed,
     )

@@ -330,7 +330,9 @@ impl Decoder {
         })
     }
 
-    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+    /// The images and the input of the last convolution (the adversarial loss's adaptive
+    /// weight differentiates through that layer alone).
+    fn forward(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
         let mut h = self.conv_in.forward(z)?;
         h = self.mid.forward(&h)?;
         for level in &self.up {
@@ -341,7 +343,8 @@ impl Decoder {
                 h = conv.forward(&super::upsample::upsample_nearest_2x(&h)?)?;
             }
         }
-        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
+        let hidden = self.conv_norm_out.forward_silu(&h)?;
+        Ok((self.conv_out.forward(&hidden)?, hidden))
     }
 }
 
@@ -349,6 +352,9 @@ impl Decoder {
 pub struct AutoencoderOutput {
     /// The reconstruction [B, C, H, W].
     pub reconstruction: Tensor,
+    /// The input of the decoder's last convolution (`decoder.conv_out`), whose weight the
+    /// adversarial loss's adaptive weight differentiates.
+    pub last_hidden: Tensor,
     /// KL: Σ over latent elements of KL(q(z|x) ‖ N(0, I)) per sample [B].
     pub kl: Option<Tensor>,
     /// VQ: mean over latent elements of ‖sg[z] − e‖² per sample [B] (moves the codebook).
@@ -530,7 +536,16 @@ impl Autoencoder {
     }
 
     fn decode_quantized(&self, z: &Tensor) -> Result<Tensor> {
+        Ok(self.decode_with_hidden(z)?.0)
+    }
+
+    fn decode_with_hidden(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
         self.decoder.forward(&self.post_quant_conv.forward(z)?)
+    }
+
+    /// The decoder's last convolution (weight [C, ch, 3, 3], bias [C], padding 1).
+    pub fn output_layer(&self) -> &Conv2d {
+        &self.decoder.conv_out
     }
 
     /// The training pass: KL decodes a posterior sample (`noise` [B, C, h, w], or the mean
@@ -556,8 +571,10 @@ impl Autoencoder {
                     .affine(0.5, 0.0)?
                     .reshape((b, ()))?
                     .sum(1)?;
+                let (reconstruction, last_hidden) = self.decode_with_hidden(&z)?;
                 Ok(AutoencoderOutput {
-                    reconstruction: self.decode_quantized(&z)?,
+                    reconstruction,
+                    last_hidden,
                     kl: Some(kl),
                     codebook: None,
                     commitment: None,
@@ -577,8 +594,10 @@ impl Autoencoder {
                     .permute((0, 2, 3, 1))?
                     .reshape(((), d))?
                     .contiguous()?;
+                let (reconstruction, last_hidden) = self.decode_with_hidden(&st)?;
                 Ok(AutoencoderOutput {
-                    reconstruction: self.decode_quantized(&st)?,
+                    reconstruction,
+                    last_hidden,
                     kl: None,
                     codebook: Some(codebook),
                     commitment: Some(commitment),

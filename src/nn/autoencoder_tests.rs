@@ -439,7 +439,7 @@ fn sr_config() -> ModelConfig {
         image_size: 8,
         base_channels: 8,
         channel_mult: vec![1, 2],
-        num_res_blocks: 1,
+        num_res_blocks: 1.into(),
         attention_resolutions: vec![],
         num_heads: 1,
         groups: 4,

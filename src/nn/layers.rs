@@ -164,6 +164,16 @@ impl Conv2d {
         })
     }
 
+    /// The weight [Cout, Cin, k, k].
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The zero padding on every side.
+    pub fn padding(&self) -> usize {
+        self.padding
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(super::kernels::conv2d_bias(
             x,

@@ -6,6 +6,7 @@ pub mod act;
 pub mod attention;
 pub mod autoencoder;
 pub mod classifier;
+pub mod discriminator;
 pub mod flow;
 pub mod kernels;
 pub mod layers;

@@ -24,7 +24,9 @@ pub struct UNetConfig {
     pub base_channels: usize,
     /// Channels of level i = base_channels · channel_mult[i]; one level per entry.
     pub channel_mult: Vec<usize>,
-    pub num_res_blocks: usize,
+    /// Residual blocks of each down level (its up level has one more, or as many with
+    /// `downsample_first`): one count for all levels or one per level.
+    pub num_res_blocks: ResBlocks,
     /// Feature-map sides at which self-attention follows each residual block (e.g. [16, 8]).
     pub attention_resolutions: Vec<usize>,
     pub num_heads: usize,
@@ -54,6 +56,38 @@ pub struct UNetConfig {
     /// Super-resolution: embed the noise-augmentation level s ∈ [0, 1] of the conditioning
     /// image (an embedding added to the time embedding, as in Ho et al. 2021's cascades).
     pub aug_embed: bool,
+    /// Imagen's Efficient U-Net order (Saharia et al. 2022, App. B.1): each down level
+    /// downsamples *before* its residual blocks and each up level upsamples after them, every
+    /// level included, so no residual block runs at full resolution; conv_in's output is
+    /// concatenated to the last upsampling's before the output layers. Images need sides
+    /// divisible by 2^levels.
+    pub downsample_first: bool,
+}
+
+/// Residual blocks per level of a U-Net: the same count at every level, or one count per level
+/// (Imagen's Efficient U-Net moves parameters to the low resolutions: more blocks there).
+/// Serialised as a number or a list.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ResBlocks {
+    Same(usize),
+    PerLevel(Vec<usize>),
+}
+
+impl ResBlocks {
+    /// The count of level `l`.
+    pub fn at(&self, l: usize) -> usize {
+        match self {
+            ResBlocks::Same(n) => *n,
+            ResBlocks::PerLevel(v) => v.get(l).copied().unwrap_or(0),
+        }
+    }
+}
+
+impl From<usize> for ResBlocks {
+    fn from(n: usize) -> Self {
+        ResBlocks::Same(n)
+    }
 }
 
 /// w is embedded as the timestep 100 w: guidance scales of a few units then span the
@@ -69,7 +103,7 @@ impl Default for UNetConfig {
             image_size: 8,
             base_channels: 32,
             channel_mult: vec![1, 2],
-            num_res_blocks: 1,
+            num_res_blocks: ResBlocks::Same(1),
             attention_resolutions: vec![4],
             num_heads: 1,
             dropout: 0.0,
@@ -83,6 +117,7 @@ impl Default for UNetConfig {
             guidance_embed: false,
             cond_channels: 0,
             aug_embed: false,
+            downsample_first: false,
         }
     }
 }
@@ -98,12 +133,28 @@ impl UNetConfig {
                 self.channel_mult
             );
         }
-        let factor = 1usize << (self.channel_mult.len() - 1);
+        let levels = self.channel_mult.len();
+        if let ResBlocks::PerLevel(v) = &self.num_res_blocks {
+            if v.len() != levels || v.contains(&0) {
+                value_error!(
+                    "num_res_blocks given per level must have one positive count per level \
+                     ({levels} levels), got {v:?}"
+                );
+            }
+        }
+        if self.downsample_first && (0..levels).any(|l| self.num_res_blocks.at(l) == 0) {
+            value_error!("downsample_first needs at least one residual block per level");
+        }
+        let factor = self.downsampling_factor();
         if self.image_size == 0 || !self.image_size.is_multiple_of(factor) {
             value_error!(
-                "image_size {} must be divisible by 2^(levels - 1) = {factor} ({} levels)",
+                "image_size {} must be divisible by {factor} ({levels} levels{})",
                 self.image_size,
-                self.channel_mult.len()
+                if self.downsample_first {
+                    ", each downsampling with downsample_first"
+                } else {
+                    ""
+                }
             );
         }
         for m in &self.channel_mult {
@@ -132,6 +183,18 @@ impl UNetConfig {
             value_error!("dropout must be in [0, 1), got {}", self.dropout);
         }
         Ok(())
+    }
+
+    /// How much the deepest level is smaller than the input: 2^(levels − 1), or 2^levels with
+    /// `downsample_first` (every level downsamples).
+    pub fn downsampling_factor(&self) -> usize {
+        let levels = self.channel_mult.len();
+        1usize
+            << if self.downsample_first {
+                levels
+            } else {
+                levels - 1
+            }
     }
 
     fn time_embed_dim(&self) -> usize {
@@ -320,14 +383,27 @@ impl UNet {
         };
         let mut ch = base * c.channel_mult[0];
         let conv_in = Conv2d::new(&p.pp("conv_in"), c.in_channels + c.cond_channels, ch, 3, 1)?;
-        let mut skips = vec![ch];
+        let input_channels = ch;
+        // With downsample_first, conv_in's output joins at the very end instead of the stack.
+        let mut skips = if c.downsample_first { vec![] } else { vec![ch] };
         let mut res = c.image_size;
         let levels = c.channel_mult.len();
         let mut down = Vec::with_capacity(levels);
         for (l, m) in c.channel_mult.iter().enumerate() {
             let lp = p.pp("down_blocks").pp(l);
             let (mut resnets, mut attentions, mut crosses) = (Vec::new(), Vec::new(), Vec::new());
-            for j in 0..c.num_res_blocks {
+            let pre_sampler = if c.downsample_first {
+                res /= 2;
+                Some(Sampler::new(
+                    &lp.pp("downsamplers").pp(0),
+                    c,
+                    ch,
+                    Resample::Down,
+                )?)
+            } else {
+                None
+            };
+            for j in 0..c.num_res_blocks.at(l) {
                 resnets.push(ResBlock::new(
                     &lp.pp("resnets").pp(j),
                     c,
@@ -345,7 +421,9 @@ impl UNet {
                 )?);
                 skips.push(ch);
             }
-            let sampler = if l + 1 < levels {
+            let sampler = if c.downsample_first {
+                pre_sampler
+            } else if l + 1 < levels {
                 let s = Sampler::new(&lp.pp("downsamplers").pp(0), c, ch, Resample::Down)?;
                 skips.push(ch);
                 res /= 2;
@@ -393,7 +471,8 @@ impl UNet {
         for (k, (l, m)) in c.channel_mult.iter().enumerate().rev().enumerate() {
             let lp = p.pp("up_blocks").pp(k);
             let (mut resnets, mut attentions, mut crosses) = (Vec::new(), Vec::new(), Vec::new());
-            for j in 0..=c.num_res_blocks {
+            let blocks = c.num_res_blocks.at(l) + usize::from(!c.downsample_first);
+            for j in 0..blocks {
                 let skip = skips.pop().unwrap_or(0);
                 resnets.push(ResBlock::new(
                     &lp.pp("resnets").pp(j),
@@ -411,7 +490,7 @@ impl UNet {
                     res,
                 )?);
             }
-            let sampler = if l > 0 {
+            let sampler = if l > 0 || c.downsample_first {
                 res *= 2;
                 Some(Sampler::new(
                     &lp.pp("upsamplers").pp(0),
@@ -429,6 +508,12 @@ impl UNet {
                 sampler,
             });
         }
+        debug_assert!(skips.is_empty(), "every skip is consumed by the up path");
+        let final_skip = if c.downsample_first {
+            input_channels
+        } else {
+            0
+        };
         Ok(UNet {
             config: c.clone(),
             time_1: Linear::new(&p.pp("time_embedding").pp("linear_1"), base, emb_dim)?,
@@ -466,15 +551,15 @@ impl UNet {
             mid_cross,
             null_context,
             up,
-            conv_norm_out: GroupNorm::new(&p.pp("conv_norm_out"), c.groups, ch)?,
-            conv_out: Conv2d::zeros(&p.pp("conv_out"), ch, c.out_channels(), 3)?,
+            conv_norm_out: GroupNorm::new(&p.pp("conv_norm_out"), c.groups, ch + final_skip)?,
+            conv_out: Conv2d::zeros(&p.pp("conv_out"), ch + final_skip, c.out_channels(), 3)?,
         })
     }
 
     /// Checks an input shape [B, C, H, W] against the configuration.
     pub fn check_input(&self, shape: &[usize]) -> Result<()> {
         let c = &self.config;
-        let factor = 1usize << (c.channel_mult.len() - 1);
+        let factor = c.downsampling_factor();
         if shape.len() != 4
             || shape[1] != c.in_channels
             || !shape[2].is_multiple_of(factor)
@@ -582,14 +667,19 @@ impl UNet {
         } else {
             x.clone()
         };
+        let first = self.config.downsample_first;
         let mut h = self.conv_in.forward(&input)?;
-        let mut skips = vec![h.clone()];
+        let input_features = h.clone();
+        let mut skips = if first { vec![] } else { vec![h.clone()] };
         for level in &self.down {
+            if let (true, Some(s)) = (first, &level.sampler) {
+                h = s.forward(&h, &emb, ctx)?;
+            }
             for j in 0..level.resnets.len() {
                 h = level.block(j, &h, &emb, context, ctx)?;
                 skips.push(h.clone());
             }
-            if let Some(s) = &level.sampler {
+            if let (false, Some(s)) = (first, &level.sampler) {
                 h = s.forward(&h, &emb, ctx)?;
                 skips.push(h.clone());
             }
@@ -610,6 +700,9 @@ impl UNet {
             if let Some(s) = &level.sampler {
                 h = s.forward(&h, &emb, ctx)?;
             }
+        }
+        if first {
+            h = Tensor::cat(&[&h, &input_features], 1)?;
         }
         let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)

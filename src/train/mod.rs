@@ -1055,9 +1055,12 @@ fn build_objective(
                     .with_super_resolution(c.clone()),
             )
         }
-        (ObjectiveConfig::Autoencoder(c), _) => {
-            Box::new(autoencoder::AutoencoderObjective::new(c, model)?)
-        }
+        (ObjectiveConfig::Autoencoder(c), _) => Box::new(autoencoder::AutoencoderObjective::new(
+            c,
+            model,
+            config.seed,
+            config.lr,
+        )?),
         (ObjectiveConfig::ConsistencyTraining(c), _) => Box::new(
             consistency::ConsistencyObjective::training(c, model, dims, config.total_steps)?,
         ),
