@@ -85,7 +85,8 @@ def test_train_autoencoder_vq_reports_codebook_usage(tmp_path, capsys):
 
 def test_train_autoencoder_stopped_and_resumed_ends_with_the_same_weights(tmp_path, capsys):
     common = ["--data", "mnist", "--steps", "4", "--batch-size", "8", "--channels", "8,8"]
-    common += ["--limit", "16", "--no-progress"]
+    # With the patch discriminator from step 1: its state must survive the stop as well.
+    common += ["--limit", "16", "--no-progress", "--disc-weight", "0.5", "--disc-start", "1"]
     rc, _, err = run(capsys, "train-autoencoder", *common, "--out", tmp_path / "full")
     assert rc == 0, err
     rc, stdout, err = run(
@@ -99,6 +100,8 @@ def test_train_autoencoder_stopped_and_resumed_ends_with_the_same_weights(tmp_pa
     a = fd.nn.Model.load(tmp_path / "full", ema=False).state_dict()
     b = fd.nn.Model.load(tmp_path / "part", ema=False).state_dict()
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    train = json.loads((tmp_path / "part" / "config.json").read_text())["train"]
+    assert '"disc_weight":0.5' in json.dumps(train, separators=(",", ":")), train
 
 
 def test_train_autoencoder_refuses_data_that_are_not_images(tmp_path, capsys):

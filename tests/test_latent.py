@@ -263,8 +263,11 @@ def test_dead_codes_restart_to_encoder_outputs_of_the_batch_once_the_usage_count
     [
         (kl_autoencoder, {"sample_posterior": True, "kl_weight": 0.01}),
         (vq_autoencoder, {"codebook_update": "ema", "ema_decay": 0.5, "dead_code_threshold": 0.5}),
+        # The discriminator joins at step 1, inside the first half: its weights and Adam moments
+        # must come back from the checkpoint.
+        (kl_autoencoder, {"disc_weight": 0.5, "disc_start": 1, "disc_layers": 1, "disc_channels": 4}),
     ],
-    ids=["kl-sampled-posterior", "vq-ema-restarts"],
+    ids=["kl-sampled-posterior", "vq-ema-restarts", "kl-adversarial"],
 )
 def test_autoencoder_training_resumed_from_a_checkpoint_is_exact(make, options, tmp_path):
     x = digits(12)
@@ -284,6 +287,26 @@ def test_autoencoder_training_resumed_from_a_checkpoint_is_exact(make, options, 
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert straight.objective_metrics == resumed.objective_metrics
+
+
+def test_adversarial_term_reports_from_disc_start_and_resumes_with_its_discriminator(tmp_path):
+    x = digits(12)
+    options = {"disc_weight": 0.5, "disc_start": 2, "disc_layers": 1, "disc_channels": 4}
+    t = fd.Trainer(
+        kl_autoencoder(), None, x, objective="autoencoder", objective_options=options, batch_size=4
+    )
+    t.train(2, progress=False)
+    assert t.objective_metrics["adversarial"] is None and t.objective_metrics["disc_loss"] is None
+    t.train(1, progress=False)
+    m = t.objective_metrics
+    assert m["adversarial_weight"] > 0 and np.isfinite(m["adversarial"])
+    # The hinge loss of a discriminator whose logits start near 0 is near 1.
+    assert 0.0 <= m["disc_loss"] < 2.0 and np.isfinite(m["logits_real"]) and np.isfinite(m["logits_fake"])
+    # The run's settings (and so the discriminator) come back with the checkpoint.
+    t.save(tmp_path / "adv")
+    resumed = fd.Trainer.resume(tmp_path / "adv", x)
+    resumed.train(1, progress=False)
+    assert resumed.step == 4 and resumed.objective_metrics["disc_loss"] is not None
 
 
 def test_trained_autoencoder_reconstructs_digits_with_higher_psnr(trained_kl):
@@ -327,6 +350,10 @@ def test_autoencoder_bad_inputs_are_refused():
         ({"codebook_update": "adam"}, "codebook_update must be 'loss' or 'ema'"),
         ({"ema_decay": 1.0}, r"ema_decay must be in \(0, 1\)"),
         ({"dead_code_threshold": -1.0}, "dead_code_threshold must be >= 0"),
+        ({"disc_weight": 0.5, "disc_layers": 2}, "at least 12 pixels"),
+        ({"disc_weight": 0.5, "disc_channels": 0}, "disc_channels positive"),
+        ({"disc_weight": 0.5, "disc_lr": -1.0}, "disc_lr must be positive"),
+        ({"disc_wieght": 0.5}, "unknown field"),
     ]:
         with pytest.raises(ValueError, match=message):
             ae_trainer(vq_autoencoder(), x, **options)
@@ -581,3 +608,39 @@ def test_truncated_cascade_refuses_a_base_sampler_that_is_not_ddpm_or_ddim():
                 fd.CascadeStage(sr_unet(aug_embed=True), sampler, aug_level=0.3, truncate=True),
             ]
         )
+
+
+def test_efficient_unet_options_survive_pickle_and_train_a_super_resolution_stage():
+    kw = dict(
+        in_channels=1,
+        image_size=8,
+        base_channels=8,
+        channel_mult=(1, 2),
+        attention_resolutions=(),
+        groups=4,
+        cond_channels=1,
+        aug_embed=True,
+    )
+    efficient = randomized(fd.nn.UNet(num_res_blocks=(1, 2), downsample_first=True, **kw))
+    assert efficient.config["num_res_blocks"] == [1, 2] and efficient.config["downsample_first"]
+    assert fd.nn.UNet(**kw).config["num_res_blocks"] == 1
+    copy = pickle.loads(pickle.dumps(efficient))
+    x = digits(4)
+    low = fd.datasets.resize(fd.datasets.resize(x, 4, method="area"), 8, method="bilinear")
+    t = np.array([10, 200, 500, 900])
+    a = efficient.with_low_res(low[:, :, ::2, ::2], 0.1)(x, t)
+    np.testing.assert_array_equal(a, copy.with_low_res(low[:, :, ::2, ::2], 0.1)(x, t))
+    trainer = fd.Trainer(
+        efficient,
+        fd.Schedule.cosine(1000),
+        digits(12),
+        batch_size=4,
+        objective="super_resolution",
+        objective_options={"factor": 2, "max_aug_level": 0.5},
+    )
+    trainer.train(3, progress=False)
+    assert np.all(np.isfinite(trainer.losses))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        fd.nn.UNet(num_res_blocks=(1, 2), downsample_first=True, **{**kw, "image_size": 6})
+    with pytest.raises(ValueError, match="one positive count per level"):
+        fd.nn.UNet(num_res_blocks=(1, 2, 3), **kw)

@@ -499,14 +499,22 @@ def _build_autoencoder(args, image_shape: tuple[int, ...]):
 
 
 def _autoencoder_options(args) -> dict:
+    adversarial = {}
+    if args.disc_weight > 0:
+        adversarial = {
+            "disc_weight": args.disc_weight,
+            "disc_start": args.disc_start,
+            "disc_layers": args.disc_layers,
+        }
     if args.kind == "vq":
         return {
             "reconstruction": args.reconstruction,
             "commitment": args.commitment,
             "codebook_update": args.codebook_update,
             "dead_code_threshold": args.dead_code_threshold,
+            **adversarial,
         }
-    return {"reconstruction": args.reconstruction, "kl_weight": args.kl_weight}
+    return {"reconstruction": args.reconstruction, "kl_weight": args.kl_weight, **adversarial}
 
 
 def _evaluate_autoencoder(model, images: np.ndarray) -> dict:
@@ -1010,6 +1018,22 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="vq: restart codes whose moving-average use (assignments per batch) falls below this "
         "(0: never; default 0)",
+    )
+    a.add_argument(
+        "--disc-weight",
+        type=float,
+        default=0.0,
+        help="weight of the adversarial term of a patch discriminator with the hinge loss, scaled by "
+        "LDM's adaptive weight (0: no discriminator; LDM uses 0.5; default 0)",
+    )
+    a.add_argument(
+        "--disc-start", type=int, default=0, help="step from which the discriminator trains (default 0)"
+    )
+    a.add_argument(
+        "--disc-layers",
+        type=int,
+        default=2,
+        help="stride-2 stages of the discriminator (2 suits 28x28 images; LDM uses 3; default 2)",
     )
     a.add_argument(
         "--limit", type=int, default=None, help="train on the first N training images only (for quick runs)"

@@ -450,6 +450,32 @@ impl PyModel {
         })
     }
 
+    /// Reads a diffusers `save_pretrained` folder (UNet2DModel, AutoencoderKL, VQModel; no
+    /// torch needed): see `ferrodiff.interop.from_diffusers` for the keywords and
+    /// docs/interop.md for the configurations that map.
+    #[staticmethod]
+    #[pyo3(signature = (folder, **kwargs))]
+    fn from_diffusers<'py>(
+        py: Python<'py>,
+        folder: Bound<'py, PyAny>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        py.import("ferrodiff.interop")?
+            .getattr("from_diffusers")?
+            .call((folder,), kwargs)
+    }
+
+    /// Writes a folder that diffusers' `from_pretrained` loads (config.json +
+    /// diffusion_pytorch_model.safetensors); options diffusers has no counterpart for are a
+    /// ValueError naming them.
+    fn save_diffusers<'py>(slf: &Bound<'py, Self>, folder: Bound<'py, PyAny>) -> PyResult<()> {
+        slf.py()
+            .import("ferrodiff.interop")?
+            .getattr("save_diffusers")?
+            .call1((slf, folder))?;
+        Ok(())
+    }
+
     fn __reduce__<'py>(
         slf: &Bound<'py, Self>,
     ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
