@@ -132,6 +132,20 @@ UNET_CASES = {
         attn_norm_num_groups=4,
         dropout=0.1,
     ),
+    # The original DDPM checkpoints' conventions (google/ddpm-cifar10-32 and the others):
+    # [sin, cos] time embedding with shifted frequencies, bottom/right-padded downsampling,
+    # GroupNorm ε 1e-6.
+    "ddpm_conventions": dict(
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=None,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        downsample_padding=0,
+        norm_eps=1e-6,
+    ),
 }
 
 
@@ -175,6 +189,16 @@ OUR_UNETS = {
         attention_resolutions=(8, 4),
         scale_shift=False,
         groups=8,
+    ),
+    "ddpm_conventions": dict(
+        in_channels=1,
+        base_channels=8,
+        channel_mult=(1, 2),
+        groups=4,
+        flip_sin_to_cos=False,
+        freq_shift=1.0,
+        downsample_padding=0,
+        norm_eps=1e-6,
     ),
 }
 
@@ -433,8 +457,7 @@ def test_every_scheduler_option_of_this_diffusers_is_decided(name):
 
 UNET_ERRORS = [
     ({"time_embedding_type": "fourier"}, "time_embedding_type='fourier'"),
-    ({"flip_sin_to_cos": False}, "flip_sin_to_cos=False"),
-    ({"freq_shift": 1}, "freq_shift=1"),
+    ({"freq_shift": 8}, "freq_shift=8"),
     ({"center_input_sample": True}, "center_input_sample=True"),
     ({"act_fn": "mish"}, "act_fn='mish'"),
     ({"mid_block_scale_factor": math.sqrt(2)}, "mid_block_scale_factor=1.41"),
@@ -443,13 +466,13 @@ UNET_ERRORS = [
     ({"resnet_time_scale_shift": "spatial"}, "resnet_time_scale_shift='spatial'"),
     ({"class_embed_type": "timestep"}, "class_embed_type='timestep'"),
     ({"num_class_embeds": 1}, "num_class_embeds=1"),
-    ({"norm_eps": 1e-6}, "norm_eps=1e-06"),
+    ({"norm_eps": 0.0}, "norm_eps=0.0"),
     ({"resnet_time_scale_shift": "scale_shift"}, "attn_norm_num_groups=None"),
     ({"attn_norm_num_groups": 2}, "attn_norm_num_groups=2"),
     ({"layers_per_block": [1, 2]}, r"layers_per_block=\[1, 2\]"),
     ({"block_out_channels": [16, 24]}, r"block_out_channels=\[16, 24\]"),
     ({"time_embedding_dim": 32}, "time_embedding_dim=32"),
-    ({"downsample_padding": 0}, "downsample_padding=0"),
+    ({"downsample_padding": 2}, "downsample_padding=2"),
     (
         {
             "attention_head_dim": 16,

@@ -285,10 +285,15 @@ _UP_BLOCKS = {
 def _unet_config(o: _Options) -> dict[str, Any]:
     """ferrodiff's U-Net config for a UNet2DModel config (raises for what it cannot represent)."""
     o.need("time_embedding_type", o["time_embedding_type"] == "positional", "'positional'")
-    # Our embedding is [cos, sin] with frequencies exp(-ln(1e4) i / half): diffusers'
-    # flip_sin_to_cos=True, freq_shift=0 (src/nn/layers.rs, timestep_embedding).
-    o.need("flip_sin_to_cos", o["flip_sin_to_cos"] is True, "True: the embedding is [cos, sin]")
-    o.need("freq_shift", o["freq_shift"] == 0, "0")
+    # flip_sin_to_cos and freq_shift are ferrodiff U-Net options of the same names
+    # (src/nn/layers.rs, timestep_embedding_with); the shift must leave a positive denominator.
+    o.need("flip_sin_to_cos", isinstance(o["flip_sin_to_cos"], bool), "True or False")
+    shift_f = o["freq_shift"]
+    o.need(
+        "freq_shift",
+        isinstance(shift_f, (int, float)) and shift_f < (o["block_out_channels"] or [0])[0] // 2,
+        "a number below half the time embedding's width",
+    )
     o.need("center_input_sample", not o["center_input_sample"], "False")
     _silu(o)
     o.need("mid_block_type", o["mid_block_type"] == "UNetMidBlock2D", "'UNetMidBlock2D'")
@@ -306,11 +311,7 @@ def _unet_config(o: _Options) -> dict[str, Any]:
         "class_embed_type", o["class_embed_type"] is None, "None (a learned table of num_class_embeds rows)"
     )
     eps = o["norm_eps"]
-    o.need(
-        "norm_eps",
-        isinstance(eps, (int, float)) and math.isclose(eps, UNET_NORM_EPS, rel_tol=1e-9),
-        f"{UNET_NORM_EPS}",
-    )
+    o.need("norm_eps", isinstance(eps, (int, float)) and eps > 0, "a positive number")
     groups = o.positive_int("norm_num_groups")
     o.need(
         "attn_norm_num_groups",
@@ -378,9 +379,10 @@ def _unet_config(o: _Options) -> dict[str, Any]:
     )
     resblock_updown = resamplers == {"resnet"}
     conv_down = any(k == "conv" for _, k in down_kinds[:-1])
-    # Only a convolution downsampler pads; padding 0 pads right and bottom only (as our
-    # autoencoders do), our U-Net pads 1 on every side.
-    o.need("downsample_padding", o["downsample_padding"] == 1 or not conv_down, "1")
+    # Only a convolution downsampler pads: 1 on every side, or 0 with the bottom and right
+    # padded by one (ferrodiff's downsample_padding); diffusers pads n on every side for n > 1.
+    padding = o["downsample_padding"] if conv_down else 1
+    o.need("downsample_padding", padding in (0, 1), "0 or 1")
     attention_levels = [level for level in range(levels) if down_kinds[level][0]]
     num_heads = _num_heads(o, [boc[level] for level in attention_levels] + [boc[-1]])
     in_channels = o.positive_int("in_channels")
@@ -414,6 +416,10 @@ def _unet_config(o: _Options) -> dict[str, Any]:
         "skip_rescale": False,
         "num_classes": 0 if classes is None else classes - 1,
         "learn_sigma": out_channels == 2 * in_channels,
+        "flip_sin_to_cos": bool(o["flip_sin_to_cos"]),
+        "freq_shift": float(shift_f),
+        "downsample_padding": padding,
+        "norm_eps": float(eps),
     }
 
 
@@ -482,15 +488,15 @@ def _unet_to_diffusers(c: Mapping[str, Any]) -> dict[str, Any]:
         "center_input_sample": False,
         "time_embedding_type": "positional",
         "time_embedding_dim": None,
-        "freq_shift": 0,
-        "flip_sin_to_cos": True,
+        "freq_shift": c.get("freq_shift", 0.0),
+        "flip_sin_to_cos": c.get("flip_sin_to_cos", True),
         "down_block_types": ["AttnDownBlock2D" if a else plain_down for a in attention],
         "mid_block_type": "UNetMidBlock2D",
         "up_block_types": ["AttnUpBlock2D" if a else plain_up for a in reversed(attention)],
         "block_out_channels": boc,
         "layers_per_block": blocks,
         "mid_block_scale_factor": 1,
-        "downsample_padding": 1,
+        "downsample_padding": c.get("downsample_padding", 1),
         "downsample_type": resample,
         "upsample_type": resample,
         "dropout": c["dropout"],
@@ -499,7 +505,7 @@ def _unet_to_diffusers(c: Mapping[str, Any]) -> dict[str, Any]:
         "norm_num_groups": c["groups"],
         # Set explicitly: with scale_shift, None would drop the middle attention's GroupNorm.
         "attn_norm_num_groups": c["groups"],
-        "norm_eps": UNET_NORM_EPS,
+        "norm_eps": c.get("norm_eps", UNET_NORM_EPS),
         "resnet_time_scale_shift": "scale_shift" if c["scale_shift"] else "default",
         "add_attention": True,
         "class_embed_type": None,

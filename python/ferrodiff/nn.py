@@ -80,6 +80,10 @@ def UNet(
     cond_channels: int = 0,
     aug_embed: bool = False,
     downsample_first: bool = False,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+    downsample_padding: int = 1,
+    norm_eps: float = 1e-5,
     seed: int = 0,
 ) -> Model:
     """The DDPM U-Net (Ho et al. 2020) with the improvements of Nichol & Dhariwal (2021) as options.
@@ -123,6 +127,12 @@ def UNet(
     output of ``conv_in`` is concatenated to the last upsampling's before the output layers.
     Image sides must then be divisible by ``2 ** len(channel_mult)``. (The 1/√2 skip scaling is
     ``skip_rescale``.)
+
+    ``flip_sin_to_cos``, ``freq_shift``, ``downsample_padding`` and ``norm_eps`` are diffusers'
+    ``UNet2DModel`` options of the same names (time embedding halves [cos, sin] or [sin, cos] and
+    frequencies exp(-ln(1e4) i / (half - freq_shift)); strided convolutions padded 1 on every
+    side or, with 0, at the bottom and right; GroupNorm ε). The defaults are diffusers'; the
+    original DDPM checkpoints use ``False, 1, 0, 1e-6`` (``fd.nn.Model.from_diffusers`` sets them).
     """
     if isinstance(num_res_blocks, int):
         blocks: int | list[int] = num_res_blocks
@@ -150,6 +160,10 @@ def UNet(
             "cond_channels": cond_channels,
             "aug_embed": aug_embed,
             "downsample_first": downsample_first,
+            "flip_sin_to_cos": flip_sin_to_cos,
+            "freq_shift": freq_shift,
+            "downsample_padding": downsample_padding,
+            "norm_eps": norm_eps,
         },
         seed,
     )

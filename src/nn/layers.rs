@@ -309,15 +309,33 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// are exp(-ln(max_period) · i / half) and the output is [cos, sin] (diffusers'
 /// `flip_sin_to_cos=True`, `downscale_freq_shift=0`; OpenAI's `timestep_embedding`).
 pub fn timestep_embedding(t: &[f32], dim: usize, device: &Device) -> Result<Tensor> {
+    timestep_embedding_with(t, dim, true, 0.0, device)
+}
+
+/// diffusers' `get_timestep_embedding`: frequencies exp(−ln(10⁴) i / (half − `freq_shift`)),
+/// [cos, sin] halves with `flip_sin_to_cos` (ferrodiff's and diffusers' default) or [sin, cos]
+/// (the original DDPM's, with `freq_shift` = 1).
+pub fn timestep_embedding_with(
+    t: &[f32],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    device: &Device,
+) -> Result<Tensor> {
     const MAX_PERIOD: f64 = 10_000.0;
     let half = dim / 2;
+    let (first, second) = if flip_sin_to_cos {
+        (0, half)
+    } else {
+        (half, 0)
+    };
     let mut out = vec![0f32; t.len() * dim];
     for (row, &ti) in out.chunks_mut(dim).zip(t) {
         for i in 0..half {
-            let freq = (-(MAX_PERIOD.ln()) * i as f64 / half as f64).exp();
+            let freq = (-(MAX_PERIOD.ln()) * i as f64 / (half as f64 - freq_shift)).exp();
             let arg = ti as f64 * freq;
-            row[i] = arg.cos() as f32;
-            row[half + i] = arg.sin() as f32;
+            row[first + i] = arg.cos() as f32;
+            row[second + i] = arg.sin() as f32;
         }
     }
     Ok(Tensor::from_vec(out, (t.len(), dim), device)?)

@@ -39,7 +39,27 @@ fn unet_config(resblock_updown: bool, scale_shift: bool) -> ModelConfig {
         cond_channels: 0,
         aug_embed: false,
         downsample_first: false,
+        flip_sin_to_cos: true,
+        freq_shift: 0.0,
+        downsample_padding: 1,
+        norm_eps: 1e-5,
     })
+}
+
+/// The original DDPM checkpoints' conventions: [sin, cos] time embedding with shifted
+/// frequencies, bottom/right-padded strided convolutions, GroupNorm ε 1e-6.
+fn ddpm_convention_unet_config() -> ModelConfig {
+    match unet_config(false, false) {
+        ModelConfig::Unet(c) => ModelConfig::Unet(UNetConfig {
+            flip_sin_to_cos: false,
+            freq_shift: 1.0,
+            downsample_padding: 0,
+            norm_eps: 1e-6,
+            image_size: 6,
+            ..c
+        }),
+        _ => unreachable!(),
+    }
 }
 
 /// Imagen's Efficient U-Net options: two blocks at the low resolution, one at the high, and
@@ -301,6 +321,23 @@ fn every_cross_attention_parameter_and_the_null_context_receive_a_gradient() {
 #[test]
 fn every_efficient_unet_parameter_receives_a_gradient() {
     assert_all_gradients(efficient_unet_config());
+}
+
+#[test]
+fn ddpm_convention_unet_gradients_match_finite_differences() {
+    check_finite_differences(ddpm_convention_unet_config());
+}
+
+#[test]
+fn the_time_embedding_options_follow_diffusers_get_timestep_embedding() {
+    // half = 4, freq_shift = 1: frequencies exp(−ln(1e4) i / 3), i = 0..3; [sin, cos] halves.
+    let e = layers::timestep_embedding_with(&[2.5], 8, false, 1.0, &Device::Cpu).unwrap();
+    let e: Vec<f32> = e.flatten_all().unwrap().to_vec1().unwrap();
+    for i in 0..4 {
+        let arg = 2.5 * (-(10_000f64.ln()) * i as f64 / 3.0).exp();
+        assert!((e[i] as f64 - arg.sin()).abs() < 1e-6, "sin {i}");
+        assert!((e[4 + i] as f64 - arg.cos()).abs() < 1e-6, "cos {i}");
+    }
 }
 
 #[test]
@@ -669,6 +706,7 @@ fn model_configs_round_trip_through_json() {
         unet_config(true, false),
         unet_context_config(),
         efficient_unet_config(),
+        ddpm_convention_unet_config(),
     ] {
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<ModelConfig>(&s).unwrap(), c);

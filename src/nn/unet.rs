@@ -8,7 +8,8 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{
-    silu, timestep_embedding, AttentionBlock, Conv2d, Ctx, Embedding, GroupNorm, Linear,
+    silu, timestep_embedding, timestep_embedding_with, AttentionBlock, Conv2d, Ctx, Embedding,
+    GroupNorm, Linear,
 };
 use super::params::{Init, Path};
 use super::Cond;
@@ -62,6 +63,16 @@ pub struct UNetConfig {
     /// concatenated to the last upsampling's before the output layers. Images need sides
     /// divisible by 2^levels.
     pub downsample_first: bool,
+    /// The time embedding's halves [cos, sin] (true) or [sin, cos], and the shift of its
+    /// frequencies exp(−ln(10⁴) i / (half − freq_shift)): diffusers' `flip_sin_to_cos` and
+    /// `freq_shift` (the original DDPM checkpoints use false and 1).
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+    /// Padding of the strided downsampling convolutions: 1 on every side, or 0 with the input
+    /// padded by one row and column at the bottom and right (diffusers' `downsample_padding`).
+    pub downsample_padding: usize,
+    /// ε of every GroupNorm (diffusers' `norm_eps`).
+    pub norm_eps: f64,
 }
 
 /// Residual blocks per level of a U-Net: the same count at every level, or one count per level
@@ -118,6 +129,10 @@ impl Default for UNetConfig {
             cond_channels: 0,
             aug_embed: false,
             downsample_first: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            downsample_padding: 1,
+            norm_eps: super::layers::GROUP_NORM_EPS,
         }
     }
 }
@@ -177,6 +192,22 @@ impl UNetConfig {
         if self.aug_embed && self.cond_channels == 0 {
             value_error!(
                 "aug_embed embeds the augmentation level of a conditioning image: set cond_channels too"
+            );
+        }
+        if self.downsample_padding > 1 {
+            value_error!(
+                "downsample_padding must be 0 or 1, got {}",
+                self.downsample_padding
+            );
+        }
+        if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
+            value_error!("norm_eps must be positive, got {}", self.norm_eps);
+        }
+        if !(self.freq_shift.is_finite() && self.freq_shift < (self.base_channels / 2) as f64) {
+            value_error!(
+                "freq_shift must be below half the time embedding's width ({}), got {}",
+                self.base_channels / 2,
+                self.freq_shift
             );
         }
         if !(0.0..1.0).contains(&self.dropout) {
@@ -243,10 +274,10 @@ impl ResBlock {
     fn new(p: &Path, c: &UNetConfig, cin: usize, cout: usize, resample: Resample) -> Result<Self> {
         let emb_out = if c.scale_shift { 2 * cout } else { cout };
         Ok(ResBlock {
-            norm1: GroupNorm::new(&p.pp("norm1"), c.groups, cin)?,
+            norm1: GroupNorm::with_eps(&p.pp("norm1"), c.groups, cin, c.norm_eps)?,
             conv1: Conv2d::new(&p.pp("conv1"), cin, cout, 3, 1)?,
             time_emb_proj: Linear::new(&p.pp("time_emb_proj"), c.time_embed_dim(), emb_out)?,
-            norm2: GroupNorm::new(&p.pp("norm2"), c.groups, cout)?,
+            norm2: GroupNorm::with_eps(&p.pp("norm2"), c.groups, cout, c.norm_eps)?,
             conv2: Conv2d::zeros(&p.pp("conv2"), cout, cout, 3)?,
             conv_shortcut: if cin != cout {
                 Some(Conv2d::new(&p.pp("conv_shortcut"), cin, cout, 1, 1)?)
@@ -303,9 +334,12 @@ impl Sampler {
     fn new(p: &Path, c: &UNetConfig, ch: usize, r: Resample) -> Result<Self> {
         Ok(if c.resblock_updown {
             Sampler::Block(ResBlock::new(p, c, ch, ch, r)?)
+        } else if r == Resample::Down {
+            // downsample_padding 0 pads the bottom and right alone, in `forward`.
+            let pad = c.downsample_padding;
+            Sampler::Conv(Conv2d::with_padding(&p.pp("conv"), ch, ch, 3, 2, pad)?, r)
         } else {
-            let stride = if r == Resample::Down { 2 } else { 1 };
-            Sampler::Conv(Conv2d::new(&p.pp("conv"), ch, ch, 3, stride)?, r)
+            Sampler::Conv(Conv2d::new(&p.pp("conv"), ch, ch, 3, 1)?, r)
         })
     }
 
@@ -313,6 +347,9 @@ impl Sampler {
         match self {
             Sampler::Block(b) => b.forward(x, emb, ctx),
             Sampler::Conv(conv, Resample::Up) => conv.forward(&resample(x, Resample::Up)?),
+            Sampler::Conv(conv, _) if conv.padding() == 0 => {
+                conv.forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)
+            }
             Sampler::Conv(conv, _) => conv.forward(x),
         }
     }
@@ -376,7 +413,7 @@ impl UNet {
         let attention = |p: &Path, ch: usize, kv_dim: usize, res: usize| {
             if kv_dim > 0 && c.attention_resolutions.contains(&res) {
                 AttentionBlock::with_kv_dim(p, ch, kv_dim, c.num_heads, c.groups, c.skip_rescale)
-                    .map(Some)
+                    .map(|a| Some(a.with_norm_eps(c.norm_eps)))
             } else {
                 Ok(None)
             }
@@ -447,18 +484,22 @@ impl UNet {
                 c.num_heads.max(1),
                 c.groups,
                 c.skip_rescale,
-            )?,
+            )?
+            .with_norm_eps(c.norm_eps),
             ResBlock::new(&mp.pp("resnets").pp(1), c, ch, ch, Resample::None)?,
         );
         let mid_cross = if c.context_dim > 0 {
-            Some(AttentionBlock::with_kv_dim(
-                &mp.pp("cross_attentions").pp(0),
-                ch,
-                c.context_dim,
-                c.num_heads.max(1),
-                c.groups,
-                c.skip_rescale,
-            )?)
+            Some(
+                AttentionBlock::with_kv_dim(
+                    &mp.pp("cross_attentions").pp(0),
+                    ch,
+                    c.context_dim,
+                    c.num_heads.max(1),
+                    c.groups,
+                    c.skip_rescale,
+                )?
+                .with_norm_eps(c.norm_eps),
+            )
         } else {
             None
         };
@@ -551,7 +592,12 @@ impl UNet {
             mid_cross,
             null_context,
             up,
-            conv_norm_out: GroupNorm::new(&p.pp("conv_norm_out"), c.groups, ch + final_skip)?,
+            conv_norm_out: GroupNorm::with_eps(
+                &p.pp("conv_norm_out"),
+                c.groups,
+                ch + final_skip,
+                c.norm_eps,
+            )?,
             conv_out: Conv2d::zeros(&p.pp("conv_out"), ch + final_skip, c.out_channels(), 3)?,
         })
     }
@@ -624,8 +670,15 @@ impl UNet {
     pub fn forward(&self, x: &Tensor, t: &[f32], cond: &Cond, ctx: &Ctx) -> Result<Tensor> {
         let context = self.context(x.dims()[0], cond)?;
         let context = context.as_ref();
-        let temb =
-            timestep_embedding(t, self.config.base_channels, x.device())?.to_dtype(x.dtype())?;
+        let c = &self.config;
+        let temb = timestep_embedding_with(
+            t,
+            c.base_channels,
+            c.flip_sin_to_cos,
+            c.freq_shift,
+            x.device(),
+        )?
+        .to_dtype(x.dtype())?;
         let mut emb = self.time_2.forward(&silu(&self.time_1.forward(&temb)?)?)?;
         if let (Some(table), Some(y)) = (&self.class_embedding, cond.labels) {
             emb = (emb + table.forward(y)?)?;
