@@ -21,6 +21,7 @@ _os.environ.setdefault("CANDLE_NUM_THREADS", "1")
 from ferrodiff import (
     datasets,
     distill,
+    interop,
     langevin,
     latent,
     likelihood,
@@ -79,6 +80,7 @@ __all__ = [
     "cosine_log_snr",
     "datasets",
     "distill",
+    "interop",
     "karras_sigmas",
     "langevin",
     "latent",
