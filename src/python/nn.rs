@@ -176,7 +176,7 @@ pub struct PyModel {
 
 #[pymethods]
 impl PyModel {
-    /// A new model from a configuration dict (`{"type": "mlp" | "unet", ...}`); the same
+    /// A new model from a configuration dict (`{"type": "mlp" | "unet" | "dit", ...}`); the same
     /// `seed` gives the same initial weights on every machine.
     #[new]
     #[pyo3(signature = (config, seed=0))]
@@ -463,6 +463,7 @@ impl PyModel {
         let kind = match self.inner.config() {
             ModelConfig::Mlp(_) => "MLP",
             ModelConfig::Unet(_) => "UNet",
+            ModelConfig::Dit(_) => "DiT",
             ModelConfig::Autoencoder(c) => match c.kind {
                 crate::nn::AutoencoderKind::Kl => "AutoencoderKL",
                 crate::nn::AutoencoderKind::Vq => "VQModel",
