@@ -489,6 +489,13 @@ fn _time_op(py: Python<'_>, op: &str, dims: Vec<usize>, repeats: usize) -> PyRes
     })?)
 }
 
+/// The configuration dict of a named DiT variant, e.g. "DiT-S/2" (depth 12, width 384, 6
+/// heads, patch 2); the other fields at their defaults.
+#[pyfunction]
+fn _dit_variant<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+    json_loads(py, &to_json(&crate::nn::DiTConfig::named(name)?)?)
+}
+
 #[pyfunction]
 fn _model_from_bytes(data: &[u8]) -> PyResult<PyModel> {
     Ok(PyModel {
@@ -925,6 +932,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyClassifier>()?;
     m.add_function(wrap_pyfunction!(_model_from_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(_time_op, m)?)?;
+    m.add_function(wrap_pyfunction!(_dit_variant, m)?)?;
     m.add_function(wrap_pyfunction!(_classifier_from_bytes, m)?)?;
     Ok(())
 }
