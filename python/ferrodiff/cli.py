@@ -252,7 +252,15 @@ def _build_model(kind: str, ds, conditional: bool, hidden: int, channels: int, s
     if kind == "mlp":
         return fd.nn.MLP(data_shape=shape, hidden=hidden, num_classes=num_classes, seed=seed)
     if len(shape) != 3 or shape[1] != shape[2]:
-        raise ValueError(f"--model unet needs square images [C, H, W], the data has samples of shape {shape}")
+        raise ValueError(
+            f"--model {kind} needs square images [C, H, W], the data has samples of shape {shape}"
+        )
+    if kind == "dit":
+        # DiT-XS with 2x2 patches (1x1 for an odd side).
+        patch = 2 if shape[1] % 2 == 0 else 1
+        return fd.nn.DiT(
+            in_channels=shape[0], image_size=shape[1], patch_size=patch, num_classes=num_classes, seed=seed
+        )
     return _unet(shape, num_classes, channels, seed)
 
 
@@ -368,9 +376,9 @@ def train_command(args) -> int:
         print(f"resuming {run} at step {trainer.step} of {total}")
     else:
         out = Path(args.out)
-        if args.latent and args.model == "mlp":
+        if args.latent and args.model in ("mlp", "dit"):
             raise ValueError(
-                "--latent trains a U-Net on the autoencoder's latents: --model mlp does not apply"
+                f"--latent trains a U-Net on the autoencoder's latents: --model {args.model} does not apply"
             )
         if args.latent and args.objective != "diffusion":
             raise ValueError(
@@ -918,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--path", help="file or folder of the dataset (mnist, fashion_mnist, cifar10, folder)")
     t.add_argument("--out", help="run folder (checkpoint.safetensors, config.json, loss.png)")
     t.add_argument("--resume", help="continue the run in this folder where it stopped")
-    t.add_argument("--model", choices=["auto", "mlp", "unet"], default="auto")
+    t.add_argument("--model", choices=["auto", "mlp", "unet", "dit"], default="auto")
     t.add_argument(
         "--latent",
         metavar="AE",

@@ -1,7 +1,7 @@
 """Candle denoiser networks, built and run from Python on numpy arrays.
 
-:func:`MLP` (low-dimensional data: 2-D toys, flattened 8x8 digits) and :func:`UNet` (images) return
-a :class:`Model`. A model is called as ``model(x, t, y=None, context=None)`` and returns float32
+:func:`MLP` (low-dimensional data: 2-D toys, flattened 8x8 digits), :func:`UNet` and :func:`DiT`
+(images) return a :class:`Model`. A model is called as ``model(x, t, y=None, context=None)`` and returns float32
 numpy; every
 sampler accepts it directly and then runs the whole loop in Rust::
 
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ferrodiff._core import Classifier, Model
+from ferrodiff._core import Classifier, Model, _dit_variant
 
-__all__ = ["MLP", "AutoencoderKL", "Classifier", "Model", "UNet", "VQModel"]
+__all__ = ["MLP", "AutoencoderKL", "Classifier", "DiT", "Model", "UNet", "VQModel"]
 
 
 def MLP(
@@ -164,6 +164,86 @@ def UNet(
             "freq_shift": freq_shift,
             "downsample_padding": downsample_padding,
             "norm_eps": norm_eps,
+        },
+        seed,
+    )
+
+
+# DiT-XS/2, the defaults of fd.nn.DiT without a variant (DiTConfig::default in src/nn/dit.rs).
+_DIT_DEFAULT_SIZE = {"patch_size": 2, "hidden_size": 128, "depth": 4, "num_heads": 4}
+
+
+def DiT(
+    in_channels: int = 1,
+    image_size: int = 8,
+    patch_size: int | None = None,
+    hidden_size: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    mlp_ratio: float = 4.0,
+    num_classes: int = 0,
+    learn_sigma: bool = False,
+    context_dim: int = 0,
+    variant: str | None = None,
+    seed: int = 0,
+) -> Model:
+    """The Diffusion Transformer (Peebles & Xie 2023) with adaLN-Zero conditioning.
+
+    The image is cut into ``patch_size`` x ``patch_size`` patches (a strided convolution) that
+    become (``image_size`` / p)² tokens of width ``hidden_size``, with a fixed 2-D sin-cos
+    position embedding. Each of the ``depth`` blocks is multi-head self-attention
+    (``num_heads`` heads) and an MLP (width ``hidden_size * mlp_ratio``, GELU), each after a
+    LayerNorm without parameters whose output is scaled and shifted, and whose residual branch is
+    gated, by a linear map of the conditioning (the timestep's embedding plus the class's):
+    adaLN-Zero, whose maps start at zero so that every block starts as the identity and a new
+    model outputs zeros. A final adaLN and linear layer map each token back to its patch.
+
+    The size comes either from ``patch_size``, ``hidden_size``, ``depth`` and ``num_heads``
+    (default 2, 128, 4, 4: ``"DiT-XS/2"``, small enough for a CPU) or from ``variant``, one of
+    the paper's ``"DiT-S/p"``, ``"DiT-B/p"``, ``"DiT-L/p"``, ``"DiT-XL/p"`` (depth / width /
+    heads 12/384/6, 12/768/12, 24/1024/16, 28/1152/16) or the small ``"DiT-XS/p"`` (4/128/4) and
+    ``"DiT-Ti/p"`` (12/192/3), with p the patch size; give one or the other, not both.
+
+    ``num_classes > 0`` adds a class embedding with a null class (label -1 or ``num_classes``)
+    for classifier-free guidance; ``learn_sigma`` outputs 2C channels (mean and variance
+    interpolation, trained with ``loss="hybrid"``); ``context_dim > 0`` adds a cross-attention
+    to a context ``[B, M, context_dim]`` after each block's self-attention, with a learned null
+    context, as :func:`UNet` has. The position embedding is fixed for ``image_size``: inputs must
+    be ``[B, in_channels, image_size, image_size]``.
+
+    Parameter names follow diffusers' ``DiTTransformer2DModel`` (``pos_embed.proj``,
+    ``transformer_blocks.{i}.norm1.linear``, ``.attn1.to_q``, ``.ff.net.0.proj``,
+    ``proj_out_1``, ...) except that the conditioning embedder is stored once
+    (``timestep_embedder.linear_1``, ``class_embedder.embedding_table``) where diffusers keeps an
+    identical copy per block (``transformer_blocks.{i}.norm1.emb...``); see src/nn/dit.rs.
+    """
+    given = {
+        "patch_size": patch_size,
+        "hidden_size": hidden_size,
+        "depth": depth,
+        "num_heads": num_heads,
+    }
+    if variant is not None:
+        clash = [k for k, v in given.items() if v is not None]
+        if clash:
+            raise ValueError(
+                f"variant={variant!r} sets patch_size, hidden_size, depth and num_heads; "
+                f"do not pass {', '.join(clash)} as well"
+            )
+        named = _dit_variant(variant)
+        size = {k: named[k] for k in given}
+    else:
+        size = {k: _DIT_DEFAULT_SIZE[k] if v is None else v for k, v in given.items()}
+    return Model(
+        {
+            "type": "dit",
+            "in_channels": in_channels,
+            "image_size": image_size,
+            **size,
+            "mlp_ratio": mlp_ratio,
+            "num_classes": num_classes,
+            "learn_sigma": learn_sigma,
+            "context_dim": context_dim,
         },
         seed,
     )

@@ -20,7 +20,7 @@
 //! thread count. f32 and f64 (the gradient checks run in f64); other dtypes and devices, and
 //! `FERRODIFF_REFERENCE_KERNELS=1`, run [`attention_reference`] from candle ops.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::kernels::{matmul, msg, use_kernel, Elem};
@@ -495,6 +495,126 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
+/// Self-attention on q, k and v packed in one tensor [3, BH, N, D], as one projection of the
+/// tokens produces them: the backward pass writes the gradient packed the same way
+/// ([dq | dk | dv] is already the kernel's layout), so no narrow or concatenation of q, k, v
+/// or their gradients is needed.
+struct PackedAttention {
+    g: Dims,
+    scale: f64,
+    /// (qkv, go) -> [dq | dk | dv] when set; (qkv) -> out otherwise.
+    backward: bool,
+}
+
+impl PackedAttention {
+    /// The three parts of a packed operand.
+    fn parts<'a, T: Float>(&self, s: (&'a CpuStorage, &Layout)) -> CResult<[&'a [T]; 3]> {
+        let all = operand(s)?;
+        let n = self.g.bh * self.g.q_item();
+        if all.len() != 3 * n {
+            return Err(msg("packed attention: qkv has the wrong size"));
+        }
+        Ok([&all[..n], &all[n..2 * n], &all[2 * n..]])
+    }
+
+    fn forward<T: Float>(&self, s: (&CpuStorage, &Layout)) -> CResult<Vec<T>> {
+        let [q, k, v] = self.parts(s)?;
+        Ok(attention_forward(&self.g, self.scale, q, k, v))
+    }
+
+    fn gradients<T: Float>(
+        &self,
+        s: (&CpuStorage, &Layout),
+        go: (&CpuStorage, &Layout),
+    ) -> CResult<Vec<T>> {
+        let [q, k, v] = self.parts(s)?;
+        let needs = Needs {
+            q: true,
+            k: true,
+            v: true,
+        };
+        Ok(attention_backward(
+            &self.g,
+            self.scale,
+            needs,
+            q,
+            k,
+            v,
+            operand(go)?,
+        ))
+    }
+}
+
+impl CustomOp1 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "ferrodiff-packed-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(_) => f32::storage(self.forward((s, l))?),
+            CpuStorage::F64(_) => f64::storage(self.forward((s, l))?),
+            _ => return Err(msg("attention kernel: only f32 and f64 are supported")),
+        };
+        Ok((out, Shape::from((self.g.bh, self.g.n, self.g.d))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let back = PackedAttention {
+            backward: true,
+            ..*self
+        };
+        let packed = qkv.apply_op2_no_bwd(&grad.contiguous()?, &back)?;
+        Ok(Some(packed.reshape(qkv.shape())?))
+    }
+}
+
+impl CustomOp2 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "ferrodiff-packed-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        if !self.backward {
+            return Err(msg("packed attention: the forward takes one operand"));
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => f32::storage(self.gradients((s1, l1), (s2, l2))?),
+            CpuStorage::F64(_) => f64::storage(self.gradients((s1, l1), (s2, l2))?),
+            _ => return Err(msg("attention kernel: only f32 and f64 are supported")),
+        };
+        Ok((out, Shape::from(3 * self.g.bh * self.g.q_item())))
+    }
+}
+
+/// softmax(q kᵀ · scale) v for q, k, v packed as qkv [3, BH, N, D] -> [BH, N, D]
+/// (self-attention, where q, k and v come from one projection). Differentiable in qkv; the
+/// gradient comes back packed. CPU f32/f64 tensors run the fused kernel, others
+/// [`attention_reference`] on the three parts.
+pub fn packed_self_attention(qkv: &Tensor, scale: f64) -> CResult<Tensor> {
+    let dims = qkv.dims();
+    let &[3, bh, n, d] = dims else {
+        return Err(msg(format!(
+            "packed attention: qkv must be [3, BH, N, D], got {dims:?}"
+        )));
+    };
+    let g = Dims::new(&[bh, n, d], &[bh, n, d], &[bh, n, d])?;
+    if !use_kernel(qkv) {
+        return attention_reference(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, scale);
+    }
+    qkv.contiguous()?.apply_op1(PackedAttention {
+        g,
+        scale,
+        backward: false,
+    })
+}
+
 /// softmax(q kᵀ · scale) v from candle ops, differentiable through candle's autograd: the row
 /// max subtracted for stability is detached (a constant shift of each row). The fallback of
 /// [`attention`] and the reference its tests and benchmarks compare against.
@@ -757,5 +877,31 @@ mod tests {
         }
         let mixed = attention(&good.0, &good.1.to_dtype(DType::F64).unwrap(), &good.2, 1.0);
         assert!(mixed.is_err());
+    }
+
+    #[test]
+    fn packed_self_attention_equals_attention_on_the_parts_with_packed_gradients() {
+        for (bh, n, d) in [(1, 1, 1), (3, 5, 4), (2, 70, 8)] {
+            let qkv = filled(&[3, bh, n, d], bh + n, DType::F64, 1.0);
+            let probe = filled(&[bh, n, d], 3, DType::F64, 1.0);
+            let packed = Var::from_tensor(&qkv).unwrap();
+            let out = packed_self_attention(packed.as_tensor(), 0.4).unwrap();
+            let g = (&out * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let parts = [0, 1, 2].map(|i| qkv.get(i).unwrap());
+            let (o2, g2) = run(attention, &parts, &probe, 0.4);
+            assert!(rel_diff(&out, &o2) < 1e-12);
+            let gp = g.get(packed.as_tensor()).unwrap();
+            assert_eq!(gp.dims(), &[3, bh, n, d]);
+            for (i, gi) in g2.iter().enumerate() {
+                assert!(rel_diff(&gp.get(i).unwrap(), gi) < 1e-12, "part {i}");
+            }
+        }
+        let bad = filled(&[2, 1, 3, 4], 0, DType::F32, 1.0);
+        assert!(packed_self_attention(&bad, 1.0).is_err());
     }
 }

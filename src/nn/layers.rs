@@ -85,14 +85,33 @@ impl Linear {
             Init::Zeros => Init::Zeros,
             _ => Init::Uniform(1.0 / (in_dim as f64).sqrt()),
         };
+        Self::with_inits(p, in_dim, out_dim, init, bias_init)
+    }
+
+    /// Weight [out_dim, in_dim] and bias [out_dim] initialised as given.
+    pub fn with_inits(
+        p: &Path,
+        in_dim: usize,
+        out_dim: usize,
+        weight: Init,
+        bias: Init,
+    ) -> Result<Self> {
         Ok(Linear {
-            weight: p.var("weight", &[out_dim, in_dim], init)?,
-            bias: p.var("bias", &[out_dim], bias_init)?,
+            weight: p.var("weight", &[out_dim, in_dim], weight)?,
+            bias: p.var("bias", &[out_dim], bias)?,
         })
     }
 
     pub fn out_dim(&self) -> usize {
         self.weight.dims()[0]
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
     }
 
     /// x [..., in] -> [..., out] (the fused kernel of `super::linear` on the flattened rows).
@@ -273,8 +292,13 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn new(p: &Path, rows: usize, dim: usize) -> Result<Self> {
+        Self::with_std(p, rows, dim, 1.0)
+    }
+
+    /// A table of N(0, std²) entries.
+    pub fn with_std(p: &Path, rows: usize, dim: usize, std: f64) -> Result<Self> {
         Ok(Embedding {
-            table: p.var("weight", &[rows, dim], Init::Normal(1.0))?,
+            table: p.var("weight", &[rows, dim], Init::Normal(std))?,
         })
     }
 

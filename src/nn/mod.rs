@@ -1,12 +1,14 @@
-//! Candle denoisers: an MLP for low-dimensional data and a U-Net for images, both built from
-//! a serialisable [`ModelConfig`] and seeded, differentiable end to end. A [`Model`] is also a
+//! Candle denoisers: an MLP for low-dimensional data, and a U-Net and a Diffusion Transformer
+//! for images, built from a serialisable [`ModelConfig`] and seeded, differentiable end to end. A [`Model`] is also a
 //! [`Denoiser`], so every sampler runs it without leaving Rust.
 
 pub mod act;
+pub mod ada_norm;
 pub mod attention;
 pub mod autoencoder;
 pub mod classifier;
 pub mod discriminator;
+pub mod dit;
 pub mod flow;
 pub mod kernels;
 pub mod layers;
@@ -28,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 pub use autoencoder::{Autoencoder, AutoencoderConfig, AutoencoderKind};
 pub use classifier::{Classifier, ClassifierConfig};
+pub use dit::DiTConfig;
 pub use layers::Ctx;
 pub use mlp::MlpConfig;
 pub use params::ParamStore;
@@ -43,6 +46,8 @@ use crate::{shape_error, value_error};
 pub enum ModelConfig {
     Mlp(MlpConfig),
     Unet(UNetConfig),
+    /// The Diffusion Transformer (`{"type": "dit", ...}`).
+    Dit(DiTConfig),
     /// A KL or VQ autoencoder (not a denoiser: trained with the autoencoder objective, used
     /// by latent diffusion to encode and decode).
     Autoencoder(AutoencoderConfig),
@@ -53,6 +58,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Mlp(c) => c.num_classes,
             ModelConfig::Unet(c) => c.num_classes,
+            ModelConfig::Dit(c) => c.num_classes,
             ModelConfig::Autoencoder(_) => 0,
         }
     }
@@ -62,13 +68,14 @@ impl ModelConfig {
         match self {
             ModelConfig::Mlp(_) | ModelConfig::Autoencoder(_) => 0,
             ModelConfig::Unet(c) => c.context_dim,
+            ModelConfig::Dit(c) => c.context_dim,
         }
     }
 
     /// Whether the network takes the guidance scale as an input.
     pub fn guidance_embed(&self) -> bool {
         match self {
-            ModelConfig::Mlp(_) | ModelConfig::Autoencoder(_) => false,
+            ModelConfig::Mlp(_) | ModelConfig::Dit(_) | ModelConfig::Autoencoder(_) => false,
             ModelConfig::Unet(c) => c.guidance_embed,
         }
     }
@@ -77,6 +84,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Mlp(c) => c.learn_sigma,
             ModelConfig::Unet(c) => c.learn_sigma,
+            ModelConfig::Dit(c) => c.learn_sigma,
             ModelConfig::Autoencoder(_) => false,
         }
     }
@@ -86,6 +94,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Mlp(c) => c.data_shape.clone(),
             ModelConfig::Unet(c) => vec![c.in_channels, c.image_size, c.image_size],
+            ModelConfig::Dit(c) => vec![c.in_channels, c.image_size, c.image_size],
             ModelConfig::Autoencoder(c) => vec![c.in_channels, c.image_size, c.image_size],
         }
     }
@@ -124,6 +133,56 @@ pub struct Cond<'a> {
     pub aug_level: Option<&'a [f32]>,
 }
 
+/// The context every row of a cross-attention model attends to, [B, M, context_dim]: the given
+/// context with the learned `null_context` [1, context_dim] in the rows `cond.null_context`
+/// marks, or the null context alone (M = 1) when none is given. None for models without
+/// cross-attention (`null_context` None), where a given context is an error.
+pub(crate) fn attended_context(
+    null_context: Option<&Tensor>,
+    batch: usize,
+    cond: &Cond,
+) -> Result<Option<Tensor>> {
+    let Some(null) = null_context else {
+        if cond.context.is_some() {
+            value_error!(
+                "a context was given but the model has no cross-attention (context_dim = 0)"
+            );
+        }
+        return Ok(None);
+    };
+    let d = null.elem_count();
+    let null = null.reshape((1, 1, d))?;
+    let Some(c) = cond.context else {
+        return Ok(Some(null.broadcast_as((batch, 1, d))?.contiguous()?));
+    };
+    let dims = c.dims();
+    if dims.len() != 3 || dims[0] != batch || dims[2] != d || dims[1] == 0 {
+        shape_error!(
+            "context has shape {dims:?} but the model takes [B = {batch}, M, context_dim = {d}] with M >= 1"
+        );
+    }
+    let c = c.to_dtype(null.dtype())?;
+    let Some(rows) = cond.null_context else {
+        return Ok(Some(c));
+    };
+    if rows.len() != batch {
+        shape_error!(
+            "null_context marks {} rows but the batch has {batch}",
+            rows.len()
+        );
+    }
+    if !rows.iter().any(|&r| r) {
+        return Ok(Some(c));
+    }
+    let m: Vec<f32> = rows.iter().map(|&r| if r { 1.0 } else { 0.0 }).collect();
+    let m = Tensor::from_vec(m, (batch, 1, 1), c.device())?.to_dtype(c.dtype())?;
+    let keep = m.affine(-1.0, 1.0)?;
+    Ok(Some(
+        c.broadcast_mul(&keep)?
+            .broadcast_add(&null.broadcast_mul(&m)?)?,
+    ))
+}
+
 /// A context on the host: `data` holds [rows, len, dim] row-major.
 #[derive(Clone, Copy, Debug)]
 pub struct HostContext<'a> {
@@ -157,6 +216,7 @@ impl HostContext<'_> {
 enum Net {
     Mlp(mlp::Mlp),
     Unet(Box<unet::UNet>),
+    Dit(Box<dit::DiT>),
     Autoencoder(Box<Autoencoder>),
 }
 
@@ -193,6 +253,7 @@ impl Model {
         let net = match &config {
             ModelConfig::Mlp(c) => Net::Mlp(mlp::Mlp::new(&root, c)?),
             ModelConfig::Unet(c) => Net::Unet(Box::new(unet::UNet::new(&root, c)?)),
+            ModelConfig::Dit(c) => Net::Dit(Box::new(dit::DiT::new(&root, c)?)),
             ModelConfig::Autoencoder(c) => Net::Autoencoder(Box::new(Autoencoder::new(&root, c)?)),
         };
         Ok(Model {
@@ -332,6 +393,7 @@ impl Model {
                 Ok(())
             }
             Net::Unet(u) => u.check_input(shape),
+            Net::Dit(d) => d.check_input(shape),
             Net::Autoencoder(a) => a.check_input(shape),
         }
     }
@@ -443,6 +505,7 @@ impl Model {
                 },
                 ctx,
             ),
+            Net::Dit(d) => d.forward(x, t, &Cond { labels, ..*cond }, ctx),
         }
     }
 

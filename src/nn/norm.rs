@@ -79,7 +79,7 @@ const SMALL_GROUP: usize = 64;
 /// added to the f64 total. A fixed order, so every build and thread count gives the same bits;
 /// the per-lane sums vectorise.
 #[inline(always)]
-fn block_sum<T: Elem + Float>(xs: &[T], ys: &[T], f: impl Fn(T, T) -> T) -> f64 {
+pub(super) fn block_sum<T: Elem + Float>(xs: &[T], ys: &[T], f: impl Fn(T, T) -> T) -> f64 {
     let mut total = 0f64;
     for (bx, by) in xs.chunks(BLOCK).zip(ys.chunks(BLOCK)) {
         let mut lanes = [T::ZERO; LANES];
@@ -103,15 +103,15 @@ fn block_sum<T: Elem + Float>(xs: &[T], ys: &[T], f: impl Fn(T, T) -> T) -> f64 
 /// A group's mean and 1/√(var + ε), in f64 and rounded to T. Two passes: the variance sums
 /// squares of (x − mean), which stays accurate when the mean is large against the spread.
 #[derive(Clone, Copy)]
-struct Stats<T> {
-    mean: T,
-    rstd: T,
-    mean64: f64,
-    rstd64: f64,
+pub(super) struct Stats<T> {
+    pub(super) mean: T,
+    pub(super) rstd: T,
+    pub(super) mean64: f64,
+    pub(super) rstd64: f64,
 }
 
 #[inline(always)]
-fn stats<T: Elem + Float>(xs: &[T], eps: f64) -> Stats<T> {
+pub(super) fn stats<T: Elem + Float>(xs: &[T], eps: f64) -> Stats<T> {
     let n = xs.len() as f64;
     let mean64 = block_sum(xs, xs, |v, _| v) / n;
     let mean = T::from(mean64).unwrap_or(T::ZERO);

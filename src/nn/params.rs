@@ -262,4 +262,8 @@ impl<'a> Path<'a> {
     pub fn device(&self) -> &Device {
         &self.store.device
     }
+
+    pub fn dtype(&self) -> DType {
+        self.store.dtype
+    }
 }

@@ -161,7 +161,7 @@ fn unet_context_config() -> ModelConfig {
 }
 
 /// A deterministic context [batch, 3, context_dim] in the model's dtype.
-fn context(model: &Model, batch: usize) -> Tensor {
+pub(super) fn context(model: &Model, batch: usize) -> Tensor {
     let d = model.config().context_dim();
     let n = batch * 3 * d;
     let v: Vec<f32> = (0..n).map(|i| ((i * 29 % 17) as f32 / 8.5) - 1.0).collect();
@@ -171,7 +171,7 @@ fn context(model: &Model, batch: usize) -> Tensor {
         .unwrap()
 }
 
-fn input(model: &Model, batch: usize) -> Tensor {
+pub(super) fn input(model: &Model, batch: usize) -> Tensor {
     let mut shape = vec![batch];
     shape.extend(model.config().data_shape());
     let n: usize = shape.iter().product();
@@ -185,7 +185,7 @@ fn input(model: &Model, batch: usize) -> Tensor {
 }
 
 /// A scalar loss whose gradient reaches every output element differently.
-fn probe_loss(model: &Model, x: &Tensor, ctx: &Ctx) -> Tensor {
+pub(super) fn probe_loss(model: &Model, x: &Tensor, ctx: &Ctx) -> Tensor {
     // With a context, row 0 attends to its own and row 1 to the learned null context.
     let c = (model.config().context_dim() > 0).then(|| context(model, 2));
     let cond = Cond {

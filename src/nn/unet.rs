@@ -622,53 +622,8 @@ impl UNet {
         Ok(())
     }
 
-    /// The context every row attends to, [B, M, context_dim]: the given context with the
-    /// learned null context in the rows `cond.null_context` marks, or the null context alone
-    /// (M = 1) when none is given. None for models without cross-attention.
-    fn context(&self, batch: usize, cond: &Cond) -> Result<Option<Tensor>> {
-        let Some(null) = &self.null_context else {
-            if cond.context.is_some() {
-                value_error!(
-                    "a context was given but the model has no cross-attention (context_dim = 0)"
-                );
-            }
-            return Ok(None);
-        };
-        let d = self.config.context_dim;
-        let null = null.reshape((1, 1, d))?;
-        let Some(c) = cond.context else {
-            return Ok(Some(null.broadcast_as((batch, 1, d))?.contiguous()?));
-        };
-        let dims = c.dims();
-        if dims.len() != 3 || dims[0] != batch || dims[2] != d || dims[1] == 0 {
-            shape_error!(
-                "context has shape {dims:?} but the model takes [B = {batch}, M, context_dim = {d}] with M >= 1"
-            );
-        }
-        let c = c.to_dtype(null.dtype())?;
-        let Some(rows) = cond.null_context else {
-            return Ok(Some(c));
-        };
-        if rows.len() != batch {
-            shape_error!(
-                "null_context marks {} rows but the batch has {batch}",
-                rows.len()
-            );
-        }
-        if !rows.iter().any(|&r| r) {
-            return Ok(Some(c));
-        }
-        let m: Vec<f32> = rows.iter().map(|&r| if r { 1.0 } else { 0.0 }).collect();
-        let m = Tensor::from_vec(m, (batch, 1, 1), c.device())?.to_dtype(c.dtype())?;
-        let keep = m.affine(-1.0, 1.0)?;
-        Ok(Some(
-            c.broadcast_mul(&keep)?
-                .broadcast_add(&null.broadcast_mul(&m)?)?,
-        ))
-    }
-
     pub fn forward(&self, x: &Tensor, t: &[f32], cond: &Cond, ctx: &Ctx) -> Result<Tensor> {
-        let context = self.context(x.dims()[0], cond)?;
+        let context = super::attended_context(self.null_context.as_ref(), x.dims()[0], cond)?;
         let context = context.as_ref();
         let c = &self.config;
         let temb = timestep_embedding_with(

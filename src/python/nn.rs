@@ -176,7 +176,7 @@ pub struct PyModel {
 
 #[pymethods]
 impl PyModel {
-    /// A new model from a configuration dict (`{"type": "mlp" | "unet", ...}`); the same
+    /// A new model from a configuration dict (`{"type": "mlp" | "unet" | "dit", ...}`); the same
     /// `seed` gives the same initial weights on every machine.
     #[new]
     #[pyo3(signature = (config, seed=0))]
@@ -489,6 +489,7 @@ impl PyModel {
         let kind = match self.inner.config() {
             ModelConfig::Mlp(_) => "MLP",
             ModelConfig::Unet(_) => "UNet",
+            ModelConfig::Dit(_) => "DiT",
             ModelConfig::Autoencoder(c) => match c.kind {
                 crate::nn::AutoencoderKind::Kl => "AutoencoderKL",
                 crate::nn::AutoencoderKind::Vq => "VQModel",
@@ -512,6 +513,13 @@ fn _time_op(py: Python<'_>, op: &str, dims: Vec<usize>, repeats: usize) -> PyRes
     Ok(detach(py, || {
         crate::nn::op_timing::time_op(op, &dims, repeats)
     })?)
+}
+
+/// The configuration dict of a named DiT variant, e.g. "DiT-S/2" (depth 12, width 384, 6
+/// heads, patch 2); the other fields at their defaults.
+#[pyfunction]
+fn _dit_variant<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+    json_loads(py, &to_json(&crate::nn::DiTConfig::named(name)?)?)
 }
 
 #[pyfunction]
@@ -950,6 +958,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyClassifier>()?;
     m.add_function(wrap_pyfunction!(_model_from_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(_time_op, m)?)?;
+    m.add_function(wrap_pyfunction!(_dit_variant, m)?)?;
     m.add_function(wrap_pyfunction!(_classifier_from_bytes, m)?)?;
     Ok(())
 }
