@@ -19,10 +19,11 @@ Weights and configuration round-trip through ``model.save(path)`` / ``Model.load
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from ferrodiff._core import Classifier, Model, _dit_variant
+from ferrodiff._core import Classifier, Model, _controlnet_from, _dit_variant
 
-__all__ = ["MLP", "AutoencoderKL", "Classifier", "DiT", "Model", "UNet", "VQModel"]
+__all__ = ["MLP", "AutoencoderKL", "Classifier", "ControlNet", "DiT", "Model", "UNet", "VQModel"]
 
 
 def MLP(
@@ -358,3 +359,55 @@ def VQModel(
         ),
         seed,
     )
+
+
+class ControlNet:
+    """ControlNet (Zhang et al. 2023): spatial control added to a trained, frozen network.
+
+    ``ControlNet.from_unet(unet)`` returns a :class:`Model` holding the base U-Net (its weights
+    copied and frozen: ``fd.Trainer`` moves only the control branch) and a trainable copy of the
+    base's encoder (conv_in, embeddings, down levels, middle block) that also reads a control
+    image: the image goes through a small convolution stack (``conditioning_embedding_channels``;
+    each entry after the first halves the resolution, so the control image is ``2 ** (len - 1)``
+    times the model's side) whose last layer starts at zero and is added to the copy's conv_in
+    output; each skip of the copy and its middle output go through zero-initialised 1x1
+    convolutions, times ``conditioning_scale``, and are added to the base's skips and middle
+    output. A new ControlNet therefore computes exactly what the base does.
+
+    Train it on pairs of data and control images: ``fd.Trainer(controlnet, schedule, images,
+    labels, control=control_images)``; sample it with ``control_image=`` (and optionally
+    ``conditioning_scale=``) in any sampler's ``sample``, or ``controlnet.with_control(images)``.
+    Parameter names follow diffusers' ``ControlNetModel`` for the control branch; the base's sit
+    under ``base.``.
+    """
+
+    @staticmethod
+    def from_unet(
+        unet: Model,
+        conditioning_channels: int = 1,
+        conditioning_embedding_channels: Sequence[int] = (16,),
+        conditioning_scale: float = 1.0,
+        seed: int = 0,
+    ) -> Model:
+        if unet.config.get("type") != "unet":
+            raise ValueError(
+                f"ControlNet.from_unet takes a U-Net (fd.nn.UNet), got a {unet.config.get('type')!r} model"
+            )
+        return _controlnet_from(
+            unet,
+            conditioning_channels,
+            [int(c) for c in conditioning_embedding_channels],
+            conditioning_scale,
+            seed,
+        )
+
+    @staticmethod
+    def base_of(controlnet: Model) -> Model:
+        """The frozen base network of a ControlNet, as its own model (weights copied)."""
+        config: Any = controlnet.config
+        if config.get("type") != "control_net":
+            raise ValueError(f"not a ControlNet: a {config.get('type')!r} model")
+        prefix = "base."
+        base = Model(config["base"], 0)
+        base.load_state_dict({k[len(prefix) :]: v for k, v in controlnet.state_dict().items() if k.startswith(prefix)})
+        return base

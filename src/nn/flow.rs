@@ -38,6 +38,8 @@ impl FlowField for ModelFlow<'_> {
             guidance: None,
             low_res: None,
             aug_level: None,
+            control: None,
+            control_scale: None,
         };
         let input = xv.as_tensor().affine(p.c_in(sigma), 0.0)?;
         let mut f = self.model.forward_cond(&input, &t, &cond, &Ctx::eval())?;

@@ -7,6 +7,7 @@ pub mod ada_norm;
 pub mod attention;
 pub mod autoencoder;
 pub mod classifier;
+pub mod controlnet;
 pub mod discriminator;
 pub mod dit;
 pub mod flow;
@@ -51,15 +52,38 @@ pub enum ModelConfig {
     /// A KL or VQ autoencoder (not a denoiser: trained with the autoencoder objective, used
     /// by latent diffusion to encode and decode).
     Autoencoder(AutoencoderConfig),
+    /// A ControlNet: a frozen base network and a trainable copy of its encoder that reads a
+    /// control image (`{"type": "control_net", "base": {...}, ...}`).
+    ControlNet(controlnet::ControlNetConfig),
 }
 
 impl ModelConfig {
+    /// The network's kind in words (for errors).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            ModelConfig::Mlp(_) => "MLP",
+            ModelConfig::Unet(_) => "U-Net",
+            ModelConfig::Dit(_) => "DiT",
+            ModelConfig::Autoencoder(_) => "autoencoder",
+            ModelConfig::ControlNet(_) => "ControlNet",
+        }
+    }
+
+    /// A ControlNet's configuration (None for other networks).
+    pub fn controlnet(&self) -> Option<&controlnet::ControlNetConfig> {
+        match self {
+            ModelConfig::ControlNet(c) => Some(c),
+            _ => None,
+        }
+    }
+
     pub fn num_classes(&self) -> usize {
         match self {
             ModelConfig::Mlp(c) => c.num_classes,
             ModelConfig::Unet(c) => c.num_classes,
             ModelConfig::Dit(c) => c.num_classes,
             ModelConfig::Autoencoder(_) => 0,
+            ModelConfig::ControlNet(c) => c.base.num_classes(),
         }
     }
 
@@ -69,6 +93,7 @@ impl ModelConfig {
             ModelConfig::Mlp(_) | ModelConfig::Autoencoder(_) => 0,
             ModelConfig::Unet(c) => c.context_dim,
             ModelConfig::Dit(c) => c.context_dim,
+            ModelConfig::ControlNet(c) => c.base.context_dim(),
         }
     }
 
@@ -77,6 +102,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Mlp(_) | ModelConfig::Dit(_) | ModelConfig::Autoencoder(_) => false,
             ModelConfig::Unet(c) => c.guidance_embed,
+            ModelConfig::ControlNet(c) => c.base.guidance_embed(),
         }
     }
 
@@ -86,6 +112,7 @@ impl ModelConfig {
             ModelConfig::Unet(c) => c.learn_sigma,
             ModelConfig::Dit(c) => c.learn_sigma,
             ModelConfig::Autoencoder(_) => false,
+            ModelConfig::ControlNet(c) => c.base.learn_sigma(),
         }
     }
 
@@ -96,6 +123,7 @@ impl ModelConfig {
             ModelConfig::Unet(c) => vec![c.in_channels, c.image_size, c.image_size],
             ModelConfig::Dit(c) => vec![c.in_channels, c.image_size, c.image_size],
             ModelConfig::Autoencoder(c) => vec![c.in_channels, c.image_size, c.image_size],
+            ModelConfig::ControlNet(c) => c.base.data_shape(),
         }
     }
 
@@ -103,6 +131,7 @@ impl ModelConfig {
     pub fn cond_channels(&self) -> usize {
         match self {
             ModelConfig::Unet(c) => c.cond_channels,
+            ModelConfig::ControlNet(c) => c.base.cond_channels(),
             _ => 0,
         }
     }
@@ -131,6 +160,10 @@ pub struct Cond<'a> {
     /// upsampled to x's size) and its noise-augmentation levels [B] in [0, 1].
     pub low_res: Option<&'a Tensor>,
     pub aug_level: Option<&'a [f32]>,
+    /// ControlNet: the control image [B, C, H·f, W·f] and a conditioning scale overriding the
+    /// model's.
+    pub control: Option<&'a Tensor>,
+    pub control_scale: Option<f64>,
 }
 
 /// The context every row of a cross-attention model attends to, [B, M, context_dim]: the given
@@ -218,6 +251,7 @@ enum Net {
     Unet(Box<unet::UNet>),
     Dit(Box<dit::DiT>),
     Autoencoder(Box<Autoencoder>),
+    ControlNet(Box<controlnet::ControlNet>),
 }
 
 /// A network with its parameters.
@@ -231,6 +265,15 @@ pub struct Model {
     /// A super-resolution model's conditioning for calls that give none: the upsampled
     /// (and augmented) images [N, C, H, W] and their augmentation levels [N].
     low_res_input: Option<std::sync::Arc<LowResInput>>,
+    /// A ControlNet's control images [N, C, H, W] for calls that give none, and the scale.
+    control_input: Option<std::sync::Arc<ControlInput>>,
+}
+
+/// See [`Model::with_control`].
+struct ControlInput {
+    data: Vec<f32>,
+    shape: [usize; 4],
+    scale: Option<f64>,
 }
 
 /// See [`Model::with_low_res`].
@@ -255,6 +298,9 @@ impl Model {
             ModelConfig::Unet(c) => Net::Unet(Box::new(unet::UNet::new(&root, c)?)),
             ModelConfig::Dit(c) => Net::Dit(Box::new(dit::DiT::new(&root, c)?)),
             ModelConfig::Autoencoder(c) => Net::Autoencoder(Box::new(Autoencoder::new(&root, c)?)),
+            ModelConfig::ControlNet(c) => {
+                Net::ControlNet(Box::new(controlnet::ControlNet::new(&root, c)?))
+            }
         };
         Ok(Model {
             config,
@@ -262,6 +308,7 @@ impl Model {
             net,
             guidance_input: 1.0,
             low_res_input: None,
+            control_input: None,
         })
     }
 
@@ -350,6 +397,93 @@ impl Model {
         })
     }
 
+    /// ControlNets: the same model (sharing its weights) conditioned, in calls that give none,
+    /// on the control images `images` [N, C, H, W] (row i of a batch takes image i mod N, so a
+    /// guided batch repeats them) at conditioning scale `scale` (None: the configuration's).
+    pub fn with_control(
+        &self,
+        images: &[f32],
+        shape: &[usize],
+        scale: Option<f64>,
+    ) -> Result<Model> {
+        let Some(c) = self.config.controlnet() else {
+            value_error!(
+                "control images condition a ControlNet (fd.nn.ControlNet.from_unet); this is a {}",
+                self.config.kind_name()
+            );
+        };
+        let d = self.config.data_shape();
+        let f = c.control_factor();
+        let want = [c.conditioning_channels, d[1] * f, d[2] * f];
+        if shape.len() != 4 || shape[0] == 0 || shape[1..] != want[..] {
+            shape_error!(
+                "control images have shape {shape:?} but this ControlNet takes [N, {}, {}, {}]",
+                want[0],
+                want[1],
+                want[2]
+            );
+        }
+        if images.len() != shape.iter().product::<usize>() {
+            shape_error!(
+                "{} values for control images of shape {shape:?}",
+                images.len()
+            );
+        }
+        if let Some(bad) = images.iter().position(|v| !v.is_finite()) {
+            value_error!("the control images contain a non-finite value at flat index {bad}");
+        }
+        if scale.is_some_and(|s| !s.is_finite()) {
+            value_error!("the conditioning scale must be finite");
+        }
+        Ok(Model {
+            control_input: Some(std::sync::Arc::new(ControlInput {
+                data: images.to_vec(),
+                shape: [shape[0], shape[1], shape[2], shape[3]],
+                scale,
+            })),
+            ..self.clone()
+        })
+    }
+
+    /// A ControlNet whose base is `base` (its weights copied, frozen in training) and whose
+    /// control branch starts as a copy of the base's encoder, with zero-initialised output
+    /// layers: it computes exactly what `base` does until trained. `seed` draws the control
+    /// image embedding's first layers.
+    pub fn controlnet_from(
+        base: &Model,
+        conditioning_channels: usize,
+        conditioning_embedding_channels: Vec<usize>,
+        conditioning_scale: f64,
+        seed: u64,
+    ) -> Result<Model> {
+        let config = controlnet::ControlNetConfig {
+            base: Box::new(base.config.clone()),
+            conditioning_channels,
+            conditioning_embedding_channels,
+            conditioning_scale,
+        };
+        let model = Model::new_in(
+            ModelConfig::ControlNet(config),
+            seed,
+            base.device(),
+            base.params.dtype(),
+        )?;
+        let weights = base.params.tensors()?;
+        let mut copy: HashMap<String, Tensor> = weights
+            .iter()
+            .map(|(k, v)| (format!("{}{k}", controlnet::BASE_PREFIX), v.clone()))
+            .collect();
+        let branch: std::collections::HashSet<String> =
+            model.trainable_vars().into_iter().map(|(n, _)| n).collect();
+        for (k, v) in weights {
+            if branch.contains(&k) {
+                copy.insert(k, v);
+            }
+        }
+        model.params.load_matching(&copy, "the base model")?;
+        Ok(model)
+    }
+
     /// A model of the same configuration holding `weights` (e.g. the EMA weights).
     pub fn with_weights(&self, weights: &HashMap<String, Tensor>) -> Result<Model> {
         let m = Model::new(self.config.clone(), 0, self.params.device())?;
@@ -375,6 +509,19 @@ impl Model {
         &self.params
     }
 
+    /// The parameters training moves: all of them, except a ControlNet's frozen base.
+    pub fn trainable_vars(&self) -> Vec<(String, candle_core::Var)> {
+        let frozen = match &self.config {
+            ModelConfig::ControlNet(_) => Some(controlnet::BASE_PREFIX),
+            _ => None,
+        };
+        self.params
+            .named_vars()
+            .into_iter()
+            .filter(|(n, _)| frozen.is_none_or(|p| !n.starts_with(p)))
+            .collect()
+    }
+
     pub fn device(&self) -> &Device {
         self.params.device()
     }
@@ -395,6 +542,7 @@ impl Model {
             Net::Unet(u) => u.check_input(shape),
             Net::Dit(d) => d.check_input(shape),
             Net::Autoencoder(a) => a.check_input(shape),
+            Net::ControlNet(c) => c.check_input(shape),
         }
     }
 
@@ -506,6 +654,16 @@ impl Model {
                 ctx,
             ),
             Net::Dit(d) => d.forward(x, t, &Cond { labels, ..*cond }, ctx),
+            Net::ControlNet(c) => c.forward(
+                x,
+                t,
+                &Cond {
+                    labels,
+                    guidance,
+                    ..*cond
+                },
+                ctx,
+            ),
         }
     }
 
@@ -591,6 +749,30 @@ impl Model {
             ),
             _ => None,
         };
+        let control = match (&self.control_input, self.config.controlnet()) {
+            (Some(c), _) => {
+                let [n, ch, h, w] = c.shape;
+                if !batch.is_multiple_of(n) {
+                    shape_error!(
+                        "the model holds {n} control images but the batch has {batch} rows \
+                         (a multiple of {n} is needed)"
+                    );
+                }
+                let row = ch * h * w;
+                let mut data = Vec::with_capacity(batch * row);
+                for i in 0..batch {
+                    let r = i % n;
+                    data.extend_from_slice(&c.data[r * row..(r + 1) * row]);
+                }
+                Some(Tensor::from_vec(data, (batch, ch, h, w), self.device())?)
+            }
+            (None, Some(_)) => value_error!(
+                "this ControlNet needs control images: pass control_image= to the sampler (or \
+                 use model.with_control(images))"
+            ),
+            _ => None,
+        };
+        let control_scale = self.control_input.as_ref().and_then(|c| c.scale);
         // Inference runs in chunks of at most INFERENCE_CHUNK rows: candle's CPU ops slow down
         // more than linearly past a few hundred rows (cache), which would make a guided step
         // (one call on the doubled batch) cost more than two unguided ones. Rows are
@@ -617,6 +799,10 @@ impl Model {
                 Some((t, _)) => Some(t.narrow(0, start, n)?),
                 None => None,
             };
+            let control_chunk = match &control {
+                Some(t) => Some(t.narrow(0, start, n)?),
+                None => None,
+            };
             let cond = Cond {
                 labels: labels.map(|l| &l[start..start + n]),
                 context: ctx_chunk.as_ref(),
@@ -624,6 +810,8 @@ impl Model {
                 guidance: None,
                 low_res: low_chunk.as_ref(),
                 aug_level: low_res.as_ref().map(|(_, l)| &l[start..start + n]),
+                control: control_chunk.as_ref(),
+                control_scale,
             };
             let y = self.forward_cond(&xt, tf, &cond, &Ctx::eval())?;
             if out_shape.is_empty() {

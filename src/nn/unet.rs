@@ -399,12 +399,50 @@ pub struct UNet {
     /// The learned context [1, context_dim] of unconditional rows.
     null_context: Option<Tensor>,
     up: Vec<Level>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    /// None in an encoder-only copy (ControlNet's trainable branch).
+    conv_norm_out: Option<GroupNorm>,
+    conv_out: Option<Conv2d>,
+    /// Channels of the skip stack in push order, and of the middle block's output.
+    skip_channels: Vec<usize>,
+    mid_channels: usize,
+}
+
+/// What the encoder half of a U-Net hands the decoder half: the middle block's output, the
+/// skip stack, the conditioning embedding, the attended context and conv_in's output.
+pub(crate) struct Encoded {
+    pub(crate) h: Tensor,
+    pub(crate) skips: Vec<Tensor>,
+    emb: Tensor,
+    context: Option<Tensor>,
+    input_features: Tensor,
 }
 
 impl UNet {
     pub fn new(p: &Path, c: &UNetConfig) -> Result<Self> {
+        Self::build(p, c, false)
+    }
+
+    /// conv_in, the embeddings, the down levels and the middle block alone, under the same
+    /// parameter names (ControlNet's trainable copy of a U-Net's encoder).
+    pub(crate) fn new_encoder(p: &Path, c: &UNetConfig) -> Result<Self> {
+        Self::build(p, c, true)
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Channels of the skip connections in the order the encoder pushes them.
+    pub(crate) fn skip_channels(&self) -> &[usize] {
+        &self.skip_channels
+    }
+
+    /// Channels of the middle block's output.
+    pub(crate) fn mid_channels(&self) -> usize {
+        self.mid_channels
+    }
+
+    fn build(p: &Path, c: &UNetConfig, encoder_only: bool) -> Result<Self> {
         c.validate()?;
         let base = c.base_channels;
         let emb_dim = c.time_embed_dim();
@@ -475,6 +513,8 @@ impl UNet {
                 sampler,
             });
         }
+        let skip_channels = skips.clone();
+        let mid_channels = ch;
         let mp = p.pp("mid_block");
         let mid = (
             ResBlock::new(&mp.pp("resnets").pp(0), c, ch, ch, Resample::None)?,
@@ -509,7 +549,18 @@ impl UNet {
             None
         };
         let mut up = Vec::with_capacity(levels);
-        for (k, (l, m)) in c.channel_mult.iter().enumerate().rev().enumerate() {
+        if encoder_only {
+            skips.clear();
+        }
+        let up_levels = if encoder_only { 0 } else { levels };
+        for (k, (l, m)) in c
+            .channel_mult
+            .iter()
+            .enumerate()
+            .rev()
+            .take(up_levels)
+            .enumerate()
+        {
             let lp = p.pp("up_blocks").pp(k);
             let (mut resnets, mut attentions, mut crosses) = (Vec::new(), Vec::new(), Vec::new());
             let blocks = c.num_res_blocks.at(l) + usize::from(!c.downsample_first);
@@ -556,6 +607,8 @@ impl UNet {
             0
         };
         Ok(UNet {
+            skip_channels,
+            mid_channels,
             config: c.clone(),
             time_1: Linear::new(&p.pp("time_embedding").pp("linear_1"), base, emb_dim)?,
             time_2: Linear::new(&p.pp("time_embedding").pp("linear_2"), emb_dim, emb_dim)?,
@@ -592,13 +645,26 @@ impl UNet {
             mid_cross,
             null_context,
             up,
-            conv_norm_out: GroupNorm::with_eps(
-                &p.pp("conv_norm_out"),
-                c.groups,
-                ch + final_skip,
-                c.norm_eps,
-            )?,
-            conv_out: Conv2d::zeros(&p.pp("conv_out"), ch + final_skip, c.out_channels(), 3)?,
+            conv_norm_out: if encoder_only {
+                None
+            } else {
+                Some(GroupNorm::with_eps(
+                    &p.pp("conv_norm_out"),
+                    c.groups,
+                    ch + final_skip,
+                    c.norm_eps,
+                )?)
+            },
+            conv_out: if encoder_only {
+                None
+            } else {
+                Some(Conv2d::zeros(
+                    &p.pp("conv_out"),
+                    ch + final_skip,
+                    c.out_channels(),
+                    3,
+                )?)
+            },
         })
     }
 
@@ -623,8 +689,22 @@ impl UNet {
     }
 
     pub fn forward(&self, x: &Tensor, t: &[f32], cond: &Cond, ctx: &Ctx) -> Result<Tensor> {
+        let encoded = self.encode(x, t, cond, ctx, None)?;
+        self.decode(encoded, None, ctx)
+    }
+
+    /// The encoder half: embeddings, conv_in (plus `added`, ControlNet's embedded control
+    /// image, to its output), the down levels and the middle block.
+    pub(crate) fn encode(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        cond: &Cond,
+        ctx: &Ctx,
+        added: Option<&Tensor>,
+    ) -> Result<Encoded> {
         let context = super::attended_context(self.null_context.as_ref(), x.dims()[0], cond)?;
-        let context = context.as_ref();
+        let context_ref = context.as_ref();
         let c = &self.config;
         let temb = timestep_embedding_with(
             t,
@@ -677,6 +757,9 @@ impl UNet {
         };
         let first = self.config.downsample_first;
         let mut h = self.conv_in.forward(&input)?;
+        if let Some(a) = added {
+            h = (h + a.to_dtype(x.dtype())?)?;
+        }
         let input_features = h.clone();
         let mut skips = if first { vec![] } else { vec![h.clone()] };
         for level in &self.down {
@@ -684,7 +767,7 @@ impl UNet {
                 h = s.forward(&h, &emb, ctx)?;
             }
             for j in 0..level.resnets.len() {
-                h = level.block(j, &h, &emb, context, ctx)?;
+                h = level.block(j, &h, &emb, context_ref, ctx)?;
                 skips.push(h.clone());
             }
             if let (false, Some(s)) = (first, &level.sampler) {
@@ -694,10 +777,52 @@ impl UNet {
         }
         h = self.mid.0.forward(&h, &emb, ctx)?;
         h = self.mid.1.forward(&h)?;
-        if let (Some(a), Some(c)) = (&self.mid_cross, context) {
+        if let (Some(a), Some(c)) = (&self.mid_cross, context_ref) {
             h = a.forward_cross(&h, c)?;
         }
         h = self.mid.2.forward(&h, &emb, ctx)?;
+        Ok(Encoded {
+            h,
+            skips,
+            emb,
+            context,
+            input_features,
+        })
+    }
+
+    /// The decoder half from an [`Encoded`], with ControlNet's `residuals` (one per skip, in
+    /// push order, and one for the middle block's output) added first.
+    pub(crate) fn decode(
+        &self,
+        encoded: Encoded,
+        residuals: Option<(&[Tensor], &Tensor)>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let Encoded {
+            mut h,
+            mut skips,
+            emb,
+            context,
+            input_features,
+        } = encoded;
+        let context = context.as_ref();
+        let first = self.config.downsample_first;
+        if let Some((down, mid)) = residuals {
+            if down.len() != skips.len() {
+                shape_error!(
+                    "{} control residuals for {} skip connections",
+                    down.len(),
+                    skips.len()
+                );
+            }
+            for (s, r) in skips.iter_mut().zip(down) {
+                *s = (&*s + r)?;
+            }
+            h = (h + mid)?;
+        }
+        let (Some(norm_out), Some(conv_out)) = (&self.conv_norm_out, &self.conv_out) else {
+            value_error!("an encoder-only U-Net has no decoder");
+        };
         for level in &self.up {
             for j in 0..level.resnets.len() {
                 let skip = skips
@@ -712,7 +837,7 @@ impl UNet {
         if first {
             h = Tensor::cat(&[&h, &input_features], 1)?;
         }
-        let h = self.conv_norm_out.forward_silu(&h)?;
-        self.conv_out.forward(&h)
+        let h = norm_out.forward_silu(&h)?;
+        conv_out.forward(&h)
     }
 }

@@ -283,7 +283,7 @@ impl PyConsistencySampler {
     /// (SDEdit: start at level ⌊(1 − strength) · steps⌋ from the noised image), `mask`
     /// (inpainting: the known region is re-noised to each level, Algorithm 4), `x_T`, `seed`,
     /// `progress`, `callback(i, sigma, x, pred_x0)`, `check_finite`.
-    #[pyo3(signature = (denoiser=None, shape=None, *, x_T=None, seed=None, progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, context=None))]
+    #[pyo3(signature = (denoiser=None, shape=None, *, x_T=None, seed=None, progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, context=None, control_image=None, conditioning_scale=None))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
     fn sample<'py>(
         slf: &Bound<'py, Self>,
@@ -302,6 +302,8 @@ impl PyConsistencySampler {
         strength: f64,
         mask: Option<&Bound<'py, PyAny>>,
         context: Option<&Bound<'py, PyAny>>,
+        control_image: Option<&Bound<'py, PyAny>>,
+        conditioning_scale: Option<f64>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let py = slf.py();
         let this = slf.get();
@@ -335,6 +337,8 @@ impl PyConsistencySampler {
         };
         let edit = EditArgs {
             context,
+            control_image,
+            conditioning_scale,
             image,
             strength,
             mask,

@@ -337,6 +337,25 @@ impl PyModel {
         })
     }
 
+    /// ControlNets: the same model (sharing its weights) conditioned on the control images
+    /// `images` [N, C, H, W] in every call and every sampler (row i of a sampled batch takes
+    /// image i mod N), with `conditioning_scale` overriding the configuration's.
+    #[pyo3(signature = (images, *, conditioning_scale=None))]
+    fn with_control(
+        &self,
+        images: &Bound<'_, PyAny>,
+        conditioning_scale: Option<f64>,
+    ) -> PyResult<Self> {
+        let a = f32_array(images, "control images")?;
+        let shape = a.shape().to_vec();
+        let ro = a.readonly();
+        Ok(PyModel {
+            inner: self
+                .inner
+                .with_control(ro.as_slice()?, &shape, conditioning_scale)?,
+        })
+    }
+
     /// Autoencoders: the factor latents are multiplied by for diffusion (1 / std of the
     /// training latents once `fd.LatentDiffusion` has computed it).
     #[getter]
@@ -490,6 +509,7 @@ impl PyModel {
             ModelConfig::Mlp(_) => "MLP",
             ModelConfig::Unet(_) => "UNet",
             ModelConfig::Dit(_) => "DiT",
+            ModelConfig::ControlNet(_) => "ControlNet",
             ModelConfig::Autoencoder(c) => match c.kind {
                 crate::nn::AutoencoderKind::Kl => "AutoencoderKL",
                 crate::nn::AutoencoderKind::Vq => "VQModel",
@@ -666,7 +686,7 @@ pub struct PyTrainer {
 #[pymethods]
 impl PyTrainer {
     #[new]
-    #[pyo3(signature = (model, schedule, data, labels=None, *, context=None, batch_size=128, lr=1e-3, lr_schedule="constant", warmup_steps=0, total_steps=0, grad_clip=Some(1.0), weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, ema_decay=0.9999, ema_power=0.75, ema_warmup=true, ema_update_after_step=0, prediction="epsilon", loss="mse", weighting="uniform", min_snr_gamma=5.0, timestep_sampling="uniform", class_dropout=0.0, bins=256, seed=0, objective="diffusion", objective_options=None, teacher=None))]
+    #[pyo3(signature = (model, schedule, data, labels=None, *, context=None, control=None, batch_size=128, lr=1e-3, lr_schedule="constant", warmup_steps=0, total_steps=0, grad_clip=Some(1.0), weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, ema_decay=0.9999, ema_power=0.75, ema_warmup=true, ema_update_after_step=0, prediction="epsilon", loss="mse", weighting="uniform", min_snr_gamma=5.0, timestep_sampling="uniform", class_dropout=0.0, bins=256, seed=0, objective="diffusion", objective_options=None, teacher=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         model: &Bound<'_, PyModel>,
@@ -674,6 +694,7 @@ impl PyTrainer {
         data: &Bound<'_, PyAny>,
         labels: Option<&Bound<'_, PyAny>>,
         context: Option<&Bound<'_, PyAny>>,
+        control: Option<&Bound<'_, PyAny>>,
         batch_size: usize,
         lr: f64,
         lr_schedule: &str,
@@ -754,7 +775,8 @@ impl PyTrainer {
         };
         Ok(PyTrainer {
             inner: Trainer::with_teacher(model, schedule, config, values, shape, labels, teacher)?
-                .with_context(context)?,
+                .with_context(context)?
+                .with_control(control_arg(control)?)?,
         })
     }
 
@@ -817,12 +839,13 @@ impl PyTrainer {
     /// Continues a run from its checkpoint with the same data (and labels, contexts) it was
     /// trained on.
     #[staticmethod]
-    #[pyo3(signature = (path, data, labels=None, *, context=None, teacher=None))]
+    #[pyo3(signature = (path, data, labels=None, *, context=None, control=None, teacher=None))]
     fn resume(
         path: PathBuf,
         data: &Bound<'_, PyAny>,
         labels: Option<&Bound<'_, PyAny>>,
         context: Option<&Bound<'_, PyAny>>,
+        control: Option<&Bound<'_, PyAny>>,
         teacher: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let teacher = match teacher {
@@ -851,7 +874,9 @@ impl PyTrainer {
             None => None,
         };
         Ok(PyTrainer {
-            inner: trainer.with_context(context)?,
+            inner: trainer
+                .with_context(context)?
+                .with_control(control_arg(control)?)?,
         })
     }
 
@@ -959,6 +984,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_model_from_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(_time_op, m)?)?;
     m.add_function(wrap_pyfunction!(_dit_variant, m)?)?;
+    m.add_function(wrap_pyfunction!(_controlnet_from, m)?)?;
     m.add_function(wrap_pyfunction!(_classifier_from_bytes, m)?)?;
     Ok(())
 }
@@ -1267,4 +1293,61 @@ impl GradLogProb for PyGradFn<'_> {
         };
         run().map_err(callback_error)
     }
+}
+
+/// Control images as (values, [C, H, W]) for the trainer.
+fn control_arg(control: Option<&Bound<'_, PyAny>>) -> PyResult<Option<(Vec<f32>, Vec<usize>)>> {
+    let Some(c) = control else {
+        return Ok(None);
+    };
+    let a = f32_array(c, "control")?;
+    let shape = a.shape().to_vec();
+    if shape.len() != 4 {
+        return Err(PyValueError::new_err(format!(
+            "control must be images [N, C, H, W], got shape {shape:?}"
+        )));
+    }
+    let ro = a.readonly();
+    Ok(Some((ro.as_slice()?.to_vec(), shape[1..].to_vec())))
+}
+
+/// `fd.nn.ControlNet.from_unet`: a ControlNet on `base` (see `Model::controlnet_from`).
+#[pyfunction]
+#[pyo3(signature = (base, conditioning_channels=1, conditioning_embedding_channels=vec![16], conditioning_scale=1.0, seed=0))]
+pub(crate) fn _controlnet_from(
+    base: &PyModel,
+    conditioning_channels: usize,
+    conditioning_embedding_channels: Vec<usize>,
+    conditioning_scale: f64,
+    seed: u64,
+) -> PyResult<PyModel> {
+    Ok(PyModel {
+        inner: Model::controlnet_from(
+            &base.inner,
+            conditioning_channels,
+            conditioning_embedding_channels,
+            conditioning_scale,
+            seed,
+        )?,
+    })
+}
+
+/// `obj` (a ferrodiff ControlNet, or a trainer of one: its EMA weights) conditioned on the
+/// control images `images`, as a Python model object for the samplers.
+pub(crate) fn with_control_obj<'py>(
+    obj: &Bound<'py, PyAny>,
+    images: &Bound<'py, PyAny>,
+    scale: Option<f64>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let Some(model) = model_of(obj)? else {
+        return Err(PyTypeError::new_err(
+            "control_image= conditions a ferrodiff ControlNet; a Python denoiser can close over \
+             its own control images",
+        ));
+    };
+    let a = f32_array(images, "control_image")?;
+    let shape = a.shape().to_vec();
+    let ro = a.readonly();
+    let inner = model.with_control(ro.as_slice()?, &shape, scale)?;
+    Ok(Bound::new(obj.py(), PyModel { inner })?.into_any())
 }

@@ -499,7 +499,7 @@ impl PyDiscreteSampler {
     /// array and an int64 array [B], or a ferrodiff model / trainer, run in Rust); starts from
     /// `x_T` or `fd.randn(shape, seed)`. `labels` / `guidance_scale` / `context` condition and
     /// guide, `image` / `strength` / `mask` edit, `classifier` guides by a noisy classifier.
-    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, classifier=None, classifier_scale=1.0, context=None))]
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, classifier=None, classifier_scale=1.0, context=None, control_image=None, conditioning_scale=None))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
     fn sample<'py>(
         slf: &Bound<'py, Self>,
@@ -520,6 +520,8 @@ impl PyDiscreteSampler {
         classifier: Option<&Bound<'py, PyAny>>,
         classifier_scale: f64,
         context: Option<&Bound<'py, PyAny>>,
+        control_image: Option<&Bound<'py, PyAny>>,
+        conditioning_scale: Option<f64>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let name = slf.get_type().name()?.to_string();
         let guidance = GuidanceArgs {
@@ -529,6 +531,8 @@ impl PyDiscreteSampler {
         };
         let edit = EditArgs {
             context,
+            control_image,
+            conditioning_scale,
             image,
             strength,
             mask,

@@ -589,6 +589,19 @@ pub(crate) fn sample_impl<'py, S: sample::engine::Solver + sample::ClassifierFac
             Some((img.clone(), v))
         }
     };
+    let controlled;
+    let denoiser = match edit.control_image {
+        None if edit.conditioning_scale.is_some() => {
+            return Err(PyValueError::new_err(
+                "conditioning_scale= goes with control_image= (a ControlNet's control images)",
+            ))
+        }
+        None => denoiser,
+        Some(images) => {
+            controlled = super::nn::with_control_obj(denoiser, images, edit.conditioning_scale)?;
+            &controlled
+        }
+    };
     let mut d = guided_denoiser(
         sampler,
         denoiser,
@@ -622,6 +635,9 @@ pub(crate) fn sample_impl<'py, S: sample::engine::Solver + sample::ClassifierFac
 /// Editing, classifier-guidance and context arguments of `sample`.
 pub(crate) struct EditArgs<'a, 'py> {
     pub(crate) context: Option<&'a Bound<'py, PyAny>>,
+    /// ControlNets: the control images and a conditioning scale overriding the model's.
+    pub(crate) control_image: Option<&'a Bound<'py, PyAny>>,
+    pub(crate) conditioning_scale: Option<f64>,
     pub(crate) image: Option<&'a Bound<'py, PyAny>>,
     pub(crate) strength: f64,
     pub(crate) mask: Option<&'a Bound<'py, PyAny>>,

@@ -457,7 +457,7 @@ impl PySigmaSampler {
     /// when fractional; σ itself for prediction='denoised', c_noise for 'edm'). Starts from
     /// `x_T` (at level σ_0) or `init_noise_sigma · fd.randn(shape, seed)`. Takes every
     /// argument of DDIM.sample; `callback(i, sigma, x, pred_x0)` runs after each step.
-    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, classifier=None, classifier_scale=1.0, context=None))]
+    #[pyo3(signature = (denoiser, shape=None, *, x_T=None, seed=Some(0), progress=false, callback=None, check_finite=true, labels=None, guidance_scale=None, guidance_rescale=0.0, null_label=None, image=None, strength=1.0, mask=None, classifier=None, classifier_scale=1.0, context=None, control_image=None, conditioning_scale=None))]
     #[allow(clippy::too_many_arguments, non_snake_case)]
     fn sample<'py>(
         slf: &Bound<'py, Self>,
@@ -478,6 +478,8 @@ impl PySigmaSampler {
         classifier: Option<&Bound<'py, PyAny>>,
         classifier_scale: f64,
         context: Option<&Bound<'py, PyAny>>,
+        control_image: Option<&Bound<'py, PyAny>>,
+        conditioning_scale: Option<f64>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let name = slf.get_type().name()?.to_string();
         let guidance = GuidanceArgs {
@@ -487,6 +489,8 @@ impl PySigmaSampler {
         };
         let edit = EditArgs {
             context,
+            control_image,
+            conditioning_scale,
             image,
             strength,
             mask,

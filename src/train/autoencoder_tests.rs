@@ -185,6 +185,7 @@ fn batch<'a>(x0: &'a [f32], shape: &'a [usize], step: u64) -> Batch<'a> {
         labels: None,
         context: None,
         null_context: None,
+        control: None,
         step,
         seed: 9,
     }

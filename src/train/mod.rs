@@ -274,6 +274,8 @@ pub struct Trainer {
     labels: Option<Vec<u32>>,
     /// Cross-attention contexts paired with the data: [count, len, dim] row-major, and len.
     context: Option<(Vec<f32>, usize)>,
+    /// ControlNet: control images paired with the data, [count, C, H, W] row-major, and [C, H, W].
+    control: Option<(Vec<f32>, [usize; 3])>,
     permutation: Option<(u64, Vec<u32>)>,
     /// Optimisation steps taken.
     pub step: u64,
@@ -350,7 +352,7 @@ impl Trainer {
             }
             _ => {}
         }
-        let params = model.params().named_vars();
+        let params = model.trainable_vars();
         let optimizer = AdamW::new(params.clone(), config.optimizer)?;
         let ema = Ema::new(&params, config.ema)?;
         let objective =
@@ -367,6 +369,7 @@ impl Trainer {
             count,
             labels,
             context: None,
+            control: None,
             permutation: None,
             step: 0,
             losses: Vec::new(),
@@ -378,6 +381,50 @@ impl Trainer {
     /// context_dim] row-major. A model with cross-attention needs one (None is an error), a
     /// model without refuses one. `class_dropout` replaces a dropped row's context by the
     /// learned null context (and its label by the null class).
+    /// Pairs every sample with a control image (ControlNet training): `control` holds [count,
+    /// C, H·f, W·f] row-major with its per-image shape. A ControlNet needs them, other models
+    /// refuse them.
+    pub fn with_control(mut self, control: Option<(Vec<f32>, Vec<usize>)>) -> Result<Self> {
+        let config = self.model.config().controlnet().cloned();
+        match (control, config) {
+            (None, None) => {}
+            (None, Some(_)) => value_error!(
+                "a ControlNet trains on pairs of data and control images: pass control="
+            ),
+            (Some(_), None) => value_error!(
+                "control images were given but the model is not a ControlNet \
+                 (fd.nn.ControlNet.from_unet)"
+            ),
+            (Some((data, shape)), Some(c)) => {
+                let f = c.control_factor();
+                let d = self.data_shape.clone();
+                let want = [c.conditioning_channels, d[1] * f, d[2] * f];
+                if shape != want {
+                    shape_error!(
+                        "control images have shape [N, {}] but this ControlNet takes [N, {}]",
+                        join_dims(&shape),
+                        join_dims(&want)
+                    );
+                }
+                let row: usize = want.iter().product();
+                if data.len() != self.count * row {
+                    shape_error!(
+                        "{} control images for {} samples",
+                        data.len() / row.max(1),
+                        self.count
+                    );
+                }
+                if let Some(bad) = data.iter().position(|v| !v.is_finite()) {
+                    value_error!(
+                        "the control images contain a non-finite value at flat index {bad}"
+                    );
+                }
+                self.control = Some((data, want));
+            }
+        }
+        Ok(self)
+    }
+
     pub fn with_context(mut self, context: Option<(Vec<f32>, usize)>) -> Result<Self> {
         let dim = self.model.config().context_dim();
         match (context, dim) {
@@ -423,7 +470,9 @@ impl Trainer {
 
     /// A copy of the model holding the EMA weights (what sampling uses by default).
     pub fn ema_model(&self) -> Result<Model> {
-        self.model.with_weights(&self.ema.tensors()?)
+        let mut weights = self.model.params().tensors()?;
+        weights.extend(self.ema.tensors()?);
+        self.model.with_weights(&weights)
     }
 
     /// The learning rate of the next step.
@@ -468,9 +517,20 @@ impl Trainer {
             .context
             .as_ref()
             .map(|_| Vec::with_capacity(b * ctx_row));
+        let control_row = self
+            .control
+            .as_ref()
+            .map_or(0, |(_, sh)| sh.iter().product::<usize>());
+        let mut control = self
+            .control
+            .as_ref()
+            .map(|_| Vec::with_capacity(b * control_row));
         for k in 0..b as u64 {
             let i = self.sample_index(s * b as u64 + k);
             x0.extend_from_slice(&self.data[i * per..(i + 1) * per]);
+            if let (Some(out), Some((all, _))) = (control.as_mut(), self.control.as_ref()) {
+                out.extend_from_slice(&all[i * control_row..(i + 1) * control_row]);
+            }
             if let (Some(out), Some(all)) = (labels.as_mut(), self.labels.as_ref()) {
                 out.push(all[i]);
             }
@@ -504,12 +564,17 @@ impl Trainer {
             )?),
             _ => None,
         };
+        let control = match (control, self.control.as_ref()) {
+            (Some(c), Some((_, sh))) => Some(Tensor::from_vec(c, (b, sh[0], sh[1], sh[2]), &dev)?),
+            _ => None,
+        };
         let batch = Batch {
             x0: &x0,
             shape: &shape,
             labels: labels.as_deref(),
             context: context.as_ref(),
             null_context: dropped.as_deref(),
+            control: control.as_ref(),
             step: s,
             seed,
         };
@@ -539,7 +604,7 @@ impl Trainer {
         };
         let lr = self.current_lr();
         self.optimizer.step(&grads, lr, scale)?;
-        self.ema.update(&self.model.params().named_vars())?;
+        self.ema.update(&self.model.trainable_vars())?;
         self.objective.after_step(&self.model)?;
         self.step += 1;
         self.losses.push(value);
@@ -885,11 +950,11 @@ fn model_from_parts(
     let config: ModelConfig = checkpoint::json_entry(file, meta, "model")?;
     let model = Model::new(config, 0, device)?;
     let ema_weights = checkpoint::with_prefix(tensors, "ema");
-    let weights = if ema && !ema_weights.is_empty() {
-        ema_weights
-    } else {
-        checkpoint::with_prefix(tensors, "model")
-    };
+    let mut weights = checkpoint::with_prefix(tensors, "model");
+    if ema && !ema_weights.is_empty() {
+        // The EMA covers the trained parameters (a ControlNet's frozen base has none).
+        weights.extend(ema_weights);
+    }
     model.params().load(&weights, &file.display().to_string())?;
     Ok(model)
 }
@@ -1070,3 +1135,10 @@ fn build_objective(
 
 #[cfg(test)]
 mod objective_tests;
+
+fn join_dims(d: &[usize]) -> String {
+    d.iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -34,6 +34,8 @@ pub struct Batch<'a> {
     /// Cross-attention contexts [B, M, D] and the rows that take the null context.
     pub context: Option<&'a Tensor>,
     pub null_context: Option<&'a [bool]>,
+    /// ControlNet: the control images paired with the batch's samples.
+    pub control: Option<&'a Tensor>,
     /// The optimisation step this batch belongs to, and the run's seed.
     pub step: u64,
     pub seed: u64,
@@ -56,6 +58,8 @@ impl<'a> Batch<'a> {
             guidance: None,
             low_res: None,
             aug_level: None,
+            control: self.control,
+            control_scale: None,
         }
     }
 

@@ -371,6 +371,7 @@ fn sr_batch<'a>(x0: &'a [f32], shape: &'a [usize], step: u64) -> objective::Batc
         labels: None,
         context: None,
         null_context: None,
+        control: None,
         step,
         seed: 7,
     }
