@@ -22,7 +22,8 @@ def perturbed(model, seed=0, std=0.05):
     """The model with every weight moved by small noise (a fresh DiT outputs exact zeros)."""
     rng = np.random.default_rng(seed)
     state = {
-        k: v + std * rng.standard_normal(v.shape).astype(np.float32) for k, v in model.state_dict().items()
+        k: v + std * rng.standard_normal(v.shape).astype(np.float32)
+        for k, v in sorted(model.state_dict().items())
     }
     model.load_state_dict(state)
     return model

@@ -51,7 +51,7 @@ def randomise_ours(model, seed):
     rng = np.random.default_rng(seed)
     state = {
         k: (0.3 * rng.standard_normal(v.shape) + 0.05).astype(np.float32)
-        for k, v in model.state_dict().items()
+        for k, v in sorted(model.state_dict().items())
     }
     model.load_state_dict(state)
     return model

@@ -54,7 +54,10 @@ def randomized(model, seed=0, scale=0.3):
     output layer predicts 0 whatever its inputs, which would make comparisons of outputs vacuous."""
     rng = np.random.default_rng(seed)
     model.load_state_dict(
-        {k: (scale * rng.standard_normal(v.shape)).astype(np.float32) for k, v in model.state_dict().items()}
+        {
+            k: (scale * rng.standard_normal(v.shape)).astype(np.float32)
+            for k, v in sorted(model.state_dict().items())
+        }
     )
     return model
 

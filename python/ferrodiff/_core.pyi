@@ -171,6 +171,8 @@ class DiscreteSampler:
         classifier: Classifier | Callable[[F32, I64, I64], ArrayLike] | None = None,
         classifier_scale: float = 1.0,
         context: ArrayLike | None = None,
+        control_image: ArrayLike | None = None,
+        conditioning_scale: float | None = None,
     ) -> F32: ...
     def to_dict(self) -> dict[str, Any]: ...
     def __reduce__(self) -> Any: ...
@@ -278,6 +280,8 @@ class SigmaSampler:
         classifier: Classifier | Callable[[F32, I64, I64], ArrayLike] | None = None,
         classifier_scale: float = 1.0,
         context: ArrayLike | None = None,
+        control_image: ArrayLike | None = None,
+        conditioning_scale: float | None = None,
     ) -> F32: ...
     def to_dict(self) -> dict[str, Any]: ...
     def __reduce__(self) -> Any: ...
@@ -612,6 +616,7 @@ class Model:
     def save(self, path: str | os.PathLike[str]) -> None: ...
     @staticmethod
     def load(path: str | os.PathLike[str], ema: bool = True) -> Model: ...
+    def with_control(self, images: ArrayLike, *, conditioning_scale: float | None = None) -> Model: ...
     @staticmethod
     def from_diffusers(folder: str | os.PathLike[str], **kwargs: Any) -> Model: ...
     def save_diffusers(self, folder: str | os.PathLike[str]) -> None: ...
@@ -640,6 +645,13 @@ class Model:
 def _model_from_bytes(data: bytes) -> Model: ...
 def _time_op(op: str, dims: Sequence[int], repeats: int = 10) -> tuple[float, float]: ...
 def _dit_variant(name: str) -> dict[str, Any]: ...
+def _controlnet_from(
+    base: Model,
+    conditioning_channels: int = 1,
+    conditioning_embedding_channels: list[int] = ...,
+    conditioning_scale: float = 1.0,
+    seed: int = 0,
+) -> Model: ...
 def _classifier_from_bytes(data: bytes) -> Classifier: ...
 
 class Trainer:
@@ -651,6 +663,7 @@ class Trainer:
         labels: ArrayLike | None = None,
         *,
         context: ArrayLike | None = None,
+        control: ArrayLike | None = None,
         batch_size: int = 128,
         lr: float = 0.001,
         lr_schedule: str = "constant",
@@ -694,6 +707,7 @@ class Trainer:
         labels: ArrayLike | None = None,
         *,
         context: ArrayLike | None = None,
+        control: ArrayLike | None = None,
         teacher: Model | Trainer | str | os.PathLike[str] | Callable[..., Any] | None = None,
     ) -> Trainer: ...
     @property
@@ -795,6 +809,8 @@ class ConsistencySampler:
         strength: float = 1.0,
         mask: ArrayLike | None = None,
         context: ArrayLike | None = None,
+        control_image: ArrayLike | None = None,
+        conditioning_scale: float | None = None,
     ) -> F32: ...
 
 def student_sigmas(schedule: Schedule, steps: int, sigma_max: float | None = 80.0) -> list[float]: ...

@@ -409,5 +409,7 @@ class ControlNet:
             raise ValueError(f"not a ControlNet: a {config.get('type')!r} model")
         prefix = "base."
         base = Model(config["base"], 0)
-        base.load_state_dict({k[len(prefix) :]: v for k, v in controlnet.state_dict().items() if k.startswith(prefix)})
+        base.load_state_dict(
+            {k[len(prefix) :]: v for k, v in controlnet.state_dict().items() if k.startswith(prefix)}
+        )
         return base

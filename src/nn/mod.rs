@@ -251,7 +251,7 @@ enum Net {
     Unet(Box<unet::UNet>),
     Dit(Box<dit::DiT>),
     Autoencoder(Box<Autoencoder>),
-    ControlNet(Box<controlnet::ControlNet>),
+    Control(Box<controlnet::ControlNet>),
 }
 
 /// A network with its parameters.
@@ -299,7 +299,7 @@ impl Model {
             ModelConfig::Dit(c) => Net::Dit(Box::new(dit::DiT::new(&root, c)?)),
             ModelConfig::Autoencoder(c) => Net::Autoencoder(Box::new(Autoencoder::new(&root, c)?)),
             ModelConfig::ControlNet(c) => {
-                Net::ControlNet(Box::new(controlnet::ControlNet::new(&root, c)?))
+                Net::Control(Box::new(controlnet::ControlNet::new(&root, c)?))
             }
         };
         Ok(Model {
@@ -542,7 +542,7 @@ impl Model {
             Net::Unet(u) => u.check_input(shape),
             Net::Dit(d) => d.check_input(shape),
             Net::Autoencoder(a) => a.check_input(shape),
-            Net::ControlNet(c) => c.check_input(shape),
+            Net::Control(c) => c.check_input(shape),
         }
     }
 
@@ -654,7 +654,7 @@ impl Model {
                 ctx,
             ),
             Net::Dit(d) => d.forward(x, t, &Cond { labels, ..*cond }, ctx),
-            Net::ControlNet(c) => c.forward(
+            Net::Control(c) => c.forward(
                 x,
                 t,
                 &Cond {

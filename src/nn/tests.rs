@@ -188,6 +188,17 @@ pub(super) fn input(model: &Model, batch: usize) -> Tensor {
 pub(super) fn probe_loss(model: &Model, x: &Tensor, ctx: &Ctx) -> Tensor {
     // With a context, row 0 attends to its own and row 1 to the learned null context.
     let c = (model.config().context_dim() > 0).then(|| context(model, 2));
+    // A ControlNet reads a control image of the input's size (one embedding width).
+    let control = model.config().controlnet().map(|cn| {
+        let mut shape = x.dims().to_vec();
+        shape[1] = cn.conditioning_channels;
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| ((i * 17 % 11) as f32 / 5.5) - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(x.dtype())
+            .unwrap()
+    });
     let cond = Cond {
         labels: Some(&[0, 3]),
         context: c.as_ref(),
@@ -195,6 +206,8 @@ pub(super) fn probe_loss(model: &Model, x: &Tensor, ctx: &Ctx) -> Tensor {
         guidance: None,
         low_res: None,
         aug_level: None,
+        control: control.as_ref(),
+        control_scale: None,
     };
     let out = model.forward_cond(x, &[3.0, 250.0], &cond, ctx).unwrap();
     let n = out.elem_count();
@@ -483,6 +496,8 @@ fn null_rows_attend_to_the_learned_null_context_and_given_rows_to_theirs() {
             guidance: None,
             low_res: None,
             aug_level: None,
+            control: None,
+            control_scale: None,
         };
         model
             .forward_cond(&x, &[10.0, 10.0], &cond, &Ctx::eval())
@@ -707,6 +722,7 @@ fn model_configs_round_trip_through_json() {
         unet_context_config(),
         efficient_unet_config(),
         ddpm_convention_unet_config(),
+        controlnet_config(),
     ] {
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<ModelConfig>(&s).unwrap(), c);
@@ -858,4 +874,57 @@ fn inference_in_chunks_equals_row_by_row_results() {
             assert!((a - b).abs() < 1e-5, "row {i}: {a} vs {b}");
         }
     }
+}
+
+fn controlnet_config() -> ModelConfig {
+    ModelConfig::ControlNet(controlnet::ControlNetConfig {
+        base: Box::new(unet_config(false, true)),
+        conditioning_channels: 1,
+        conditioning_embedding_channels: vec![4],
+        conditioning_scale: 0.7,
+    })
+}
+
+#[test]
+fn every_controlnet_parameter_receives_a_gradient() {
+    assert_all_gradients(controlnet_config());
+}
+
+#[test]
+fn controlnet_gradients_match_finite_differences() {
+    check_finite_differences(controlnet_config());
+}
+
+#[test]
+fn a_controlnet_made_from_a_unet_computes_exactly_what_the_unet_computes() {
+    let base = Model::new(unet_config(false, true), 3, &Device::Cpu).unwrap();
+    let x = input(&base, 2);
+    // Move the zero-initialised layers so that the base's output is not trivially 0.
+    move_zero_layers(&base, &x);
+    let cn = Model::controlnet_from(&base, 1, vec![4, 8], 1.0, 9).unwrap();
+    assert!(cn
+        .trainable_vars()
+        .iter()
+        .all(|(n, _)| !n.starts_with(controlnet::BASE_PREFIX)));
+    let control = Tensor::ones((2, 1, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    let run = |m: &Model, control: Option<&Tensor>| -> Vec<f32> {
+        let cond = Cond {
+            labels: Some(&[1, 2]),
+            control,
+            ..Cond::default()
+        };
+        m.forward_cond(&x, &[7.0, 700.0], &cond, &Ctx::eval())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let want = run(&base, None);
+    assert!(want.iter().any(|v| v.abs() > 1e-3));
+    assert_eq!(run(&cn, Some(&control)), want);
+    let e = cn
+        .forward_cond(&x, &[1.0, 1.0], &Cond::default(), &Ctx::eval())
+        .unwrap_err();
+    assert!(e.to_string().contains("needs a control image"), "{e}");
 }
