@@ -6,9 +6,9 @@ BENCHMARKS.md.
     python3 benches/bench_controlnet.py                   # base 2400 steps, ControlNet 1500
     python3 benches/bench_controlnet.py --quick           # a few hundred steps each
 
-The control of a digit is its coarse mask: the pixels above the digit's mean, as {-1, 1}
-(``mask``), or its edge map (``edges``: the pixels whose 4-neighbourhood gradient magnitude is
-above the median, as {-1, 1}). The base is the demo's U-Net (``fd.nn.UNet(base_channels=32,
+The control of a digit is its coarse mask (``fd.controls.mask``: the pixels above the digit's
+mean, as {-1, 1}) or its edge map (``fd.controls.edges``: the pixels whose central-difference
+gradient magnitude is above the median). The base is the demo's U-Net (``fd.nn.UNet(base_channels=32,
 num_classes=10)``) trained on the train split; the ControlNet (``fd.nn.ControlNet.from_unet``)
 is trained on pairs (digit, control of that digit) with the base frozen. Samples are drawn for
 the held-out digits' controls and labels (DDIM-50, guidance 2) from the base alone and from the
@@ -27,21 +27,7 @@ import numpy as np
 import ferrodiff as fd
 
 
-def mask_of(x: np.ndarray) -> np.ndarray:
-    flat = x.reshape(len(x), -1)
-    return np.where(flat > flat.mean(1, keepdims=True), 1.0, -1.0).astype(np.float32).reshape(x.shape)
-
-
-def edges_of(x: np.ndarray) -> np.ndarray:
-    gy = np.zeros_like(x)
-    gx = np.zeros_like(x)
-    gy[..., 1:-1, :] = x[..., 2:, :] - x[..., :-2, :]
-    gx[..., :, 1:-1] = x[..., :, 2:] - x[..., :, :-2]
-    g = np.sqrt(gx**2 + gy**2).reshape(len(x), -1)
-    return np.where(g > np.median(g, 1, keepdims=True), 1.0, -1.0).astype(np.float32).reshape(x.shape)
-
-
-CONTROLS = {"mask": mask_of, "edges": edges_of}
+CONTROLS = {"mask": fd.controls.mask, "edges": fd.controls.edges}
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

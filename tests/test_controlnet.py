@@ -174,3 +174,53 @@ def test_bad_controlnet_inputs_are_clear_errors():
         fd.nn.ControlNet.from_unet(fd.nn.MLP())
     with pytest.raises(TypeError, match="Python denoiser"):
         ddim.sample(lambda x, t: x * 0, (2, 1, 8, 8), control_image=control[:2])
+
+
+def test_control_images_follow_their_definitions():
+    x = np.full((1, 1, 6, 6), -1.0, np.float32)
+    x[0, 0, :, 3:] = 1.0  # a vertical step between columns 2 and 3
+    m = fd.controls.mask(x)
+    np.testing.assert_array_equal(m[0, 0], np.where(np.arange(6) >= 3, 1.0, -1.0)[None].repeat(6, 0))
+    e = fd.controls.edges(x)
+    # Central differences are 2 at columns 2 and 3 (away from the one-pixel border), 0 elsewhere.
+    want = np.full((6, 6), -1.0)
+    want[1:-1, 2:4] = 1.0
+    want[[0, -1], 2:4] = 1.0
+    np.testing.assert_array_equal(e[0, 0], want)
+    r = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    low = fd.controls.lowres(r)
+    np.testing.assert_array_equal(low[0, 0, :2, :2], np.full((2, 2), (0 + 1 + 4 + 5) / 4))
+    np.testing.assert_array_equal(low[0, 0, 2:, 2:], np.full((2, 2), (10 + 11 + 14 + 15) / 4))
+    with pytest.raises(ValueError, match="unknown control"):
+        fd.controls.make("depth", x)
+    with pytest.raises(ValueError, match="must divide"):
+        fd.controls.lowres(x, 4)
+
+
+def test_cli_trains_a_controlnet_on_a_run_and_samples_it(tmp_path, capsys):
+    from ferrodiff.cli import main
+
+    base = tmp_path / "base"
+    common = ["--no-progress", "--seed", "1"]
+    assert main(["train", "--data", "digits", "--conditional", "--model", "unet", "--channels", "8",
+                 "--steps", "4", "--batch-size", "8", "--out", str(base), *common]) == 0  # fmt: skip
+    out = tmp_path / "cn"
+    assert main(["train-controlnet", "--checkpoint", str(base), "--control", "edges", "--steps", "3",
+                 "--batch-size", "8", "--eval", "4", "--out", str(out), *common]) == 0  # fmt: skip
+    import json
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["control"] == "edges" and metrics["held_out"] == 4
+    assert 0.0 <= metrics["iou_controlnet"] <= 1.0 and 0.0 <= metrics["iou_base"] <= 1.0
+    trained = fd.nn.Model.load(out)
+    frozen, original = fd.nn.ControlNet.base_of(trained), fd.nn.Model.load(base)
+    for k, v in original.state_dict().items():
+        np.testing.assert_array_equal(frozen.state_dict()[k], v, err_msg=k)
+    np.save(tmp_path / "c.npy", fd.controls.edges(fd.datasets.digits(split="test").data[:2]))
+    assert main(["sample", "--checkpoint", str(out), "--n", "4", "--steps", "3", "--out",
+                 str(tmp_path / "s.npy"), "--control", str(tmp_path / "c.npy"), "--no-progress"]) == 0  # fmt: skip
+    assert np.load(tmp_path / "s.npy").shape == (4, 1, 8, 8)
+    capsys.readouterr()
+    assert main(["train-controlnet", "--checkpoint", str(out), "--control", "mask", "--out",
+                 str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "expected a run folder of ferrodiff train" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import os as _os
 _os.environ.setdefault("CANDLE_NUM_THREADS", "1")
 
 from ferrodiff import (
+    controls,
     datasets,
     distill,
     interop,
@@ -78,6 +79,7 @@ __all__ = [
     "Trainer",
     "__version__",
     "cosine_log_snr",
+    "controls",
     "datasets",
     "distill",
     "interop",

@@ -760,6 +760,19 @@ def sample_command(args) -> int:
         )
         what = f"ddpm {args.steps or 50} steps"
     shape = (args.n, *model.data_shape)
+    if model.config.get("type") == "control_net":
+        extra_info = _run_config(run).get("extra") or {}
+        if args.control is not None:
+            control = np.load(args.control).astype(np.float32)
+        else:
+            _, _, held_out, _ = _controlnet_data(extra_info)
+            control = fd.controls.make(extra_info.get("control", "mask"), held_out)
+        if len(control) < args.n:
+            control = np.resize(control, (args.n, *control.shape[1:]))
+        model = model.with_control(control[: args.n])
+        what += f", controlled by {args.control or 'the held-out controls'}"
+    elif args.control is not None:
+        raise ValueError("--control goes with a ControlNet run (ferrodiff train-controlnet)")
     labels = None
     if args.labels is not None:
         wanted = [int(v) for v in args.labels.split(",") if v.strip()]
@@ -792,6 +805,119 @@ def sample_command(args) -> int:
         what += ", latents decoded by the run's autoencoder"
     _save_samples(Path(args.out), x)
     print(f"wrote {args.out} ({args.n} samples, {what})")
+    return 0
+
+
+def _controlnet_data(extra: dict):
+    """(training images, labels or None, held-out images, held-out labels or None) of the data a
+    base run was trained on."""
+    name, path, conditional = extra["data"], extra.get("path"), extra.get("conditional", False)
+    images, held_out, _ = _autoencoder_data(name, path, extra.get("limit"))
+    import ferrodiff as fd
+    from ferrodiff.datasets import _ALIASES
+
+    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
+    labels = held_labels = None
+    if conditional:
+        if key not in _HELD_OUT_SPLITS:
+            raise ValueError(f"a conditional ControlNet needs a dataset with a test split, not {name}")
+        labels = _first(fd.datasets.load(name, path, split="train").labels, extra.get("limit"))
+        held_labels = fd.datasets.load(name, path, split="test").labels
+    return images, labels, held_out, held_labels
+
+
+def _control_iou(samples: np.ndarray, controls: np.ndarray, kind: str) -> float | None:
+    """Mean IoU between the controls and the same control extracted from the samples (binary
+    controls only)."""
+    import ferrodiff as fd
+
+    if kind == "lowres":
+        return None
+    a = fd.controls.make(kind, np.clip(samples, -1, 1)).reshape(len(samples), -1) > 0
+    b = controls.reshape(len(controls), -1) > 0
+    return float(np.mean((a & b).sum(1) / np.maximum((a | b).sum(1), 1)))
+
+
+def train_controlnet_command(args) -> int:
+    """Trains a ControlNet on a trained run (frozen) with controls made from its data; writes
+    the run folder and metrics.json (agreement of samples with held-out controls, against the
+    base alone)."""
+    import ferrodiff as fd
+
+    base_run = Path(args.checkpoint)
+    base_extra = _run_config(base_run).get("extra") or {}
+    if base_extra.get("command", "train") != "train" or "data" not in base_extra:
+        raise ValueError(
+            f"--checkpoint {base_run}: expected a run folder of ferrodiff train (its data set is "
+            "read from the run's config.json)"
+        )
+    if base_extra.get("latent"):
+        raise ValueError("a ControlNet on a latent diffusion run is not supported by the command line")
+    base = fd.nn.Model.load(base_run)
+    if base.config.get("type") != "unet":
+        raise ValueError(
+            f"--checkpoint {base_run}: a ControlNet needs a U-Net run, this is a {base.config.get('type')}"
+        )
+    schedule = fd.Schedule.from_checkpoint(base_run)
+    prediction = _run_train_config(base_run).get("prediction", "epsilon")
+    images, labels, held_out, held_labels = _controlnet_data(base_extra)
+    controls = fd.controls.make(args.control, images)
+    channels = controls.shape[1]
+    controlnet = fd.nn.ControlNet.from_unet(base, conditioning_channels=channels, seed=args.seed)
+    trainer = fd.Trainer(
+        controlnet,
+        schedule,
+        images,
+        labels,
+        control=controls,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_schedule="cosine",
+        warmup_steps=min(100, max(args.steps - 1, 0)),
+        total_steps=args.steps,
+        class_dropout=0.1 if labels is not None else 0.0,
+        prediction=prediction,
+        seed=args.seed,
+    )
+    trainer.extra = {
+        "command": "train-controlnet",
+        "control": args.control,
+        "base": str(base_run),
+        **{k: base_extra.get(k) for k in ("data", "path", "conditional", "limit")},
+    }
+    out = Path(args.out)
+    trainer.train(
+        args.steps, progress=not args.no_progress, checkpoint=out, checkpoint_every=max(args.steps // 10, 1)
+    )
+    _save_npy(out / "losses.npy", np.asarray(trainer.losses))
+    n = min(args.eval, len(held_out))
+    metrics: dict = {"control": args.control, "steps": trainer.step}
+    if n > 0:
+        sampler = fd.DDIM(schedule, steps=20, prediction=prediction)
+        kw = dict(seed=args.seed)
+        if held_labels is not None:
+            kw.update(labels=held_labels[:n], guidance_scale=2.0)
+        x_control = sampler.sample(
+            trainer.ema_model(),
+            (n, *base.data_shape),
+            control_image=fd.controls.make(args.control, held_out[:n]),
+            **kw,
+        )
+        x_base = sampler.sample(base, (n, *base.data_shape), **kw)
+        wanted = fd.controls.make(args.control, held_out[:n])
+        metrics.update(
+            held_out=n,
+            iou_controlnet=_control_iou(x_control, wanted, args.control),
+            iou_base=_control_iou(x_base, wanted, args.control),
+            mse_to_control_controlnet=float(
+                np.mean((fd.controls.make(args.control, np.clip(x_control, -1, 1)) - wanted) ** 2)
+            ),
+            mse_to_control_base=float(
+                np.mean((fd.controls.make(args.control, np.clip(x_base, -1, 1)) - wanted) ** 2)
+            ),
+        )
+    _save_json(out / "metrics.json", metrics)
+    print(f"ControlNet ({args.control}) on {base_run}: {trainer.step} steps, checkpoint in {out}; {metrics}")
     return 0
 
 
@@ -1117,10 +1243,32 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="classifier guidance scale s: the mean moves by s Σ ∇ log f(y | x_t) (default 1)",
     )
+    s.add_argument(
+        "--control",
+        default=None,
+        help="ControlNet runs: control images FILE.npy [N, C, H, W] (default: the controls of the "
+        "held-out split of the run's data)",
+    )
     s.add_argument("--out", required=True, help="FILE.npy or FILE.png")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--no-progress", action="store_true")
+
+    cn = sub.add_parser(
+        "train-controlnet",
+        help="train a ControlNet on a trained U-Net run (frozen), with controls made from its data",
+    )
+    cn.add_argument("--checkpoint", required=True, help="the base run folder (ferrodiff train)")
+    cn.add_argument("--control", choices=["mask", "edges", "lowres"], required=True, help="the control")
+    cn.add_argument("--out", required=True, help="run folder to write")
+    cn.add_argument("--steps", type=int, default=1500)
+    cn.add_argument("--batch-size", type=int, default=64)
+    cn.add_argument("--lr", type=float, default=2e-3)
+    cn.add_argument(
+        "--eval", type=int, default=100, help="held-out controls to sample for metrics.json (0: none)"
+    )
+    cn.add_argument("--seed", type=int, default=0)
+    cn.add_argument("--no-progress", action="store_true")
 
     c = sub.add_parser(
         "train-classifier", help="train a noisy classifier f(y | x_t, t) for classifier guidance"
@@ -1188,6 +1336,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.steps < 1 or args.steps_per_round < 1:
                 parser.error("--steps and --steps-per-round must be at least 1")
             return distill_command(args)
+        elif args.command == "train-controlnet":
+            if args.steps < 1 or args.batch_size < 1:
+                parser.error("--steps and --batch-size must be at least 1")
+            return train_controlnet_command(args)
         elif args.command == "sample":
             if Path(args.out).suffix not in (".npy", ".png"):
                 parser.error("--out must end in .npy or .png")
