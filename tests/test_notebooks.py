@@ -175,6 +175,18 @@ def check_latent(results: dict) -> None:
     assert all(math.isfinite(v) and v > 10 for v in sr.values()), sr
 
 
+def check_dit_controlnet(results: dict) -> None:
+    assert results["fast"] is True
+    # 300 steps of the small DiT: about half its guided samples read as asked (chance: 10 %).
+    assert results["dit"]["accuracy"] > 0.25, results["dit"]
+    cn = results["controlnet"]
+    assert cn["identical_at_init"] is True and cn["base_unchanged"] is True, cn
+    # The ControlNet's samples follow the held-out masks far better than the base's (0.89 and
+    # 0.66 in fast mode), and stay digits of the asked class.
+    assert cn["iou_controlnet"] > cn["iou_base"] + 0.1, cn
+    assert cn["accuracy_controlnet"] > 0.5 and cn["accuracy_base"] > 0.5, cn
+
+
 CHECKS = {
     "01_quickstart.ipynb": check_quickstart,
     "02_samplers.ipynb": check_samplers,
@@ -182,6 +194,7 @@ CHECKS = {
     "04_fast_sampling.ipynb": check_fast_sampling,
     "05_few_step.ipynb": check_few_step,
     "06_latent_and_cascades.ipynb": check_latent,
+    "07_dit_controlnet.ipynb": check_dit_controlnet,
 }
 
 
