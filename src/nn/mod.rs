@@ -719,29 +719,15 @@ impl Model {
         };
         let low_res = match (&self.low_res_input, &self.config) {
             (Some(l), _) => {
-                let [n, ch, h, w] = l.shape;
-                if !batch.is_multiple_of(n) {
-                    shape_error!(
-                        "the model holds {n} conditioning images but the batch has {batch} rows \
-                         (a multiple of {n} is needed)"
-                    );
-                }
+                let [_, _, h, w] = l.shape;
                 if shape.len() != 4 || shape[2] != h || shape[3] != w {
                     shape_error!(
                         "x has shape {shape:?} but the conditioning images are {h}x{w} (the model's resolution)"
                     );
                 }
-                let mut data = Vec::with_capacity(batch * ch * h * w);
-                let mut levels = Vec::with_capacity(batch);
-                for i in 0..batch {
-                    let r = i % n;
-                    data.extend_from_slice(&l.data[r * ch * h * w..(r + 1) * ch * h * w]);
-                    levels.push(l.levels[r]);
-                }
-                Some((
-                    Tensor::from_vec(data, (batch, ch, h, w), self.device())?,
-                    levels,
-                ))
+                let images = tiled_images(&l.data, l.shape, batch, "conditioning", self.device())?;
+                let levels: Vec<f32> = (0..batch).map(|i| l.levels[i % l.shape[0]]).collect();
+                Some((images, levels))
             }
             (None, ModelConfig::Unet(c)) if c.cond_channels > 0 => value_error!(
                 "this super-resolution model is conditioned on a low-resolution image: give it one \
@@ -750,22 +736,13 @@ impl Model {
             _ => None,
         };
         let control = match (&self.control_input, self.config.controlnet()) {
-            (Some(c), _) => {
-                let [n, ch, h, w] = c.shape;
-                if !batch.is_multiple_of(n) {
-                    shape_error!(
-                        "the model holds {n} control images but the batch has {batch} rows \
-                         (a multiple of {n} is needed)"
-                    );
-                }
-                let row = ch * h * w;
-                let mut data = Vec::with_capacity(batch * row);
-                for i in 0..batch {
-                    let r = i % n;
-                    data.extend_from_slice(&c.data[r * row..(r + 1) * row]);
-                }
-                Some(Tensor::from_vec(data, (batch, ch, h, w), self.device())?)
-            }
+            (Some(c), _) => Some(tiled_images(
+                &c.data,
+                c.shape,
+                batch,
+                "control",
+                self.device(),
+            )?),
             (None, Some(_)) => value_error!(
                 "this ControlNet needs control images: pass control_image= to the sampler (or \
                  use model.with_control(images))"
@@ -825,6 +802,32 @@ impl Model {
             shape: out_shape,
         })
     }
+}
+
+/// Images [N, C, H, W] (`data`) repeated to `batch` rows, row i taking image i mod N (a guided
+/// batch repeats its conditioning); `what` names them in the error for a batch that is no
+/// multiple of N.
+fn tiled_images(
+    data: &[f32],
+    shape: [usize; 4],
+    batch: usize,
+    what: &str,
+    device: &Device,
+) -> Result<Tensor> {
+    let [n, ch, h, w] = shape;
+    if !batch.is_multiple_of(n) {
+        shape_error!(
+            "the model holds {n} {what} images but the batch has {batch} rows (a multiple of {n} \
+             is needed)"
+        );
+    }
+    let row = ch * h * w;
+    let mut out = Vec::with_capacity(batch * row);
+    for i in 0..batch {
+        let r = i % n;
+        out.extend_from_slice(&data[r * row..(r + 1) * row]);
+    }
+    Ok(Tensor::from_vec(out, (batch, ch, h, w), device)?)
 }
 
 /// Rows per network call at inference (see [`Model::predict_host_cond`]).
