@@ -8,6 +8,7 @@ pub mod attention;
 pub mod autoencoder;
 pub mod classifier;
 pub mod dit;
+pub mod dit_sublayer;
 pub mod flow;
 pub mod kernels;
 pub mod layers;
