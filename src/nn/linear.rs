@@ -48,7 +48,11 @@ const TRANSPOSE_MIN_ROWS: usize = 64;
 
 /// y [n, dout] = x wᵀ + b.
 pub(super) fn forward<T: Elem>(d: &Dims, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
-    let mut y = vec![T::ZERO; d.n * d.dout];
+    // Every row starts at the bias, which the product is accumulated onto.
+    let mut y = Vec::with_capacity(d.n * d.dout);
+    for _ in 0..d.n {
+        y.extend_from_slice(b);
+    }
     let wt;
     // rhs = wᵀ [din, dout]: w read transposed, or its transposed copy read row-major.
     let (rhs, rhs_strides) = if d.n >= TRANSPOSE_MIN_ROWS {
@@ -66,9 +70,6 @@ pub(super) fn forward<T: Elem>(d: &Dims, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     y.par_chunks_mut(ROWS * d.dout)
         .zip(x.par_chunks(ROWS * d.din))
         .for_each(|(ys, xs)| {
-            for row in ys.chunks_mut(d.dout) {
-                row.copy_from_slice(b);
-            }
             let rows = xs.len() / d.din;
             // ys [rows, dout] += xs [rows, din] · wᵀ [din, dout]
             let din = d.din as isize;
@@ -110,18 +111,27 @@ pub(super) fn input_grad<T: Elem>(d: &Dims, gy: &[T], w: &[T]) -> Vec<T> {
     gx
 }
 
-/// Output features per parallel task of the weight gradient.
+/// Output features per parallel task of the weight gradient, at least.
 const FEATURES: usize = 64;
+/// Parallel tasks of the weight gradient, at most: each task's product packs all of x again,
+/// so fewer, larger tasks are faster as long as the threads have work.
+const WEIGHT_GRAD_TASKS: usize = 4;
 
 /// Packed [gw = gyᵀ x (dout·din) | gb = Σ gy (dout)].
 pub(super) fn weight_grad<T: Elem>(d: &Dims, x: &[T], gy: &[T]) -> Vec<T> {
     let mut out = vec![T::ZERO; d.dout * d.din + d.dout];
     let (gw, gb) = out.split_at_mut(d.dout * d.din);
-    gw.par_chunks_mut(FEATURES * d.din)
-        .zip(gb.par_chunks_mut(FEATURES))
+    // The split depends on the shapes only, so results do not depend on the thread count.
+    let block = d
+        .dout
+        .div_ceil(WEIGHT_GRAD_TASKS)
+        .next_multiple_of(16)
+        .max(FEATURES);
+    gw.par_chunks_mut(block * d.din)
+        .zip(gb.par_chunks_mut(block))
         .enumerate()
         .for_each(|(i, (gws, gbs))| {
-            let o0 = i * FEATURES;
+            let o0 = i * block;
             let feats = gbs.len();
             // gws [feats, din] = gy[:, o0..o0+feats]ᵀ [feats, n] · x [n, din]
             matmul(
