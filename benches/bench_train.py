@@ -33,8 +33,9 @@ Cases (float32, random data of the right shape, linear schedule T=1000):
           4 heads, MLP ratio 4), batch 128
   dit28   DiT-XS/4 on 1x28x28 (49 tokens of width 128), batch 64
   ops     per-op table: each network kernel alone on the shapes those models run it on
-          (conv2d, GroupNorm + SiLU, attention, linear + SiLU, SiLU), forward and
-          forward + backward of the output's sum, against the same torch.nn.functional ops
+          (conv2d, GroupNorm + SiLU, attention, linear + SiLU, SiLU, and the DiT's adaLN,
+          GELU(tanh) and multi-head token attention), forward and forward + backward of the
+          output's sum, against the same torch.nn.functional ops
 
 A training step is what ferrodiff's Trainer.step does: draw a batch of data, t ~ U{0..T-1} and
 noise, q_sample, forward, MSE to the noise, backward, clip the global gradient norm to 1.0,
@@ -168,7 +169,9 @@ def make_fd_model(kind):
 
 
 def data_shape(kind):
-    return {"mlp": (2,), "unet8": (1, 8, 8), "unet28": (1, 28, 28), "dit": (1, 8, 8), "dit28": (1, 28, 28)}[kind]
+    return {"mlp": (2,), "unet8": (1, 8, 8), "unet28": (1, 28, 28), "dit": (1, 8, 8), "dit28": (1, 28, 28)}[
+        kind
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,7 +389,9 @@ if torch is not None:
         then [sin(i w), cos(i w)], w_k = 10000^(-k / (dim/4)) (float64, rounded)."""
         quarter = dim // 4
         omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
-        i, j = np.meshgrid(np.arange(rows, dtype=np.float64), np.arange(cols, dtype=np.float64), indexing="ij")
+        i, j = np.meshgrid(
+            np.arange(rows, dtype=np.float64), np.arange(cols, dtype=np.float64), indexing="ij"
+        )
 
         def one(pos):
             out = pos.reshape(-1)[:, None] * omega[None]
@@ -446,7 +451,9 @@ if torch is not None:
             self.ff.net = nn.ModuleList([GELUProj(d, hidden), nn.Identity(), _xavier(nn.Linear(hidden, d))])
 
         def forward(self, x, c):
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(c).chunk(6, dim=1)
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(c).chunk(
+                6, dim=1
+            )
             x = x + gate_msa[:, None] * self.attn1(modulate(x, shift_msa, scale_msa))
             h = self.ff.net[2](self.ff.net[0](modulate(x, shift_mlp, scale_mlp)))
             return x + gate_mlp[:, None] * h
@@ -739,6 +746,10 @@ OPS = [
     ("attention", (128, 16, 64), "U-Net 8x8, attention at 4x4"),
     ("linear_silu", (1024, 256, 256), "MLP, hidden linear + SiLU"),
     ("silu", (1024, 256), "MLP, SiLU"),
+    ("modulated_layer_norm", (128, 16, 128), "DiT-XS/2, adaLN (LayerNorm + modulation)"),
+    ("gelu_tanh", (2048, 512), "DiT-XS/2, MLP GELU(tanh)"),
+    ("token_attention", (128, 16, 4, 32), "DiT-XS/2, self-attention, 4 heads"),
+    ("token_attention", (64, 49, 4, 32), "DiT-XS/4 28x28, self-attention, 4 heads"),
 ]
 
 
@@ -767,6 +778,22 @@ def torch_op(op, dims):
     if op == "silu":
         x = leaf(*dims)
         return lambda: F.silu(x)
+    if op == "modulated_layer_norm":
+        b, n, d = dims
+        x, m = leaf(b, n, d), leaf(b, 2 * d)
+        return lambda: modulate(x, m[:, :d], m[:, d:])
+    if op == "gelu_tanh":
+        x = leaf(*dims)
+        return lambda: F.gelu(x, approximate="tanh")
+    if op == "token_attention":
+        b, n, heads, hd = dims
+        qkv = leaf(b, n, 3 * heads * hd)
+
+        def attend():
+            q, k, v = qkv.view(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, heads * hd)
+
+        return attend
     raise ValueError(op)
 
 
