@@ -7,11 +7,17 @@ Not a test: run it by hand and paste the tables into BENCHMARKS.md.
     python3 benches/bench_train.py --threads 2              # 2 rayon / OpenMP threads
     python3 benches/bench_train.py --threads 1 --only mlp,unet8
 
-The PyTorch models below re-implement ferrodiff's MLP and U-Net (src/nn/mlp.rs, src/nn/unet.rs,
-src/nn/layers.rs) parameter for parameter, under the same parameter names: same widths,
-GroupNorm groups, SiLU, sinusoidal time embedding [cos, sin], scale-shift (AdaGN) conditioning,
-attention with to_q / to_k / to_v / to_out.0, skip 1x1 convs, and the zero-initialised layers
-(each res block's conv2, attention's to_out.0, conv_out). Before anything is timed the script
+The PyTorch models below re-implement ferrodiff's MLP, U-Net and DiT (src/nn/mlp.rs,
+src/nn/unet.rs, src/nn/dit.rs, src/nn/layers.rs) parameter for parameter, under the same parameter
+names: same widths, GroupNorm groups, SiLU, sinusoidal time embedding [cos, sin], scale-shift
+(AdaGN) conditioning, attention with to_q / to_k / to_v / to_out.0, skip 1x1 convs, and the
+zero-initialised layers (each res block's conv2, attention's to_out.0, conv_out). The DiT is
+facebookresearch/DiT's under diffusers' names: patchifying conv (pos_embed.proj), fixed 2-D
+sin-cos positions, adaLN-Zero blocks (LayerNorm without affine, eps 1e-6, modulated and gated by
+norm1.linear of SiLU(c)), attention through F.scaled_dot_product_attention, GELU(tanh) MLP
+(ff.net.0.proj, ff.net.2), final adaLN (proj_out_1) and linear (proj_out_2); initialised as
+facebookresearch/DiT (Xavier linears with zero biases, zero adaLN and final layers), so that the
+zero-initialised sets agree. Before anything is timed the script
 checks that the parameter names, shapes and counts are equal, loads the same perturbed weights
 into both and compares the outputs of a forward pass (and of a short DDIM run for the 28x28
 U-Net), so it never times a different computation. The timed models start from ferrodiff's
@@ -23,9 +29,13 @@ Cases (float32, random data of the right shape, linear schedule T=1000):
   unet8   fd.nn.UNet() defaults (1x8x8, base 32, mult (1,2), attention at 4), batch 128
   unet28  UNet 1x28x28, base 32, mult (1,2,2), attention at 7, groups 8, batch 64
   ddim28  DDIM-50 sampling (eta=0) with the 28x28 U-Net, batch 64
+  dit     fd.nn.DiT() defaults (DiT-XS/2: 1x8x8, patch 2, 16 tokens of width 128, 4 blocks of
+          4 heads, MLP ratio 4), batch 128
+  dit28   DiT-XS/4 on 1x28x28 (49 tokens of width 128), batch 64
   ops     per-op table: each network kernel alone on the shapes those models run it on
-          (conv2d, GroupNorm + SiLU, attention, linear + SiLU, SiLU), forward and
-          forward + backward of the output's sum, against the same torch.nn.functional ops
+          (conv2d, GroupNorm + SiLU, attention, linear + SiLU, SiLU, and the DiT's adaLN,
+          GELU(tanh) and multi-head token attention), forward and forward + backward of the
+          output's sum, against the same torch.nn.functional ops
 
 A training step is what ferrodiff's Trainer.step does: draw a batch of data, t ~ U{0..T-1} and
 noise, q_sample, forward, MSE to the noise, backward, clip the global gradient norm to 1.0,
@@ -51,7 +61,7 @@ import statistics
 import sys
 import time
 
-CASE_NAMES = ("mlp", "unet8", "unet28", "ddim28", "ops")
+CASE_NAMES = ("mlp", "unet8", "unet28", "ddim28", "dit", "dit28", "ops")
 
 
 def _parse_args(argv=None):
@@ -139,7 +149,11 @@ CASES = {
     "unet8": ("U-Net 1x8x8 (defaults), batch 128: train step", "unet8", 128, 1024, 2, 2, 7, 3),
     "unet28": ("U-Net 1x28x28 (mult 1,2,2; attn 7), batch 64: train step", "unet28", 64, 256, 1, 1, 3, 1),
     "ddim28": ("U-Net 1x28x28, batch 64: DDIM-50 sampling", "unet28", 64, 0, 0, 1, 1, 1),
+    "dit": ("DiT-XS/2 1x8x8 (16 tokens x 128), batch 128: train step", "dit", 128, 1024, 2, 2, 7, 3),
+    "dit28": ("DiT-XS/4 1x28x28 (49 tokens x 128), batch 64: train step", "dit28", 64, 256, 2, 2, 5, 2),
 }
+
+DIT28 = {"in_channels": 1, "image_size": 28, "patch_size": 4}
 
 
 def make_fd_model(kind):
@@ -147,11 +161,17 @@ def make_fd_model(kind):
         return fd.nn.MLP(data_shape=(2,), hidden=256, blocks=3, seed=SEED)
     if kind == "unet8":
         return fd.nn.UNet(seed=SEED)
+    if kind == "dit":
+        return fd.nn.DiT(seed=SEED)
+    if kind == "dit28":
+        return fd.nn.DiT(**DIT28, seed=SEED)
     return fd.nn.UNet(**UNET28, seed=SEED)
 
 
 def data_shape(kind):
-    return {"mlp": (2,), "unet8": (1, 8, 8), "unet28": (1, 28, 28)}[kind]
+    return {"mlp": (2,), "unet8": (1, 8, 8), "unet28": (1, 28, 28), "dit": (1, 8, 8), "dit28": (1, 28, 28)}[
+        kind
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,11 +384,124 @@ if torch is not None:
                     h = level.upsamplers[0](h)
             return self.conv_out(F.silu(self.conv_norm_out(h)))
 
+    def sincos_positions(dim, rows, cols):
+        """facebookresearch/DiT's get_2d_sincos_pos_embed: token (i, j) gets [sin(j w), cos(j w)]
+        then [sin(i w), cos(i w)], w_k = 10000^(-k / (dim/4)) (float64, rounded)."""
+        quarter = dim // 4
+        omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
+        i, j = np.meshgrid(
+            np.arange(rows, dtype=np.float64), np.arange(cols, dtype=np.float64), indexing="ij"
+        )
+
+        def one(pos):
+            out = pos.reshape(-1)[:, None] * omega[None]
+            return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+        return torch.from_numpy(np.concatenate([one(j), one(i)], axis=1).astype(np.float32))
+
+    def _xavier(m, fan_in=None, fan_out=None):
+        fan_in = fan_in or m.weight.shape[1]
+        fan_out = fan_out or m.weight.shape[0]
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        nn.init.uniform_(m.weight, -bound, bound)
+        nn.init.zeros_(m.bias)
+        return m
+
+    class TokenAttention(nn.Module):
+        """diffusers' Attention over tokens [B, N, D]: to_q, to_k, to_v, to_out.0."""
+
+        def __init__(self, d, heads):
+            super().__init__()
+            self.heads = heads
+            self.to_q = _xavier(nn.Linear(d, d), d, 3 * d)  # the bound of DiT's fused qkv
+            self.to_k = _xavier(nn.Linear(d, d), d, 3 * d)
+            self.to_v = _xavier(nn.Linear(d, d), d, 3 * d)
+            self.to_out = nn.ModuleList([_xavier(nn.Linear(d, d))])
+
+        def forward(self, x):
+            b, n, d = x.shape
+
+            def split(y):
+                return y.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+            o = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)))
+            return self.to_out[0](o.transpose(1, 2).reshape(b, n, d))
+
+    class GELUProj(nn.Module):
+        def __init__(self, d, hidden):
+            super().__init__()
+            self.proj = _xavier(nn.Linear(d, hidden))
+
+        def forward(self, x):
+            return F.gelu(self.proj(x), approximate="tanh")
+
+    def modulate(x, shift, scale):
+        return F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+    class DiTBlock(nn.Module):
+        """adaLN-Zero block (diffusers' BasicTransformerBlock names: norm1.linear, attn1, ff.net)."""
+
+        def __init__(self, d, heads, mlp_ratio):
+            super().__init__()
+            self.norm1 = nn.Module()
+            self.norm1.linear = _zero(nn.Linear(d, 6 * d))
+            self.attn1 = TokenAttention(d, heads)
+            hidden = int(d * mlp_ratio)
+            self.ff = nn.Module()
+            self.ff.net = nn.ModuleList([GELUProj(d, hidden), nn.Identity(), _xavier(nn.Linear(hidden, d))])
+
+        def forward(self, x, c):
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(c).chunk(
+                6, dim=1
+            )
+            x = x + gate_msa[:, None] * self.attn1(modulate(x, shift_msa, scale_msa))
+            h = self.ff.net[2](self.ff.net[0](modulate(x, shift_mlp, scale_mlp)))
+            return x + gate_mlp[:, None] * h
+
+    class TorchDiT(nn.Module):
+        """src/nn/dit.rs, unconditional, no learned variances, no context."""
+
+        def __init__(self, in_channels=1, image_size=8, patch_size=2, hidden_size=128, depth=4, num_heads=4):
+            super().__init__()
+            d, p = hidden_size, patch_size
+            self.patch, self.channels = p, in_channels
+            self.pos_embed = nn.Module()
+            self.pos_embed.proj = _xavier(nn.Conv2d(in_channels, d, p, stride=p), in_channels * p * p, d)
+            grid = image_size // p
+            self.register_buffer("positions", sincos_positions(d, grid, grid), persistent=False)
+            self.timestep_embedder = nn.Module()
+            self.timestep_embedder.sinusoid = SinusoidalEmbedding(256)
+            self.timestep_embedder.linear_1 = nn.Linear(256, d)
+            self.timestep_embedder.linear_2 = nn.Linear(d, d)
+            for lin in (self.timestep_embedder.linear_1, self.timestep_embedder.linear_2):
+                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
+            self.transformer_blocks = nn.ModuleList(DiTBlock(d, num_heads, 4.0) for _ in range(depth))
+            self.proj_out_1 = _zero(nn.Linear(d, 2 * d))
+            self.proj_out_2 = _zero(nn.Linear(d, p * p * in_channels))
+
+        def forward(self, x, t):
+            b, _, h, w = x.shape
+            p = self.patch
+            tokens = self.pos_embed.proj(x).flatten(2).transpose(1, 2) + self.positions
+            te = self.timestep_embedder
+            c = F.silu(te.linear_2(F.silu(te.linear_1(te.sinusoid(t)))))
+            for block in self.transformer_blocks:
+                tokens = block(tokens, c)
+            shift, scale = self.proj_out_1(c).chunk(2, dim=1)
+            y = self.proj_out_2(modulate(tokens, shift, scale))
+            y = y.reshape(b, h // p, w // p, p, p, self.channels)
+            return torch.einsum("nhwpqc->nchpwq", y).reshape(b, self.channels, h, w)
+
     def make_torch_model(kind):
         if kind == "mlp":
             return TorchMLP(data_shape=(2,), hidden=256, blocks=3)
         if kind == "unet8":
             return TorchUNet()
+        if kind == "dit":
+            return TorchDiT()
+        if kind == "dit28":
+            return TorchDiT(**DIT28)
         return TorchUNet(**UNET28)
 
     class EMA:
@@ -613,6 +746,10 @@ OPS = [
     ("attention", (128, 16, 64), "U-Net 8x8, attention at 4x4"),
     ("linear_silu", (1024, 256, 256), "MLP, hidden linear + SiLU"),
     ("silu", (1024, 256), "MLP, SiLU"),
+    ("modulated_layer_norm", (128, 16, 128), "DiT-XS/2, adaLN (LayerNorm + modulation)"),
+    ("gelu_tanh", (2048, 512), "DiT-XS/2, MLP GELU(tanh)"),
+    ("token_attention", (128, 16, 4, 32), "DiT-XS/2, self-attention, 4 heads"),
+    ("token_attention", (64, 49, 4, 32), "DiT-XS/4 28x28, self-attention, 4 heads"),
 ]
 
 
@@ -641,6 +778,22 @@ def torch_op(op, dims):
     if op == "silu":
         x = leaf(*dims)
         return lambda: F.silu(x)
+    if op == "modulated_layer_norm":
+        b, n, d = dims
+        x, m = leaf(b, n, d), leaf(b, 2 * d)
+        return lambda: modulate(x, m[:, :d], m[:, d:])
+    if op == "gelu_tanh":
+        x = leaf(*dims)
+        return lambda: F.gelu(x, approximate="tanh")
+    if op == "token_attention":
+        b, n, heads, hd = dims
+        qkv = leaf(b, n, 3 * heads * hd)
+
+        def attend():
+            q, k, v = qkv.view(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, heads * hd)
+
+        return attend
     raise ValueError(op)
 
 

@@ -229,3 +229,41 @@ def test_the_command_line_trains_and_samples_a_dit(tmp_path):
     assert np.load(tmp_path / "x.npy").shape == (3, 1, 8, 8)
     r = run("train", "--data", "moons", "--model", "dit", "--steps", "1", "--out", tmp_path / "moons")
     assert r.returncode != 0 and "--model dit needs square images" in r.stderr
+
+
+def test_candles_reference_ops_compute_what_the_kernels_do(tmp_path, digits):
+    """FERRODIFF_REFERENCE_KERNELS=1 (what other devices and dtypes run: candle's own ops) gives
+    the same outputs and the same first training losses as the fused CPU kernels."""
+    import subprocess
+    import sys
+    import textwrap
+
+    model = perturbed(tiny_dit(num_classes=10, context_dim=3, learn_sigma=True), seed=4)
+    model.save(tmp_path / "m.safetensors")
+    np.save(tmp_path / "data.npy", digits.data[:64])
+    np.save(tmp_path / "labels.npy", digits.labels[:64])
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, ferrodiff as fd
+        m = fd.nn.Model.load({str(tmp_path / "m.safetensors")!r})
+        x = fd.randn((3, 1, 8, 8), 5)
+        ctx = np.linspace(-1, 1, 3 * 2 * 3, dtype=np.float32).reshape(3, 2, 3)
+        out = m(x, [5, 50, 500], y=[1, -1, 7], context=ctx)
+        t = fd.Trainer(m, fd.Schedule.linear(1000), np.load({str(tmp_path / "data.npy")!r}),
+                       np.load({str(tmp_path / "labels.npy")!r}), context=np.tile(ctx[:1], (64, 1, 1)),
+                       batch_size=16, loss="hybrid", class_dropout=0.2, seed=2)
+        t.train(3, progress=False)
+        np.save({str(tmp_path / "{}.npy")!r}.format(__import__("os").environ.get("TAG")),
+                np.concatenate([out.ravel(), np.asarray(t.losses, np.float32)]))
+        """
+    )
+    import os
+
+    for tag, flag in (("kernels", "0"), ("reference", "1")):
+        env = dict(os.environ, FERRODIFF_REFERENCE_KERNELS=flag, TAG=tag)
+        r = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False
+        )
+        assert r.returncode == 0, r.stderr
+    ours, reference = np.load(tmp_path / "kernels.npy"), np.load(tmp_path / "reference.npy")
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)

@@ -97,6 +97,25 @@ avx2_twin! {
     }
 }
 
+/// GELU(x) elementwise (in parallel when large).
+pub(super) fn gelu_tanh_values<T: Elem + Float>(x: &[T]) -> Vec<T> {
+    let mut y = vec![T::ZERO; x.len()];
+    for_each_chunk(&mut y, |start, o| {
+        gelu_forward_chunk(&x[start..start + o.len()], o)
+    });
+    y
+}
+
+/// g · GELU'(x) elementwise (in parallel when large).
+pub(super) fn gelu_tanh_backward<T: Elem + Float>(x: &[T], g: &[T]) -> Vec<T> {
+    let mut gx = vec![T::ZERO; x.len()];
+    for_each_chunk(&mut gx, |start, o| {
+        let r = start..start + o.len();
+        gelu_backward_chunk(&x[r.clone()], &g[r], o)
+    });
+    gx
+}
+
 /// Which activation an [`Activation`] op computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {

@@ -1,13 +1,16 @@
 //! The adaLN-Zero kernels of the Diffusion Transformer (Peebles & Xie 2023), as candle custom
-//! ops with their own backward:
+//! ops with their own backward. Both read their per-item vectors straight out of a block's
+//! modulation m [B, C·D] (C chunks of width D: shift, scale and gate for the attention and for
+//! the MLP), so no narrow of m enters the graph (each would cost a zero fill, a concatenation
+//! and a sum of a [B, C·D] gradient in the backward pass):
 //!
 //! - [`modulated_layer_norm`]: y = LN(x) · (1 + scale) + shift, a LayerNorm over the last
-//!   dimension without affine parameters whose output is modulated by a per-item scale and
-//!   shift [B, D], broadcast over the tokens of x [B, N, D] (DiT's `modulate(norm(x), shift,
+//!   dimension without affine parameters whose output is modulated by m's chunks `scale` and
+//!   `shift`, broadcast over the tokens of x [B, N, D] (DiT's `modulate(norm(x), shift,
 //!   scale)`). From candle's ops this is eight passes (mean, centring, square, variance,
 //!   division, 1 + scale, product, sum), each keeping its output for the backward; here one
 //!   pass forward and one backward, with each row's statistics recomputed.
-//! - [`gated_residual`]: y = x + gate ⊙ h with gate [B, D] broadcast over the tokens (the
+//! - [`gated_residual`]: y = x + gate ⊙ h with m's chunk `gate` broadcast over the tokens (the
 //!   gated residual of adaLN-Zero). From candle's ops the gate's gradient is a broadcast
 //!   product followed by a strided sum over the token dimension; here one pass each way.
 //!
@@ -17,7 +20,7 @@
 //! count. f32 and f64 (the gradient checks run in f64); other dtypes and devices, and
 //! `FERRODIFF_REFERENCE_KERNELS=1`, run the `*_reference` versions from candle ops.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -39,16 +42,19 @@ const SMALL_ROW: usize = 64;
 /// Rows per parallel task of the forward passes (at least).
 const TASK_ROWS: usize = 16;
 
-/// x [B, ..., D]: B items of N tokens (the product of the middle dimensions) of width D.
+/// x [B, ..., D]: B items of N tokens (the product of the middle dimensions) of width D, with
+/// a modulation m [B, C·D] of C chunks.
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct Dims {
-    b: usize,
-    n: usize,
-    d: usize,
+pub(super) struct Dims {
+    pub(super) b: usize,
+    pub(super) n: usize,
+    pub(super) d: usize,
+    pub(super) chunks: usize,
 }
 
 impl Dims {
-    fn new(what: &str, x: &[usize]) -> CResult<Self> {
+    /// Checks x [B, ..., D] and m [B, C·D], and that `used` chunks exist.
+    pub(super) fn new(what: &str, x: &[usize], m: &[usize], used: &[usize]) -> CResult<Self> {
         let (Some(&b), Some(&d)) = (x.first(), x.last()) else {
             return Err(msg(format!("{what}: x must be [B, ..., D], got {x:?}")));
         };
@@ -57,35 +63,45 @@ impl Dims {
                 "{what}: x must be [B, ..., D] with D >= 1, got {x:?}"
             )));
         }
+        let &[mb, width] = m else {
+            return Err(msg(format!(
+                "{what}: the modulation must be [B, C·D], got {m:?}"
+            )));
+        };
+        if mb != b || !width.is_multiple_of(d) {
+            return Err(msg(format!(
+                "{what}: the modulation {m:?} is not [B = {b}, C·D] with D = {d}"
+            )));
+        }
+        let chunks = width / d;
+        if let Some(bad) = used.iter().find(|&&c| c >= chunks) {
+            return Err(msg(format!(
+                "{what}: chunk {bad} of a modulation with {chunks} chunks"
+            )));
+        }
         Ok(Dims {
             b,
             n: x[1..x.len() - 1].iter().product(),
             d,
+            chunks,
         })
     }
 
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.b * self.n * self.d
     }
 
-    fn per_item(&self) -> usize {
-        self.b * self.d
+    /// Elements of m.
+    pub(super) fn modulation(&self) -> usize {
+        self.b * self.chunks * self.d
     }
 
-    /// Checks a per-item operand (scale, shift, gate) against [B, D].
-    fn check_per_item(&self, what: &str, name: &str, t: &Tensor) -> CResult<()> {
-        if t.dims() != [self.b, self.d] {
-            return Err(msg(format!(
-                "{what}: {name} must be [B, D] = [{}, {}], got {:?}",
-                self.b,
-                self.d,
-                t.dims()
-            )));
-        }
-        Ok(())
+    /// m's chunk `c` of item `item`.
+    fn chunk<'a, T>(&self, m: &'a [T], item: usize, c: usize) -> &'a [T] {
+        &m[(item * self.chunks + c) * self.d..][..self.d]
     }
 
-    /// [B, 1, ..., 1, D] with x's rank: a per-item operand broadcast over the tokens.
+    /// [B, 1, ..., 1, D] with x's rank: a per-item vector broadcast over the tokens.
     fn broadcast_shape(&self, rank: usize) -> Vec<usize> {
         let mut s = vec![1; rank];
         s[0] = self.b;
@@ -121,16 +137,21 @@ fn norm_row<T>(eps: f64, x: &[T], scale: &[T], shift: &[T], y: &mut [T]) {
 }
 }
 
-fn norm_forward<T: Elem + Float>(dm: &Dims, eps: f64, x: &[T], scale: &[T], shift: &[T]) -> Vec<T> {
+pub(super) fn norm_forward<T: Elem + Float>(
+    dm: &Dims,
+    op: &NormChunks,
+    x: &[T],
+    m: &[T],
+) -> Vec<T> {
     let d = dm.d;
     let mut y = vec![T::ZERO; dm.len()];
     for_each_row(d, &mut y, |r, yr| {
         let item = r / dm.n;
         norm_row(
-            eps,
+            op.eps,
             &x[r * d..(r + 1) * d],
-            &scale[item * d..(item + 1) * d],
-            &shift[item * d..(item + 1) * d],
+            dm.chunk(m, item, op.scale),
+            dm.chunk(m, item, op.shift),
             yr,
         )
     });
@@ -189,23 +210,38 @@ fn norm_backward_item<T>(
 }
 }
 
-/// Packed [gx (B·N·D) | gscale (B·D) | gshift (B·D)].
-fn norm_backward<T: Elem + Float>(dm: &Dims, eps: f64, x: &[T], scale: &[T], gy: &[T]) -> Vec<T> {
-    let (item, d) = (dm.n * dm.d, dm.d);
-    let mut out = vec![T::ZERO; dm.len() + 2 * dm.per_item()];
+/// Packed [gx (B·N·D) | gm (B·C·D)], gm zero but in the chunks `scale` and `shift`.
+pub(super) fn norm_backward<T: Elem + Float>(
+    dm: &Dims,
+    op: &NormChunks,
+    x: &[T],
+    m: &[T],
+    gy: &[T],
+) -> Vec<T> {
+    let (item, d, cd) = (dm.n * dm.d, dm.d, dm.chunks * dm.d);
+    let mut out = vec![T::ZERO; dm.len() + dm.modulation()];
     if item == 0 {
         return out;
     }
-    let (gx, rest) = out.split_at_mut(dm.len());
-    let (gscale, gshift) = rest.split_at_mut(dm.per_item());
+    let (gx, gm) = out.split_at_mut(dm.len());
+    let (scale, shift) = (op.scale * d, op.shift * d);
     gx.par_chunks_mut(item)
-        .zip(gscale.par_chunks_mut(d).zip(gshift.par_chunks_mut(d)))
+        .zip(gm.par_chunks_mut(cd))
         .zip(x.par_chunks(item).zip(gy.par_chunks(item)))
-        .zip(scale.par_chunks(d))
+        .zip(m.par_chunks(cd))
         .for_each_init(
-            || vec![T::ZERO; d],
-            |t, (((gxi, (gsi, ghi)), (xi, gyi)), si)| {
-                norm_backward_item(d, eps, xi, gyi, si, gxi, gsi, ghi, t)
+            || (vec![T::ZERO; d], vec![T::ZERO; d], vec![T::ZERO; d]),
+            |(t, gs, gh), (((gxi, gmi), (xi, gyi)), mi)| {
+                gs.fill(T::ZERO);
+                gh.fill(T::ZERO);
+                norm_backward_item(d, op.eps, xi, gyi, &mi[scale..scale + d], gxi, gs, gh, t);
+                // (the two chunks may be one: scale and shift then add up)
+                for (o, &v) in gmi[scale..scale + d].iter_mut().zip(gs.iter()) {
+                    *o += v;
+                }
+                for (o, &v) in gmi[shift..shift + d].iter_mut().zip(gh.iter()) {
+                    *o += v;
+                }
             },
         );
     out
@@ -220,14 +256,20 @@ fn gated_row<T>(x: &[T], gate: &[T], h: &[T], y: &mut [T]) {
 }
 }
 
-fn gated_forward<T: Elem + Float>(dm: &Dims, x: &[T], gate: &[T], h: &[T]) -> Vec<T> {
+pub(super) fn gated_forward<T: Elem + Float>(
+    dm: &Dims,
+    gate: usize,
+    x: &[T],
+    m: &[T],
+    h: &[T],
+) -> Vec<T> {
     let d = dm.d;
     let mut y = vec![T::ZERO; dm.len()];
     for_each_row(d, &mut y, |r, yr| {
         let item = r / dm.n;
         gated_row(
             &x[r * d..(r + 1) * d],
-            &gate[item * d..(item + 1) * d],
+            dm.chunk(m, item, gate),
             &h[r * d..(r + 1) * d],
             yr,
         )
@@ -258,77 +300,171 @@ fn gated_backward_item<T>(d: usize, gy: &[T], gate: &[T], h: &[T], gh: &mut [T],
 }
 }
 
-/// Packed [gh (B·N·D) | ggate (B·D)].
-fn gated_backward<T: Elem + Float>(dm: &Dims, gate: &[T], h: &[T], gy: &[T]) -> Vec<T> {
-    let (item, d) = (dm.n * dm.d, dm.d);
-    let mut out = vec![T::ZERO; dm.len() + dm.per_item()];
+/// Packed [gh (B·N·D) | gm (B·C·D)], gm zero but in the chunk `gate`.
+pub(super) fn gated_backward<T: Elem + Float>(
+    dm: &Dims,
+    gate: usize,
+    m: &[T],
+    h: &[T],
+    gy: &[T],
+) -> Vec<T> {
+    let (item, d, cd) = (dm.n * dm.d, dm.d, dm.chunks * dm.d);
+    let mut out = vec![T::ZERO; dm.len() + dm.modulation()];
     if item == 0 {
         return out;
     }
-    let (gh, ggate) = out.split_at_mut(dm.len());
+    let (gh, gm) = out.split_at_mut(dm.len());
+    let g0 = gate * d;
     gh.par_chunks_mut(item)
-        .zip(ggate.par_chunks_mut(d))
+        .zip(gm.par_chunks_mut(cd))
         .zip(gy.par_chunks(item).zip(h.par_chunks(item)))
-        .zip(gate.par_chunks(d))
-        .for_each(|(((ghi, ggi), (gyi, hi)), gi)| gated_backward_item(d, gyi, gi, hi, ghi, ggi));
+        .zip(m.par_chunks(cd))
+        .for_each(|(((ghi, gmi), (gyi, hi)), mi)| {
+            gated_backward_item(d, gyi, &mi[g0..g0 + d], hi, ghi, &mut gmi[g0..g0 + d])
+        });
     out
 }
 
+/// The chunks of m a modulated LayerNorm reads, and its ε.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Kind {
-    /// [`modulated_layer_norm`] with its ε.
-    Norm(f64),
-    /// [`gated_residual`].
-    Gated,
+pub(super) struct NormChunks {
+    pub(super) shift: usize,
+    pub(super) scale: usize,
+    pub(super) eps: f64,
 }
 
-/// Operands and result of each pass.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Pass {
-    /// Norm: (x, scale, shift) -> y. Gated: (x, gate, h) -> y.
-    Forward,
-    /// Norm: (x, scale, gy) -> [gx | gscale | gshift]. Gated: (gate, h, gy) -> [gh | ggate].
-    Backward,
-}
-
-struct AdaOp {
+/// (x, m) -> y, differentiable; its backward (x, m, gy) -> [gx | gm].
+struct NormOp {
     dims: Dims,
-    kind: Kind,
-    pass: Pass,
+    chunks: NormChunks,
 }
 
-impl AdaOp {
-    fn run<T: Elem + Float + candle_core::WithDType>(
+/// (x, m, h) -> y, differentiable; its backward (m, h, gy) -> [gh | gm].
+struct GatedOp {
+    dims: Dims,
+    gate: usize,
+    backward: bool,
+}
+
+/// The contiguous elements of operand `s` as T.
+fn slice<'a, T: candle_core::WithDType>((s, l): (&'a CpuStorage, &Layout)) -> CResult<&'a [T]> {
+    contiguous(s.as_slice::<T>()?, l)
+}
+
+impl NormOp {
+    fn forward<T: Elem + Float + candle_core::WithDType>(
         &self,
-        (s1, l1): (&CpuStorage, &Layout),
-        (s2, l2): (&CpuStorage, &Layout),
-        (s3, l3): (&CpuStorage, &Layout),
+        x: (&CpuStorage, &Layout),
+        m: (&CpuStorage, &Layout),
     ) -> CResult<(CpuStorage, Shape)> {
-        let a = contiguous(s1.as_slice::<T>()?, l1)?;
-        let b = contiguous(s2.as_slice::<T>()?, l2)?;
-        let c = contiguous(s3.as_slice::<T>()?, l3)?;
-        let dm = &self.dims;
-        let out = match (self.kind, self.pass) {
-            (Kind::Norm(eps), Pass::Forward) => norm_forward(dm, eps, a, b, c),
-            (Kind::Norm(eps), Pass::Backward) => norm_backward(dm, eps, a, b, c),
-            (Kind::Gated, Pass::Forward) => gated_forward(dm, a, b, c),
-            (Kind::Gated, Pass::Backward) => gated_backward(dm, a, b, c),
-        };
-        let shape = match self.pass {
-            Pass::Forward => l1.shape().clone(),
-            Pass::Backward => Shape::from(out.len()),
-        };
-        Ok((T::storage(out), shape))
+        let y = norm_forward(&self.dims, &self.chunks, slice(x)?, slice(m)?);
+        Ok((T::storage(y), x.1.shape().clone()))
+    }
+
+    fn backward<T: Elem + Float + candle_core::WithDType>(
+        &self,
+        x: (&CpuStorage, &Layout),
+        m: (&CpuStorage, &Layout),
+        gy: (&CpuStorage, &Layout),
+    ) -> CResult<(CpuStorage, Shape)> {
+        let out = norm_backward(&self.dims, &self.chunks, slice(x)?, slice(m)?, slice(gy)?);
+        let n = out.len();
+        Ok((T::storage(out), Shape::from(n)))
     }
 }
 
-impl CustomOp3 for AdaOp {
+impl CustomOp2 for NormOp {
     fn name(&self) -> &'static str {
-        match (self.kind, self.pass) {
-            (Kind::Norm(_), Pass::Forward) => "ferrodiff-modulated-layer-norm",
-            (Kind::Norm(_), Pass::Backward) => "ferrodiff-modulated-layer-norm-backward",
-            (Kind::Gated, Pass::Forward) => "ferrodiff-gated-residual",
-            (Kind::Gated, Pass::Backward) => "ferrodiff-gated-residual-backward",
+        "ferrodiff-modulated-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        match s1 {
+            CpuStorage::F32(_) => self.forward::<f32>((s1, l1), (s2, l2)),
+            CpuStorage::F64(_) => self.forward::<f64>((s1, l1), (s2, l2)),
+            _ => Err(msg("modulated_layer_norm: the CPU kernel takes f32 or f64")),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        m: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let dm = self.dims;
+        let packed = x.apply_op3_no_bwd(m, &gy.contiguous()?, self)?;
+        let gx = x
+            .track_op()
+            .then(|| packed.narrow(0, 0, dm.len())?.reshape(x.shape()))
+            .transpose()?;
+        let gm = m
+            .track_op()
+            .then(|| {
+                packed
+                    .narrow(0, dm.len(), dm.modulation())?
+                    .reshape(m.shape())
+            })
+            .transpose()?;
+        Ok((gx, gm))
+    }
+}
+
+/// The backward pass of [`NormOp`].
+impl CustomOp3 for NormOp {
+    fn name(&self) -> &'static str {
+        "ferrodiff-modulated-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        match s1 {
+            CpuStorage::F32(_) => self.backward::<f32>((s1, l1), (s2, l2), (s3, l3)),
+            CpuStorage::F64(_) => self.backward::<f64>((s1, l1), (s2, l2), (s3, l3)),
+            _ => Err(msg("modulated_layer_norm: the CPU kernel takes f32 or f64")),
+        }
+    }
+}
+
+impl GatedOp {
+    fn run<T: Elem + Float + candle_core::WithDType>(
+        &self,
+        a: (&CpuStorage, &Layout),
+        b: (&CpuStorage, &Layout),
+        c: (&CpuStorage, &Layout),
+    ) -> CResult<(CpuStorage, Shape)> {
+        let dm = &self.dims;
+        if self.backward {
+            let out = gated_backward(dm, self.gate, slice(a)?, slice(b)?, slice(c)?);
+            let n = out.len();
+            Ok((T::storage(out), Shape::from(n)))
+        } else {
+            let y = gated_forward(dm, self.gate, slice(a)?, slice(b)?, slice(c)?);
+            Ok((T::storage(y), a.1.shape().clone()))
+        }
+    }
+}
+
+impl CustomOp3 for GatedOp {
+    fn name(&self) -> &'static str {
+        if self.backward {
+            "ferrodiff-gated-residual-backward"
+        } else {
+            "ferrodiff-gated-residual"
         }
     }
 
@@ -353,88 +489,80 @@ impl CustomOp3 for AdaOp {
 
     fn bwd(
         &self,
-        a: &Tensor,
-        b: &Tensor,
-        c: &Tensor,
+        x: &Tensor,
+        m: &Tensor,
+        h: &Tensor,
         _y: &Tensor,
         gy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if self.pass != Pass::Forward {
+        if self.backward {
             return Err(candle_core::Error::BackwardNotSupported { op: self.name() });
         }
         let dm = self.dims;
-        let (len, per_item) = (dm.len(), dm.per_item());
         let gy = gy.contiguous()?;
-        let back = AdaOp {
-            pass: Pass::Backward,
+        let back = GatedOp {
+            backward: true,
             ..*self
         };
-        match self.kind {
-            Kind::Norm(_) => {
-                let (x, scale) = (a, b);
-                let packed = x.apply_op3_no_bwd(scale, &gy, &back)?;
-                let gx = x
-                    .track_op()
-                    .then(|| packed.narrow(0, 0, len)?.reshape(x.shape()))
-                    .transpose()?;
-                let gscale = packed.narrow(0, len, per_item)?.reshape((dm.b, dm.d))?;
-                let gshift = packed
-                    .narrow(0, len + per_item, per_item)?
-                    .reshape((dm.b, dm.d))?;
-                Ok((gx, Some(gscale), Some(gshift)))
-            }
-            Kind::Gated => {
-                let (x, gate, h) = (a, b, c);
-                let packed = gate.apply_op3_no_bwd(h, &gy, &back)?;
-                let gh = packed.narrow(0, 0, len)?.reshape(h.shape())?;
-                let ggate = packed.narrow(0, len, per_item)?.reshape((dm.b, dm.d))?;
-                Ok((x.track_op().then(|| gy.clone()), Some(ggate), Some(gh)))
-            }
-        }
+        let packed = m.apply_op3_no_bwd(h, &gy, &back)?;
+        let gh = h
+            .track_op()
+            .then(|| packed.narrow(0, 0, dm.len())?.reshape(h.shape()))
+            .transpose()?;
+        let gm = m
+            .track_op()
+            .then(|| {
+                packed
+                    .narrow(0, dm.len(), dm.modulation())?
+                    .reshape(m.shape())
+            })
+            .transpose()?;
+        Ok((x.track_op().then(|| gy.clone()), gm, gh))
     }
 }
 
-/// LN(x) · (1 + scale) + shift for x [B, ..., D] and scale, shift [B, D] (broadcast over the
-/// middle dimensions); LN normalises over the last dimension, without affine parameters, with
-/// ε = `eps`. Differentiable in all three.
+/// LN(x) · (1 + scale) + shift for x [B, ..., D], with scale and shift the chunks `scale` and
+/// `shift` of the modulation m [B, C·D] (broadcast over the middle dimensions); LN normalises
+/// over the last dimension, without affine parameters, with ε = `eps`. Differentiable in x
+/// and m.
 pub fn modulated_layer_norm(
     x: &Tensor,
-    scale: &Tensor,
-    shift: &Tensor,
+    m: &Tensor,
+    shift: usize,
+    scale: usize,
     eps: f64,
 ) -> CResult<Tensor> {
-    const WHAT: &str = "modulated_layer_norm";
-    let dims = Dims::new(WHAT, x.dims())?;
-    dims.check_per_item(WHAT, "scale", scale)?;
-    dims.check_per_item(WHAT, "shift", shift)?;
+    let dims = Dims::new("modulated_layer_norm", x.dims(), m.dims(), &[shift, scale])?;
     if !use_kernel(x) {
-        return modulated_layer_norm_reference(x, scale, shift, eps);
+        return modulated_layer_norm_reference(x, m, shift, scale, eps);
     }
-    x.contiguous()?.apply_op3(
-        &scale.contiguous()?,
-        &shift.contiguous()?,
-        AdaOp {
+    x.contiguous()?.apply_op2(
+        &m.contiguous()?,
+        NormOp {
             dims,
-            kind: Kind::Norm(eps),
-            pass: Pass::Forward,
+            chunks: NormChunks { shift, scale, eps },
         },
     )
 }
 
 /// LN(x) over the last dimension without affine parameters (the kernel of
-/// [`modulated_layer_norm`] with scale = shift = 0).
+/// [`modulated_layer_norm`] with a zero modulation).
 pub fn layer_norm(x: &Tensor, eps: f64) -> CResult<Tensor> {
-    let dims = Dims::new("layer_norm", x.dims())?;
-    let zeros = Tensor::zeros((dims.b, dims.d), x.dtype(), x.device())?;
-    modulated_layer_norm(x, &zeros, &zeros, eps)
+    let (Some(&b), Some(&d)) = (x.dims().first(), x.dims().last()) else {
+        return Err(msg(format!(
+            "layer_norm: x must be [B, ..., D], got {:?}",
+            x.dims()
+        )));
+    };
+    let zeros = Tensor::zeros((b, d), x.dtype(), x.device())?;
+    modulated_layer_norm(x, &zeros, 0, 0, eps)
 }
 
-/// x + gate ⊙ h for x, h [B, ..., D] and gate [B, D] (broadcast over the middle dimensions).
-/// Differentiable in all three.
-pub fn gated_residual(x: &Tensor, gate: &Tensor, h: &Tensor) -> CResult<Tensor> {
+/// x + gate ⊙ h for x, h [B, ..., D] and gate the chunk `gate` of the modulation m [B, C·D]
+/// (broadcast over the middle dimensions). Differentiable in all three.
+pub fn gated_residual(x: &Tensor, m: &Tensor, gate: usize, h: &Tensor) -> CResult<Tensor> {
     const WHAT: &str = "gated_residual";
-    let dims = Dims::new(WHAT, x.dims())?;
-    dims.check_per_item(WHAT, "gate", gate)?;
+    let dims = Dims::new(WHAT, x.dims(), m.dims(), &[gate])?;
     if h.dims() != x.dims() {
         return Err(msg(format!(
             "{WHAT}: h has shape {:?} but x has {:?}",
@@ -443,15 +571,15 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, h: &Tensor) -> CResult<Tensor> 
         )));
     }
     if !use_kernel(x) {
-        return gated_residual_reference(x, gate, h);
+        return gated_residual_reference(x, m, gate, h);
     }
     x.contiguous()?.apply_op3(
-        &gate.contiguous()?,
+        &m.contiguous()?,
         &h.contiguous()?,
-        AdaOp {
+        GatedOp {
             dims,
-            kind: Kind::Gated,
-            pass: Pass::Forward,
+            gate,
+            backward: false,
         },
     )
 }
@@ -459,25 +587,35 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, h: &Tensor) -> CResult<Tensor> 
 /// [`modulated_layer_norm`] from candle's ops (the fallback, and the tests' reference).
 pub fn modulated_layer_norm_reference(
     x: &Tensor,
-    scale: &Tensor,
-    shift: &Tensor,
+    m: &Tensor,
+    shift: usize,
+    scale: usize,
     eps: f64,
 ) -> CResult<Tensor> {
-    let dims = Dims::new("modulated_layer_norm", x.dims())?;
+    let dims = Dims::new("modulated_layer_norm", x.dims(), m.dims(), &[shift, scale])?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let centred = x.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
     let xhat = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
     let shape = dims.broadcast_shape(x.rank());
-    xhat.broadcast_mul(&(scale + 1.0)?.reshape(shape.as_slice())?)?
-        .broadcast_add(&shift.reshape(shape.as_slice())?)
+    let chunk = |c: usize| m.narrow(1, c * dims.d, dims.d)?.reshape(shape.as_slice());
+    xhat.broadcast_mul(&(chunk(scale)? + 1.0)?)?
+        .broadcast_add(&chunk(shift)?)
 }
 
 /// [`gated_residual`] from candle's ops (the fallback, and the tests' reference).
-pub fn gated_residual_reference(x: &Tensor, gate: &Tensor, h: &Tensor) -> CResult<Tensor> {
-    let dims = Dims::new("gated_residual", x.dims())?;
+pub fn gated_residual_reference(
+    x: &Tensor,
+    m: &Tensor,
+    gate: usize,
+    h: &Tensor,
+) -> CResult<Tensor> {
+    let dims = Dims::new("gated_residual", x.dims(), m.dims(), &[gate])?;
     let shape = dims.broadcast_shape(x.rank());
-    x + h.broadcast_mul(&gate.reshape(shape.as_slice())?)?
+    let g = m
+        .narrow(1, gate * dims.d, dims.d)?
+        .reshape(shape.as_slice())?;
+    x + h.broadcast_mul(&g)?
 }
 
 #[cfg(test)]
@@ -502,31 +640,42 @@ mod tests {
         &[3, 5, 64],
     ];
 
+    /// Modulations have three chunks; the norm reads shift 2 and scale 0, the gate chunk 1.
+    const CHUNKS: usize = 3;
+
+    fn norm(x: &Tensor, m: &Tensor, _h: &Tensor) -> CResult<Tensor> {
+        modulated_layer_norm(x, m, 2, 0, LAYER_NORM_EPS)
+    }
+
+    fn norm_reference(x: &Tensor, m: &Tensor, _h: &Tensor) -> CResult<Tensor> {
+        modulated_layer_norm_reference(x, m, 2, 0, LAYER_NORM_EPS)
+    }
+
+    fn gated(x: &Tensor, m: &Tensor, h: &Tensor) -> CResult<Tensor> {
+        gated_residual(x, m, 1, h)
+    }
+
+    fn gated_reference(x: &Tensor, m: &Tensor, h: &Tensor) -> CResult<Tensor> {
+        gated_residual_reference(x, m, 1, h)
+    }
+
     type Three = fn(&Tensor, &Tensor, &Tensor) -> CResult<Tensor>;
 
-    fn norm(x: &Tensor, s: &Tensor, h: &Tensor) -> CResult<Tensor> {
-        modulated_layer_norm(x, s, h, LAYER_NORM_EPS)
-    }
-
-    fn norm_reference(x: &Tensor, s: &Tensor, h: &Tensor) -> CResult<Tensor> {
-        modulated_layer_norm_reference(x, s, h, LAYER_NORM_EPS)
-    }
-
-    /// Operands (x, per-item, h or shift) of an op on x of `shape`: x has a large mean
-    /// against its spread in some rows, which the two-pass statistics must survive.
+    /// (x, m [B, 3·D], h): x has a large mean against its spread, which the two-pass statistics
+    /// must survive.
     fn operands(shape: &[usize], seed: usize, dtype: DType) -> [Tensor; 3] {
         let b = shape[0];
         let d = shape[shape.len() - 1];
         let x = (filled(shape, seed, DType::F64, 2.0) + 3.0).unwrap();
         [
             x.to_dtype(dtype).unwrap(),
-            filled(&[b, d], seed + 1, dtype, 1.5),
+            filled(&[b, CHUNKS * d], seed + 1, dtype, 1.5),
             filled(shape, seed + 2, dtype, 1.0),
         ]
     }
 
-    /// Value and the gradients of Σ y · probe with respect to the three operands. For the norm
-    /// the third operand is the shift [B, D], for the gated residual h (x's shape).
+    /// Value and the gradients of Σ y · probe with respect to the three operands (zero for an
+    /// operand the op does not read).
     fn run(f: Three, ops: &[Tensor; 3]) -> Vec<Tensor> {
         let vars = ops.clone().map(|t| Var::from_tensor(&t).unwrap());
         let y = f(
@@ -543,33 +692,29 @@ mod tests {
             .backward()
             .unwrap();
         let mut out = vec![y];
-        out.extend(vars.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()));
+        out.extend(vars.iter().map(|v| match g.get(v.as_tensor()) {
+            Some(t) => t.clone(),
+            None => v.as_tensor().zeros_like().unwrap(),
+        }));
         out
     }
 
-    /// The norm's operands: the third is the shift, [B, D].
-    fn norm_operands(shape: &[usize], seed: usize, dtype: DType) -> [Tensor; 3] {
-        let [x, s, _] = operands(shape, seed, dtype);
-        let h = filled(s.dims(), seed + 3, dtype, 0.5);
-        [x, s, h]
-    }
-
-    fn compare(f: Three, reference: Three, ops: fn(&[usize], usize, DType) -> [Tensor; 3]) {
+    fn compare(f: Three, reference: Three) {
         let up = |ts: Vec<Tensor>| -> Vec<Tensor> {
             ts.iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect()
         };
         for (case, shape) in SHAPES.iter().enumerate() {
-            let o64 = ops(shape, case, DType::F64);
-            let o32 = ops(shape, case, DType::F32);
+            let o64 = operands(shape, case, DType::F64);
+            let o32 = operands(shape, case, DType::F32);
             let truth = run(reference, &o64);
             let ours = run(f, &o64);
             let ours32 = up(run(f, &o32));
             let candle32 = up(run(reference, &o32));
             for i in 0..4 {
-                let name = ["y", "g0", "g1", "g2"][i];
-                let e = max_rel(&ours[i], &truth[i]);
+                let name = ["y", "gx", "gm", "gh"][i];
                 // 1e-10: rows of two elements have x̂ = ±1 and an input gradient that is all
                 // rounding (it vanishes but for ε).
+                let e = max_rel(&ours[i], &truth[i]);
                 assert!(e < 1e-10, "f64 {shape:?} {name}: relative error {e}");
                 let (e32, c32) = (
                     max_rel(&ours32[i], &truth[i]),
@@ -585,12 +730,24 @@ mod tests {
 
     #[test]
     fn modulated_layer_norm_matches_candle_ops_in_f64_and_f32() {
-        compare(norm, norm_reference, norm_operands);
+        compare(norm, norm_reference);
     }
 
     #[test]
     fn gated_residual_matches_candle_ops_in_f64_and_f32() {
-        compare(gated_residual, gated_residual_reference, operands);
+        compare(gated, gated_reference);
+    }
+
+    /// Shift and scale from the same chunk: their gradients add up.
+    #[test]
+    fn one_chunk_as_both_shift_and_scale_gets_both_gradients() {
+        let f: Three = |x, m, _| modulated_layer_norm(x, m, 1, 1, LAYER_NORM_EPS);
+        let r: Three = |x, m, _| modulated_layer_norm_reference(x, m, 1, 1, LAYER_NORM_EPS);
+        let ops = operands(&[2, 5, 8], 3, DType::F64);
+        let (a, b) = (run(f, &ops), run(r, &ops));
+        for i in 0..3 {
+            assert!(max_rel(&a[i], &b[i]) < 1e-12, "{i}");
+        }
     }
 
     /// Central finite differences of Σ probe · f(operands) for a few entries of each operand.
@@ -633,8 +790,8 @@ mod tests {
             .iter()
             .enumerate()
         {
-            check_finite_differences(norm, &norm_operands(shape, case + 20, DType::F64));
-            check_finite_differences(gated_residual, &operands(shape, case + 30, DType::F64));
+            check_finite_differences(norm, &operands(shape, case + 20, DType::F64));
+            check_finite_differences(gated, &operands(shape, case + 30, DType::F64));
         }
     }
 
@@ -659,11 +816,10 @@ mod tests {
 
     #[test]
     fn results_are_bit_identical_for_any_thread_count() {
-        let n = norm_operands(&[6, 40, 200], 1, DType::F32);
-        let g = operands(&[6, 40, 200], 2, DType::F32);
+        let ops = operands(&[6, 40, 200], 1, DType::F32);
         assert_same_for_any_thread_count(|| {
-            let a = run(norm, &n);
-            let b = run(gated_residual, &g);
+            let a = run(norm, &ops);
+            let b = run(gated, &ops);
             let all: Vec<&Tensor> = a.iter().chain(&b).collect();
             flat::<f32>(&all)
         });
@@ -673,8 +829,8 @@ mod tests {
     fn constant_rows_stay_finite() {
         // A constant row has zero variance: x̂ = 0, y = shift, and no NaN in the gradients.
         let x = Tensor::full(2.0f32, (2, 3, 8), &Device::Cpu).unwrap();
-        let s = filled(&[2, 8], 1, DType::F32, 1.0);
-        let out = run(norm, &[x, s.clone(), s]);
+        let m = filled(&[2, 24], 1, DType::F32, 1.0);
+        let out = run(norm, &[x, m, filled(&[2, 3, 8], 2, DType::F32, 1.0)]);
         for t in &out {
             let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
             assert!(v.iter().all(|x| x.is_finite()));
@@ -685,13 +841,17 @@ mod tests {
     fn bad_shapes_are_errors() {
         let t = |s: &[usize]| filled(s, 0, DType::F32, 1.0);
         let x = t(&[2, 3, 4]);
-        assert!(norm(&x, &t(&[2, 4]), &t(&[2, 4])).is_ok());
-        assert!(norm(&x, &t(&[2, 3]), &t(&[2, 4])).is_err());
-        assert!(norm(&x, &t(&[2, 4]), &t(&[1, 4])).is_err());
-        assert!(norm(&t(&[4]), &t(&[4, 4]), &t(&[4, 4])).is_err());
-        assert!(gated_residual(&x, &t(&[2, 4]), &t(&[2, 3, 5])).is_err());
-        assert!(gated_residual(&x, &t(&[3, 4]), &x).is_err());
-        let e = norm(&x, &t(&[2, 4]).to_dtype(DType::F64).unwrap(), &t(&[2, 4]));
-        assert!(e.is_err());
+        let eps = LAYER_NORM_EPS;
+        assert!(modulated_layer_norm(&x, &t(&[2, 8]), 0, 1, eps).is_ok());
+        assert!(modulated_layer_norm(&x, &t(&[2, 8]), 0, 2, eps).is_err());
+        assert!(modulated_layer_norm(&x, &t(&[2, 7]), 0, 1, eps).is_err());
+        assert!(modulated_layer_norm(&x, &t(&[1, 8]), 0, 1, eps).is_err());
+        assert!(modulated_layer_norm(&x, &t(&[2, 2, 4]), 0, 1, eps).is_err());
+        assert!(modulated_layer_norm(&t(&[4]), &t(&[4, 4]), 0, 0, eps).is_err());
+        assert!(gated_residual(&x, &t(&[2, 4]), 0, &t(&[2, 3, 5])).is_err());
+        assert!(gated_residual(&x, &t(&[3, 4]), 0, &x).is_err());
+        assert!(gated_residual(&x, &t(&[2, 4]), 1, &x).is_err());
+        let m64 = t(&[2, 8]).to_dtype(DType::F64).unwrap();
+        assert!(modulated_layer_norm(&x, &m64, 0, 1, eps).is_err());
     }
 }

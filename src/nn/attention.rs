@@ -23,7 +23,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::kernels::{matmul, msg, use_kernel, Elem};
+use super::kernels::{matmul, matmul_strided, msg, use_kernel, Elem};
+use crate::kernels::simd::avx2_twin;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -33,29 +34,29 @@ type CResult<T> = candle_core::Result<T>;
 pub const ROW_BLOCK: usize = 64;
 
 /// The arithmetic the softmax needs on top of [`Elem`].
-trait Float:
+pub(super) trait Float:
     Elem
-    + PartialOrd
+    + num_traits::Float
     + std::ops::Add<Output = Self>
     + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
     + std::ops::Div<Output = Self>
     + std::ops::MulAssign
 {
-    const NEG_INFINITY: Self;
-    fn exp(self) -> Self;
     fn from_f64(x: f64) -> Self;
+    /// Shifted scores below this have e^x = 0 in the softmax: [`Elem::fast_exp`] stops at
+    /// e^-87 for f32, where the exact exp goes on to denormals and 0 (f64's exp is exact).
+    fn exp_floor() -> Self;
     /// The elements of a storage of this type.
     fn slice(s: &CpuStorage) -> Option<&[Self]>;
 }
 
 impl Float for f32 {
-    const NEG_INFINITY: Self = f32::NEG_INFINITY;
-    fn exp(self) -> Self {
-        f32::exp(self)
-    }
     fn from_f64(x: f64) -> Self {
         x as f32
+    }
+    fn exp_floor() -> Self {
+        -87.0
     }
     fn slice(s: &CpuStorage) -> Option<&[Self]> {
         match s {
@@ -66,12 +67,11 @@ impl Float for f32 {
 }
 
 impl Float for f64 {
-    const NEG_INFINITY: Self = f64::NEG_INFINITY;
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
     fn from_f64(x: f64) -> Self {
         x
+    }
+    fn exp_floor() -> Self {
+        f64::NEG_INFINITY
     }
     fn slice(s: &CpuStorage) -> Option<&[Self]> {
         match s {
@@ -150,25 +150,48 @@ fn probabilities<T: Float>(g: &Dims, rows: usize, qb: &[T], k: &[T], scale: T, s
         k,
         (d as isize, 1),
     );
-    for row in s[..rows * m].chunks_exact_mut(m) {
+    softmax_rows(&mut s[..rows * m], m, scale, T::exp_floor());
+}
+
+avx2_twin! {
+/// Each row of `s` (rows of `m` scores) replaced by softmax(row · scale); shifted scores below
+/// `floor` count as e^x = 0.
+fn softmax_rows<T>(s: &mut [T], m: usize, scale: T, floor: T) {
+    for row in s.chunks_exact_mut(m) {
         // The scores are scaled on the fly (no pass writing them back); the max is of the
         // same rounded products, so every shifted score is ≤ 0 and exp cannot overflow.
         let max = scaled_max(row, scale);
-        let mut sum = T::ZERO;
         for x in row.iter_mut() {
-            *x = (*x * scale - max).exp();
-            sum += *x;
+            let z = *x * scale - max;
+            let e = z.fast_exp();
+            *x = if z < floor { T::ZERO } else { e };
         }
-        let inv = T::ONE / sum;
+        let inv = T::ONE / lane_sum(row);
         for x in row.iter_mut() {
-            *x *= inv;
+            *x = *x * inv;
         }
     }
 }
+}
+
+avx2_twin! {
+/// The softmax's backward, row by row: ds = p ∘ (dp − rowsum(p ∘ dp)) · scale, in dp.
+fn softmax_backward_rows<T>(p: &[T], dp: &mut [T], m: usize, scale: T) {
+    for (pr, dpr) in p.chunks_exact(m).zip(dp.chunks_exact_mut(m)) {
+        let delta = dot(pr, dpr);
+        for (&a, x) in pr.iter().zip(dpr.iter_mut()) {
+            *x = a * (*x - delta) * scale;
+        }
+    }
+}
+}
+
+/// Lanes of the vectorised reductions: independent partial sums in a fixed order.
+const LANES: usize = 8;
 
 /// Σ a_j b_j, over eight independent lanes so that the compiler vectorises it.
-fn dot<T: Float>(a: &[T], b: &[T]) -> T {
-    const LANES: usize = 8;
+#[inline(always)]
+fn dot<T: Elem + num_traits::Float>(a: &[T], b: &[T]) -> T {
     let mut lanes = [T::ZERO; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -183,12 +206,30 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     lanes.into_iter().fold(T::ZERO, |a, b| a + b)
 }
 
+/// Σ a_j, over eight independent lanes.
+#[inline(always)]
+fn lane_sum<T: Elem + num_traits::Float>(a: &[T]) -> T {
+    let mut lanes = [T::ZERO; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += x;
+        }
+    }
+    for (l, &x) in lanes.iter_mut().zip(rest) {
+        *l += x;
+    }
+    lanes.into_iter().fold(T::ZERO, |a, b| a + b)
+}
+
 /// max_j row_j · scale, over eight independent lanes so that the compiler vectorises it (a
 /// float max is not associative for it to reorder); NaNs are skipped. Rounding is monotonic,
 /// so this is exactly the max of the rounded products the softmax then shifts by.
-fn scaled_max<T: Float>(row: &[T], scale: T) -> T {
-    const LANES: usize = 8;
-    let mut lanes = [T::NEG_INFINITY; LANES];
+#[inline(always)]
+fn scaled_max<T: Elem + num_traits::Float>(row: &[T], scale: T) -> T {
+    let neg_inf = T::neg_infinity();
+    let mut lanes = [neg_inf; LANES];
     let chunks = row.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
@@ -203,7 +244,7 @@ fn scaled_max<T: Float>(row: &[T], scale: T) -> T {
     }
     lanes
         .into_iter()
-        .fold(T::NEG_INFINITY, |a, b| if b > a { b } else { a })
+        .fold(neg_inf, |a, b| if b > a { b } else { a })
 }
 
 fn attention_forward<T: Float>(g: &Dims, scale: f64, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
@@ -318,15 +359,7 @@ fn attention_backward<T: Float>(
                         (d as isize, 1),
                     );
                     // ds = p ∘ (dp − rowsum(p ∘ dp)) · scale, in dp's buffer.
-                    for (pr, dpr) in p[..rows * m]
-                        .chunks_exact(m)
-                        .zip(dp[..rows * m].chunks_exact_mut(m))
-                    {
-                        let delta = dot(pr, dpr);
-                        for (&a, x) in pr.iter().zip(dpr.iter_mut()) {
-                            *x = a * (*x - delta) * scale;
-                        }
-                    }
+                    softmax_backward_rows(&p[..rows * m], &mut dp[..rows * m], m, scale);
                     if needs.q {
                         // dq_blk [rows, d] = ds [rows, m] · k [m, d]
                         matmul(
@@ -495,83 +528,219 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
-/// Self-attention on q, k and v packed in one tensor [3, BH, N, D], as one projection of the
-/// tokens produces them: the backward pass writes the gradient packed the same way
-/// ([dq | dk | dv] is already the kernel's layout), so no narrow or concatenation of q, k, v
-/// or their gradients is needed.
-struct PackedAttention {
-    g: Dims,
+/// Shapes of a multi-head self-attention over tokens: qkv [b, n, 3·heads·hd], the last
+/// dimension ordered (q | k | v, head, width) as one projection of the tokens produces it, and
+/// the output [b, n, heads·hd] ordered (head, width).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct TokenDims {
+    pub(super) b: usize,
+    pub(super) n: usize,
+    pub(super) heads: usize,
+    pub(super) hd: usize,
+}
+
+impl TokenDims {
+    fn d(&self) -> usize {
+        self.heads * self.hd
+    }
+
+    fn qkv_item(&self) -> usize {
+        3 * self.n * self.d()
+    }
+
+    fn out_item(&self) -> usize {
+        self.n * self.d()
+    }
+
+    /// Rows in the first (largest) block.
+    fn block(&self) -> usize {
+        ROW_BLOCK.min(self.n)
+    }
+}
+
+/// Multi-head self-attention read straight from the projection's output and written straight
+/// in the output projection's input layout: the heads are strided views (row stride 3D in
+/// qkv, D in the output), so no split / merge of the heads is materialised, and the backward
+/// pass writes the gradient of qkv in the same layout. One thread per batch item, all its heads.
+struct TokenAttention {
+    g: TokenDims,
     scale: f64,
-    /// (qkv, go) -> [dq | dk | dv] when set; (qkv) -> out otherwise.
-    backward: bool,
 }
 
-impl PackedAttention {
-    /// The three parts of a packed operand.
-    fn parts<'a, T: Float>(&self, s: (&'a CpuStorage, &Layout)) -> CResult<[&'a [T]; 3]> {
-        let all = operand(s)?;
-        let n = self.g.bh * self.g.q_item();
-        if all.len() != 3 * n {
-            return Err(msg("packed attention: qkv has the wrong size"));
-        }
-        Ok([&all[..n], &all[n..2 * n], &all[2 * n..]])
+pub(super) fn token_attention_forward<T: Float>(g: &TokenDims, scale: f64, qkv: &[T]) -> Vec<T> {
+    let mut out = vec![T::ZERO; g.b * g.out_item()];
+    if out.is_empty() {
+        return out;
     }
-
-    fn forward<T: Float>(&self, s: (&CpuStorage, &Layout)) -> CResult<Vec<T>> {
-        let [q, k, v] = self.parts(s)?;
-        Ok(attention_forward(&self.g, self.scale, q, k, v))
-    }
-
-    fn gradients<T: Float>(
-        &self,
-        s: (&CpuStorage, &Layout),
-        go: (&CpuStorage, &Layout),
-    ) -> CResult<Vec<T>> {
-        let [q, k, v] = self.parts(s)?;
-        let needs = Needs {
-            q: true,
-            k: true,
-            v: true,
-        };
-        Ok(attention_backward(
-            &self.g,
-            self.scale,
-            needs,
-            q,
-            k,
-            v,
-            operand(go)?,
-        ))
-    }
+    let (n, hd, d) = (g.n, g.hd, g.d());
+    let (rs, scale) = (3 * d as isize, T::from_f64(scale));
+    out.par_chunks_mut(g.out_item()).enumerate().for_each_init(
+        || vec![T::ZERO; g.block() * n],
+        |s, (b, ob)| {
+            let item = &qkv[b * g.qkv_item()..][..g.qkv_item()];
+            for h in 0..g.heads {
+                let (q, k, v) = (h * hd, d + h * hd, 2 * d + h * hd);
+                for r0 in (0..n).step_by(ROW_BLOCK) {
+                    let rows = ROW_BLOCK.min(n - r0);
+                    // s [rows, n] = q_blk [rows, hd] · kᵀ [hd, n]
+                    matmul(
+                        rows,
+                        n,
+                        hd,
+                        s,
+                        false,
+                        &item[r0 * 3 * d + q..],
+                        (1, rs),
+                        &item[k..],
+                        (rs, 1),
+                    );
+                    softmax_rows(&mut s[..rows * n], n, scale, T::exp_floor());
+                    // out_blk [rows, hd] (rows d apart) = p [rows, n] · v [n, hd]
+                    matmul_strided(
+                        rows,
+                        hd,
+                        n,
+                        &mut ob[r0 * d + h * hd..],
+                        d,
+                        false,
+                        s,
+                        (1, n as isize),
+                        &item[v..],
+                        (1, rs),
+                    );
+                }
+            }
+        },
+    );
+    out
 }
 
-impl CustomOp1 for PackedAttention {
+/// The gradient of qkv [b, n, 3D] from qkv and the output gradient go [b, n, D].
+pub(super) fn token_attention_backward<T: Float>(
+    g: &TokenDims,
+    scale: f64,
+    qkv: &[T],
+    go: &[T],
+) -> Vec<T> {
+    let mut dqkv = vec![T::ZERO; g.b * g.qkv_item()];
+    if dqkv.is_empty() {
+        return dqkv;
+    }
+    let (n, hd, d) = (g.n, g.hd, g.d());
+    let (rs, scale) = (3 * d as isize, T::from_f64(scale));
+    dqkv.par_chunks_mut(g.qkv_item()).enumerate().for_each_init(
+        || (vec![T::ZERO; g.block() * n], vec![T::ZERO; g.block() * n]),
+        |(p, dp), (b, di)| {
+            let item = &qkv[b * g.qkv_item()..][..g.qkv_item()];
+            let goi = &go[b * g.out_item()..][..g.out_item()];
+            for h in 0..g.heads {
+                let (q, k, v) = (h * hd, d + h * hd, 2 * d + h * hd);
+                for r0 in (0..n).step_by(ROW_BLOCK) {
+                    let rows = ROW_BLOCK.min(n - r0);
+                    // dK and dV sum over every block; the first one overwrites.
+                    let accumulate = r0 > 0;
+                    let (qb, gob) = (r0 * 3 * d + q, r0 * d + h * hd);
+                    // p = softmax(q_blk kᵀ · scale), recomputed
+                    matmul(
+                        rows,
+                        n,
+                        hd,
+                        p,
+                        false,
+                        &item[qb..],
+                        (1, rs),
+                        &item[k..],
+                        (rs, 1),
+                    );
+                    softmax_rows(&mut p[..rows * n], n, scale, T::exp_floor());
+                    // dv [n, hd] += pᵀ [n, rows] · go_blk [rows, hd]
+                    matmul_strided(
+                        n,
+                        hd,
+                        rows,
+                        &mut di[v..],
+                        3 * d,
+                        accumulate,
+                        p,
+                        (n as isize, 1),
+                        &goi[gob..],
+                        (1, d as isize),
+                    );
+                    // dp [rows, n] = go_blk [rows, hd] · vᵀ [hd, n]
+                    matmul(
+                        rows,
+                        n,
+                        hd,
+                        dp,
+                        false,
+                        &goi[gob..],
+                        (1, d as isize),
+                        &item[v..],
+                        (rs, 1),
+                    );
+                    // ds = p ∘ (dp − rowsum(p ∘ dp)) · scale, in dp's buffer.
+                    softmax_backward_rows(&p[..rows * n], &mut dp[..rows * n], n, scale);
+                    // dq_blk [rows, hd] = ds [rows, n] · k [n, hd]
+                    matmul_strided(
+                        rows,
+                        hd,
+                        n,
+                        &mut di[qb..],
+                        3 * d,
+                        false,
+                        dp,
+                        (1, n as isize),
+                        &item[k..],
+                        (1, rs),
+                    );
+                    // dk [n, hd] += dsᵀ [n, rows] · q_blk [rows, hd]
+                    matmul_strided(
+                        n,
+                        hd,
+                        rows,
+                        &mut di[k..],
+                        3 * d,
+                        accumulate,
+                        dp,
+                        (n as isize, 1),
+                        &item[qb..],
+                        (1, rs),
+                    );
+                }
+            }
+        },
+    );
+    dqkv
+}
+
+impl CustomOp1 for TokenAttention {
     fn name(&self) -> &'static str {
-        "ferrodiff-packed-attention"
+        "ferrodiff-token-attention"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let g = &self.g;
         let out = match s {
-            CpuStorage::F32(_) => f32::storage(self.forward((s, l))?),
-            CpuStorage::F64(_) => f64::storage(self.forward((s, l))?),
+            CpuStorage::F32(_) => {
+                f32::storage(token_attention_forward(g, self.scale, operand((s, l))?))
+            }
+            CpuStorage::F64(_) => {
+                f64::storage(token_attention_forward(g, self.scale, operand((s, l))?))
+            }
             _ => return Err(msg("attention kernel: only f32 and f64 are supported")),
         };
-        Ok((out, Shape::from((self.g.bh, self.g.n, self.g.d))))
+        Ok((out, Shape::from((g.b, g.n, g.d()))))
     }
 
     fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let back = PackedAttention {
-            backward: true,
-            ..*self
-        };
-        let packed = qkv.apply_op2_no_bwd(&grad.contiguous()?, &back)?;
-        Ok(Some(packed.reshape(qkv.shape())?))
+        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, self)?))
     }
 }
 
-impl CustomOp2 for PackedAttention {
+/// (qkv, go) -> dqkv: the backward pass of [`TokenAttention`].
+impl CustomOp2 for TokenAttention {
     fn name(&self) -> &'static str {
-        "ferrodiff-packed-attention-backward"
+        "ferrodiff-token-attention-backward"
     }
 
     fn cpu_fwd(
@@ -581,38 +750,69 @@ impl CustomOp2 for PackedAttention {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        if !self.backward {
-            return Err(msg("packed attention: the forward takes one operand"));
-        }
+        let g = &self.g;
         let out = match s1 {
-            CpuStorage::F32(_) => f32::storage(self.gradients((s1, l1), (s2, l2))?),
-            CpuStorage::F64(_) => f64::storage(self.gradients((s1, l1), (s2, l2))?),
+            CpuStorage::F32(_) => f32::storage(token_attention_backward(
+                g,
+                self.scale,
+                operand((s1, l1))?,
+                operand((s2, l2))?,
+            )),
+            CpuStorage::F64(_) => f64::storage(token_attention_backward(
+                g,
+                self.scale,
+                operand((s1, l1))?,
+                operand((s2, l2))?,
+            )),
             _ => return Err(msg("attention kernel: only f32 and f64 are supported")),
         };
-        Ok((out, Shape::from(3 * self.g.bh * self.g.q_item())))
+        Ok((out, l1.shape().clone()))
     }
 }
 
-/// softmax(q kᵀ · scale) v for q, k, v packed as qkv [3, BH, N, D] -> [BH, N, D]
-/// (self-attention, where q, k and v come from one projection). Differentiable in qkv; the
-/// gradient comes back packed. CPU f32/f64 tensors run the fused kernel, others
-/// [`attention_reference`] on the three parts.
-pub fn packed_self_attention(qkv: &Tensor, scale: f64) -> CResult<Tensor> {
+/// Multi-head self-attention softmax(Q Kᵀ / √hd) V over tokens, from the output of one
+/// projection qkv [B, N, 3D] whose last dimension is ordered (q | k | v, head, width), to
+/// [B, N, D] ordered (head, width): the input of the output projection. Differentiable in qkv.
+/// CPU f32/f64 tensors run the fused kernel, others [`attention_reference`] after splitting
+/// the heads with candle ops.
+pub fn token_self_attention(qkv: &Tensor, heads: usize) -> CResult<Tensor> {
     let dims = qkv.dims();
-    let &[3, bh, n, d] = dims else {
+    let &[b, n, three_d] = dims else {
         return Err(msg(format!(
-            "packed attention: qkv must be [3, BH, N, D], got {dims:?}"
+            "token attention: qkv must be [B, N, 3D], got {dims:?}"
         )));
     };
-    let g = Dims::new(&[bh, n, d], &[bh, n, d], &[bh, n, d])?;
-    if !use_kernel(qkv) {
-        return attention_reference(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, scale);
+    if heads == 0 || three_d == 0 || !three_d.is_multiple_of(3 * heads) {
+        return Err(msg(format!(
+            "token attention: qkv {dims:?} does not split into q, k, v of {heads} heads"
+        )));
     }
-    qkv.contiguous()?.apply_op1(PackedAttention {
-        g,
-        scale,
-        backward: false,
-    })
+    let g = TokenDims {
+        b,
+        n,
+        heads,
+        hd: three_d / (3 * heads),
+    };
+    let scale = 1.0 / (g.hd as f64).sqrt();
+    if n == 0 {
+        return Err(msg(format!(
+            "token attention needs at least one token, got {dims:?}"
+        )));
+    }
+    if !use_kernel(qkv) {
+        let parts = qkv
+            .reshape((b, n, 3, heads, g.hd))?
+            .permute([2, 0, 3, 1, 4])?
+            .contiguous()?
+            .reshape((3, b * heads, n, g.hd))?;
+        let o = attention_reference(&parts.get(0)?, &parts.get(1)?, &parts.get(2)?, scale)?;
+        return o
+            .reshape((b, heads, n, g.hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, n, g.d()));
+    }
+    qkv.contiguous()?.apply_op1(TokenAttention { g, scale })
 }
 
 /// softmax(q kᵀ · scale) v from candle ops, differentiable through candle's autograd: the row
@@ -879,29 +1079,82 @@ mod tests {
         assert!(mixed.is_err());
     }
 
+    /// token_self_attention against the heads split with candle ops and the reference
+    /// attention, in values and in the gradient of qkv.
     #[test]
-    fn packed_self_attention_equals_attention_on_the_parts_with_packed_gradients() {
-        for (bh, n, d) in [(1, 1, 1), (3, 5, 4), (2, 70, 8)] {
-            let qkv = filled(&[3, bh, n, d], bh + n, DType::F64, 1.0);
-            let probe = filled(&[bh, n, d], 3, DType::F64, 1.0);
-            let packed = Var::from_tensor(&qkv).unwrap();
-            let out = packed_self_attention(packed.as_tensor(), 0.4).unwrap();
+    fn token_self_attention_equals_attention_on_the_split_heads() {
+        for (b, n, heads, hd) in [(1, 1, 1, 1), (3, 5, 2, 4), (2, 70, 3, 8), (2, 16, 4, 32)] {
+            let d = heads * hd;
+            for dtype in [DType::F64, DType::F32] {
+                let qkv = filled(&[b, n, 3 * d], b + n, dtype, 1.0);
+                let probe = filled(&[b, n, d], 3, dtype, 1.0);
+                let run_with = |f: &dyn Fn(&Tensor) -> Tensor| {
+                    let v = Var::from_tensor(&qkv).unwrap();
+                    let out = f(v.as_tensor());
+                    let g = (&out * &probe)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    (out, g.get(v.as_tensor()).unwrap().clone())
+                };
+                let (o1, g1) = run_with(&|t| token_self_attention(t, heads).unwrap());
+                let (o2, g2) = run_with(&|t| {
+                    let parts = t
+                        .reshape((b, n, 3, heads, hd))
+                        .unwrap()
+                        .permute([2, 0, 3, 1, 4])
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                        .reshape((3, b * heads, n, hd))
+                        .unwrap();
+                    let scale = 1.0 / (hd as f64).sqrt();
+                    let o = attention_reference(
+                        &parts.get(0).unwrap(),
+                        &parts.get(1).unwrap(),
+                        &parts.get(2).unwrap(),
+                        scale,
+                    )
+                    .unwrap();
+                    o.reshape((b, heads, n, hd))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                        .reshape((b, n, d))
+                        .unwrap()
+                });
+                let tol = if dtype == DType::F64 { 1e-12 } else { 2e-5 };
+                assert!(rel_diff(&o1, &o2) < tol, "{b} {n} {heads} {hd} {dtype:?}");
+                assert_eq!(g1.dims(), &[b, n, 3 * d]);
+                assert!(
+                    rel_diff(&g1, &g2) < tol,
+                    "{b} {n} {heads} {hd} {dtype:?} gradient"
+                );
+            }
+        }
+        let bad = filled(&[2, 3, 10], 0, DType::F32, 1.0);
+        assert!(token_self_attention(&bad, 2).is_err());
+        assert!(token_self_attention(&filled(&[2, 3], 0, DType::F32, 1.0), 1).is_err());
+    }
+
+    #[test]
+    fn token_self_attention_is_bit_identical_for_any_thread_count() {
+        let qkv = filled(&[6, 70, 48], 4, DType::F32, 1.0);
+        let probe = filled(&[6, 70, 16], 5, DType::F32, 1.0);
+        assert_same_for_any_thread_count(|| {
+            let v = Var::from_tensor(&qkv).unwrap();
+            let out = token_self_attention(v.as_tensor(), 2).unwrap();
             let g = (&out * &probe)
                 .unwrap()
                 .sum_all()
                 .unwrap()
                 .backward()
                 .unwrap();
-            let parts = [0, 1, 2].map(|i| qkv.get(i).unwrap());
-            let (o2, g2) = run(attention, &parts, &probe, 0.4);
-            assert!(rel_diff(&out, &o2) < 1e-12);
-            let gp = g.get(packed.as_tensor()).unwrap();
-            assert_eq!(gp.dims(), &[3, bh, n, d]);
-            for (i, gi) in g2.iter().enumerate() {
-                assert!(rel_diff(&gp.get(i).unwrap(), gi) < 1e-12, "part {i}");
-            }
-        }
-        let bad = filled(&[2, 1, 3, 4], 0, DType::F32, 1.0);
-        assert!(packed_self_attention(&bad, 1.0).is_err());
+            flat::<f32>(&[&out, g.get(v.as_tensor()).unwrap()])
+        });
     }
 }

@@ -35,9 +35,8 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::act::gelu_tanh;
-use super::ada_norm::{gated_residual, layer_norm, modulated_layer_norm, LAYER_NORM_EPS};
-use super::attention::packed_self_attention;
+use super::ada_norm::{layer_norm, modulated_layer_norm, LAYER_NORM_EPS};
+use super::dit_sublayer::{sublayer, Chunks, Middle, Weights};
 use super::layers::{multi_head_attention, silu, timestep_embedding, Ctx, Embedding, Linear};
 use super::linear::linear;
 use super::params::{Init, Path};
@@ -265,29 +264,6 @@ impl Attention {
         })
     }
 
-    /// Self-attention of x [B, N, D]: q, k and v come from one product with the three weight
-    /// matrices stacked, laid out [3, B·heads, N, D/heads] for the packed attention kernel.
-    fn self_attention(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        let (h, hd) = (self.heads, d / self.heads);
-        let w = Tensor::cat(
-            &[self.to_q.weight(), self.to_k.weight(), self.to_v.weight()],
-            0,
-        )?;
-        let bias = Tensor::cat(&[self.to_q.bias(), self.to_k.bias(), self.to_v.bias()], 0)?;
-        let qkv = linear(&x.reshape((b * n, d))?, &w, &bias)?
-            .reshape((b, n, 3, h, hd))?
-            .permute([2, 0, 3, 1, 4])?
-            .contiguous()?
-            .reshape((3, b * h, n, hd))?;
-        let o = packed_self_attention(&qkv, 1.0 / (hd as f64).sqrt())?
-            .reshape((b, h, n, hd))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, n, d))?;
-        self.to_out.forward(&o)
-    }
-
     /// x [B, N, D] attending to `context` [B, M, kv_dim].
     fn cross_attention(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let o = multi_head_attention(
@@ -359,18 +335,44 @@ impl Block {
 
     /// x [B, N, D] conditioned on `cond` = SiLU(c) [B, D] (and on `context` [B, M, ·]).
     fn forward(&self, x: &Tensor, cond: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let d = x.dims()[2];
         let m = self.modulation.forward(cond)?;
-        let chunk = |i: usize| m.narrow(1, i * d, d);
-        let h = modulated_layer_norm(x, &chunk(SCALE_MSA)?, &chunk(SHIFT_MSA)?, LAYER_NORM_EPS)?;
-        let x = gated_residual(x, &chunk(GATE_MSA)?, &self.attn1.self_attention(&h)?)?;
+        let a = &self.attn1;
+        let attention = Weights {
+            w1: &[a.to_q.weight(), a.to_k.weight(), a.to_v.weight()],
+            b1: &[a.to_q.bias(), a.to_k.bias(), a.to_v.bias()],
+            w2: a.to_out.weight(),
+            b2: a.to_out.bias(),
+        };
+        let msa = Chunks {
+            shift: SHIFT_MSA,
+            scale: SCALE_MSA,
+            gate: GATE_MSA,
+        };
+        let heads = Middle::Attention { heads: a.heads };
+        let x = sublayer(x, &m, msa, &attention, heads, LAYER_NORM_EPS)?;
         let x = match (&self.attn2, context) {
             (Some(a), Some(c)) => (&x + a.cross_attention(&layer_norm(&x, LAYER_NORM_EPS)?, c)?)?,
             _ => x,
         };
-        let h = modulated_layer_norm(&x, &chunk(SCALE_MLP)?, &chunk(SHIFT_MLP)?, LAYER_NORM_EPS)?;
-        let h = self.ff_out.forward(&gelu_tanh(&self.ff_in.forward(&h)?)?)?;
-        Ok(gated_residual(&x, &chunk(GATE_MLP)?, &h)?)
+        let mlp = Weights {
+            w1: &[self.ff_in.weight()],
+            b1: &[self.ff_in.bias()],
+            w2: self.ff_out.weight(),
+            b2: self.ff_out.bias(),
+        };
+        let chunks = Chunks {
+            shift: SHIFT_MLP,
+            scale: SCALE_MLP,
+            gate: GATE_MLP,
+        };
+        Ok(sublayer(
+            &x,
+            &m,
+            chunks,
+            &mlp,
+            Middle::Gelu,
+            LAYER_NORM_EPS,
+        )?)
     }
 }
 
@@ -479,13 +481,12 @@ impl DiT {
             .reshape((b, c, gh, p, gw, p))?
             .permute([0, 2, 4, 1, 3, 5])?
             .contiguous()?
-            .reshape((b * gh * gw, c * p * p))?;
+            .reshape((b, gh * gw, c * p * p))?;
         let tokens = linear(
             &patches,
             &self.patch_weight.reshape((d, c * p * p))?,
             &self.patch_bias,
-        )?
-        .reshape((b, gh * gw, d))?;
+        )?;
         Ok(tokens.broadcast_add(&self.position.unsqueeze(0)?)?)
     }
 
@@ -520,14 +521,9 @@ impl DiT {
         for block in &self.blocks {
             tokens = block.forward(&tokens, &c, context.as_ref())?;
         }
-        let d = self.config.hidden_size;
+        // proj_out_1's output is [shift, scale].
         let m = self.final_modulation.forward(&c)?;
-        let tokens = modulated_layer_norm(
-            &tokens,
-            &m.narrow(1, d, d)?,
-            &m.narrow(1, 0, d)?,
-            LAYER_NORM_EPS,
-        )?;
+        let tokens = modulated_layer_norm(&tokens, &m, 0, 1, LAYER_NORM_EPS)?;
         self.unpatchify(&self.final_linear.forward(&tokens)?, h, w)
     }
 }

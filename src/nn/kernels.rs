@@ -57,8 +57,8 @@ impl Elem for f64 {
     }
 }
 
-/// dst [m, n] (row-major, row stride `dst_rs`) = (accumulate ? dst : 0) + lhs · rhs, with lhs
-/// and rhs given by (column stride, row stride) so that transposed views cost nothing.
+/// dst [m, n] (row-major) = (accumulate ? dst : 0) + lhs · rhs, with lhs and rhs given by
+/// (column stride, row stride) so that transposed views cost nothing.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matmul<T: Elem>(
     m: usize,
@@ -71,9 +71,38 @@ pub(super) fn matmul<T: Elem>(
     rhs: &[T],
     rhs_strides: (isize, isize),
 ) {
-    debug_assert!(dst.len() >= m * n);
+    matmul_strided(
+        m,
+        n,
+        k,
+        dst,
+        n,
+        accumulate,
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+    )
+}
+
+/// As [`matmul`] into rows `dst_rs` apart: dst is a block of a wider row-major matrix.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul_strided<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[T],
+    lhs_strides: (isize, isize),
+    rhs: &[T],
+    rhs_strides: (isize, isize),
+) {
+    debug_assert!(m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n);
     // SAFETY: the slices cover every element the strides address (checked by the callers'
-    // shapes: lhs is m x k, rhs k x n, dst m x n), and dst does not alias lhs or rhs.
+    // shapes: lhs is m x k, rhs k x n, dst m x n with rows dst_rs apart), and dst does not alias
+    // lhs or rhs.
     unsafe {
         gemm::gemm(
             m,
@@ -81,7 +110,7 @@ pub(super) fn matmul<T: Elem>(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.as_ptr(),
             lhs_strides.0,

@@ -114,18 +114,9 @@ impl Linear {
         &self.bias
     }
 
-    /// x [..., in] -> [..., out] (the fused kernel of `super::linear` on the flattened rows).
+    /// x [..., in] -> [..., out] (the fused kernel of `super::linear`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let Some((&din, lead)) = dims.split_last() else {
-            value_error!("Linear: the input must have at least one dimension");
-        };
-        let rows: usize = lead.iter().product();
-        let y = linear(&x.reshape((rows, din))?, &self.weight, &self.bias)?;
-        let mut out = dims;
-        let last = out.len() - 1;
-        out[last] = self.out_dim();
-        Ok(y.reshape(out)?)
+        Ok(linear(x, &self.weight, &self.bias)?)
     }
 }
 

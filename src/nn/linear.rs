@@ -16,13 +16,14 @@ type CResult<T> = candle_core::Result<T>;
 
 /// Rows per parallel task: large enough for an efficient matrix multiply, small enough to
 /// spread a batch of a few hundred rows over the threads.
-const ROWS: usize = 64;
+const ROWS: usize = 256;
 
+/// x [n, din] · wᵀ [din, dout].
 #[derive(Clone, Copy, Debug)]
-struct Dims {
-    n: usize,
-    din: usize,
-    dout: usize,
+pub(super) struct Dims {
+    pub(super) n: usize,
+    pub(super) din: usize,
+    pub(super) dout: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -40,23 +41,55 @@ struct LinearOp {
     pass: Pass,
 }
 
-fn forward<T: Elem>(d: &Dims, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
-    let mut y = vec![T::ZERO; d.n * d.dout];
+/// Batches of at least this many rows multiply by a transposed copy of the weight: gemm packs
+/// a row-major right-hand side faster than a transposed view, which pays once the copy is
+/// shared by enough rows.
+const TRANSPOSE_MIN_ROWS: usize = 64;
+
+/// y [n, dout] = x wᵀ + b.
+pub(super) fn forward<T: Elem>(d: &Dims, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+    // Every row starts at the bias, which the product is accumulated onto.
+    let mut y = Vec::with_capacity(d.n * d.dout);
+    for _ in 0..d.n {
+        y.extend_from_slice(b);
+    }
+    let wt;
+    // rhs = wᵀ [din, dout]: w read transposed, or its transposed copy read row-major.
+    let (rhs, rhs_strides) = if d.n >= TRANSPOSE_MIN_ROWS {
+        let mut t = vec![T::ZERO; d.din * d.dout];
+        for (o, row) in w.chunks_exact(d.din).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                t[i * d.dout + o] = v;
+            }
+        }
+        wt = t;
+        (&wt[..], (1, d.dout as isize))
+    } else {
+        (w, (d.din as isize, 1))
+    };
     y.par_chunks_mut(ROWS * d.dout)
         .zip(x.par_chunks(ROWS * d.din))
         .for_each(|(ys, xs)| {
-            for row in ys.chunks_mut(d.dout) {
-                row.copy_from_slice(b);
-            }
             let rows = xs.len() / d.din;
             // ys [rows, dout] += xs [rows, din] · wᵀ [din, dout]
             let din = d.din as isize;
-            matmul(rows, d.dout, d.din, ys, true, xs, (1, din), w, (din, 1));
+            matmul(
+                rows,
+                d.dout,
+                d.din,
+                ys,
+                true,
+                xs,
+                (1, din),
+                rhs,
+                rhs_strides,
+            );
         });
     y
 }
 
-fn input_grad<T: Elem>(d: &Dims, gy: &[T], w: &[T]) -> Vec<T> {
+/// gx [n, din] = gy w.
+pub(super) fn input_grad<T: Elem>(d: &Dims, gy: &[T], w: &[T]) -> Vec<T> {
     let mut gx = vec![T::ZERO; d.n * d.din];
     gx.par_chunks_mut(ROWS * d.din)
         .zip(gy.par_chunks(ROWS * d.dout))
@@ -78,17 +111,27 @@ fn input_grad<T: Elem>(d: &Dims, gy: &[T], w: &[T]) -> Vec<T> {
     gx
 }
 
-/// Output features per parallel task of the weight gradient.
-const FEATURES: usize = 16;
+/// Output features per parallel task of the weight gradient, at least.
+const FEATURES: usize = 64;
+/// Parallel tasks of the weight gradient, at most: each task's product packs all of x again,
+/// so fewer, larger tasks are faster as long as the threads have work.
+const WEIGHT_GRAD_TASKS: usize = 4;
 
-fn weight_grad<T: Elem>(d: &Dims, x: &[T], gy: &[T]) -> Vec<T> {
+/// Packed [gw = gyᵀ x (dout·din) | gb = Σ gy (dout)].
+pub(super) fn weight_grad<T: Elem>(d: &Dims, x: &[T], gy: &[T]) -> Vec<T> {
     let mut out = vec![T::ZERO; d.dout * d.din + d.dout];
     let (gw, gb) = out.split_at_mut(d.dout * d.din);
-    gw.par_chunks_mut(FEATURES * d.din)
-        .zip(gb.par_chunks_mut(FEATURES))
+    // The split depends on the shapes only, so results do not depend on the thread count.
+    let block = d
+        .dout
+        .div_ceil(WEIGHT_GRAD_TASKS)
+        .next_multiple_of(16)
+        .max(FEATURES);
+    gw.par_chunks_mut(block * d.din)
+        .zip(gb.par_chunks_mut(block))
         .enumerate()
         .for_each(|(i, (gws, gbs))| {
-            let o0 = i * FEATURES;
+            let o0 = i * block;
             let feats = gbs.len();
             // gws [feats, din] = gy[:, o0..o0+feats]ᵀ [feats, n] · x [n, din]
             matmul(
@@ -206,7 +249,12 @@ impl CustomOp3 for LinearOp {
             )),
             _ => return Err(msg("linear kernel: operands must be all f32 or all f64")),
         };
-        Ok((out, Shape::from((d.n, d.dout))))
+        // x's shape with the last dimension replaced by dout.
+        let mut shape = l1.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = d.dout;
+        }
+        Ok((out, Shape::from(shape)))
     }
 
     fn bwd(
@@ -221,7 +269,10 @@ impl CustomOp3 for LinearOp {
         let gy = gy.contiguous()?;
         let op = |pass| LinearOp { d, pass };
         let gx = if x.track_op() {
-            Some(gy.apply_op2_no_bwd(w, &op(Pass::InputGrad))?)
+            Some(
+                gy.apply_op2_no_bwd(w, &op(Pass::InputGrad))?
+                    .reshape(x.shape())?,
+            )
         } else {
             None
         };
@@ -233,11 +284,16 @@ impl CustomOp3 for LinearOp {
     }
 }
 
-/// x [N, in] · weightᵀ + bias for weight [out, in] and bias [out], differentiable in all three.
+/// x [..., in] · weightᵀ + bias for weight [out, in] and bias [out] -> [..., out],
+/// differentiable in all three (the leading dimensions are rows: no reshape enters the graph).
 /// CPU f32/f64 tensors run the fused kernel, others (and `FERRODIFF_REFERENCE_KERNELS=1`)
 /// candle's matmul and broadcast add.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> CResult<Tensor> {
-    let (n, din) = x.dims2()?;
+    let dims = x.dims();
+    let Some((&din, lead)) = dims.split_last() else {
+        return Err(msg("linear: the input must have at least one dimension"));
+    };
+    let n = lead.iter().product();
     let (dout, win) = weight.dims2()?;
     if win != din || bias.dims() != [dout] {
         return Err(msg(format!(
@@ -248,7 +304,13 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> CResult<Tensor> {
         )));
     }
     if !use_kernel(x) {
-        return x.matmul(&weight.t()?)?.broadcast_add(bias);
+        let mut out = lead.to_vec();
+        out.push(dout);
+        return x
+            .reshape((n, din))?
+            .matmul(&weight.t()?)?
+            .broadcast_add(bias)?
+            .reshape(out);
     }
     x.contiguous()?.apply_op3(
         &weight.contiguous()?,
@@ -371,6 +433,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn leading_dimensions_are_rows() {
+        let x = Var::from_tensor(&filled(&[2, 3, 4], 1, DType::F64)).unwrap();
+        let w = filled(&[5, 4], 2, DType::F64);
+        let b = filled(&[5], 3, DType::F64);
+        let y = linear(x.as_tensor(), &w, &b).unwrap();
+        assert_eq!(y.dims(), &[2, 3, 5]);
+        let flat_y = linear(&x.as_tensor().reshape((6, 4)).unwrap(), &w, &b).unwrap();
+        assert_eq!(max_diff(&y.reshape((6, 5)).unwrap(), &flat_y), 0.0);
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(x.as_tensor()).unwrap().dims(), &[2, 3, 4]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod classifier;
 pub mod controlnet;
 pub mod discriminator;
 pub mod dit;
+pub mod dit_sublayer;
 pub mod flow;
 pub mod kernels;
 pub mod layers;

@@ -5,12 +5,12 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::{act, attention, kernels, linear, norm};
+use super::{act, ada_norm, attention, kernels, linear, norm};
 use crate::error::Result;
 use crate::value_error;
 
 /// The ops [`time_op`] knows, with the meaning of their `dims`.
-pub const OPS: [(&str, &str); 5] = [
+pub const OPS: [(&str, &str); 8] = [
     (
         "conv2d",
         "[B, Cin, H, W, Cout, k, stride]: k x k convolution with bias, padding k / 2",
@@ -22,6 +22,15 @@ pub const OPS: [(&str, &str); 5] = [
     ("attention", "[BH, N, D]: softmax(q kᵀ / √D) v"),
     ("linear_silu", "[N, Din, Dout]: SiLU(x Wᵀ + b)"),
     ("silu", "[N, D]: x · σ(x)"),
+    (
+        "modulated_layer_norm",
+        "[B, N, D]: LN(x) · (1 + scale) + shift, scale and shift [B, D] (DiT's adaLN)",
+    ),
+    ("gelu_tanh", "[N, D]: GELU, tanh approximation"),
+    (
+        "token_attention",
+        "[B, N, heads, hd]: multi-head self-attention from qkv [B, N, 3·heads·hd]",
+    ),
 ];
 
 /// An op applied to its input variables.
@@ -111,6 +120,31 @@ pub fn time_op(op: &str, dims: &[usize], repeats: usize) -> Result<(f64, f64)> {
             vars = vec![var(dims)?];
             Box::new(|v| act::silu(v[0].as_tensor()))
         }
+        "modulated_layer_norm" => {
+            want(3)?;
+            // m = [shift | scale]
+            vars = vec![var(dims)?, var(&[dims[0], 2 * dims[2]])?];
+            Box::new(|v| {
+                ada_norm::modulated_layer_norm(
+                    v[0].as_tensor(),
+                    v[1].as_tensor(),
+                    0,
+                    1,
+                    ada_norm::LAYER_NORM_EPS,
+                )
+            })
+        }
+        "gelu_tanh" => {
+            want(2)?;
+            vars = vec![var(dims)?];
+            Box::new(|v| act::gelu_tanh(v[0].as_tensor()))
+        }
+        "token_attention" => {
+            want(4)?;
+            let heads = dims[2];
+            vars = vec![var(&[dims[0], dims[1], 3 * heads * dims[3]])?];
+            Box::new(move |v| attention::token_self_attention(v[0].as_tensor(), heads))
+        }
         _ => {
             let names: Vec<&str> = OPS.iter().map(|(n, _)| *n).collect();
             value_error!("unknown op {op:?}; the ops are {names:?}")
@@ -147,6 +181,9 @@ mod tests {
             ("attention", vec![2, 5, 4]),
             ("linear_silu", vec![3, 4, 5]),
             ("silu", vec![3, 4]),
+            ("modulated_layer_norm", vec![2, 3, 4]),
+            ("gelu_tanh", vec![3, 4]),
+            ("token_attention", vec![2, 3, 2, 4]),
         ] {
             let (f, b) = time_op(op, &dims, 2).unwrap();
             assert!(f > 0.0 && b >= f, "{op}: {f} {b}");

@@ -526,7 +526,8 @@ impl PyModel {
 /// Median milliseconds (forward, forward + backward) of one network kernel on random f32
 /// inputs: the per-op table of `benches/bench_train.py`. Ops and their dims:
 /// conv2d [B, Cin, H, W, Cout, k, stride]; group_norm_silu [B, C, H, W, groups];
-/// attention [BH, N, D]; linear_silu [N, Din, Dout]; silu [N, D].
+/// attention [BH, N, D]; linear_silu [N, Din, Dout]; silu [N, D]; modulated_layer_norm
+/// [B, N, D]; gelu_tanh [N, D]; token_attention [B, N, heads, hd].
 #[pyfunction]
 #[pyo3(signature = (op, dims, repeats=10))]
 fn _time_op(py: Python<'_>, op: &str, dims: Vec<usize>, repeats: usize) -> PyResult<(f64, f64)> {
