@@ -234,14 +234,15 @@ struct Attention {
 
 impl Attention {
     /// Queries from `dim`-wide tokens, keys and values from `kv_dim`-wide ones; `qkv_bound`
-    /// the Xavier bound of the projections, `zero_out` a zero-initialised output projection.
+    /// the Xavier bound of the projections, `out` the output projection's initial weight (its
+    /// bias starts at zero).
     fn new(
         p: &Path,
         dim: usize,
         kv_dim: usize,
         heads: usize,
         qkv_bound: f64,
-        zero_out: bool,
+        out: Init,
     ) -> Result<Self> {
         let xavier = |p: &Path, i: usize, o: usize, bound: f64| {
             Linear::with_inits(p, i, o, Init::Uniform(bound), Init::Zeros)
@@ -255,11 +256,7 @@ impl Attention {
             to_q: xavier(&p.pp("to_q"), dim, dim, qkv_bound)?,
             to_k: xavier(&p.pp("to_k"), kv_dim, dim, kv_bound)?,
             to_v: xavier(&p.pp("to_v"), kv_dim, dim, kv_bound)?,
-            to_out: if zero_out {
-                Linear::zeros(&p.pp("to_out").pp(0), dim, dim)?
-            } else {
-                xavier(&p.pp("to_out").pp(0), dim, dim, xavier_bound(dim, dim))?
-            },
+            to_out: Linear::with_inits(&p.pp("to_out").pp(0), dim, dim, out, Init::Zeros)?,
             heads,
         })
     }
@@ -314,7 +311,7 @@ impl Block {
                 d,
                 c.num_heads,
                 xavier_bound(d, 3 * d),
-                false,
+                Init::Uniform(xavier_bound(d, d)),
             )?,
             attn2: if c.context_dim > 0 {
                 Some(Attention::new(
@@ -323,7 +320,7 @@ impl Block {
                     c.context_dim,
                     c.num_heads,
                     xavier_bound(d, d),
-                    true,
+                    Init::Zeros,
                 )?)
             } else {
                 None
