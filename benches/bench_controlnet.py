@@ -30,12 +30,6 @@ import ferrodiff as fd
 CONTROLS = {"mask": fd.controls.mask, "edges": fd.controls.edges}
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.reshape(len(a), -1) > 0, b.reshape(len(b), -1) > 0
-    inter, union = (a & b).sum(1), (a | b).sum(1)
-    return float(np.mean(inter / np.maximum(union, 1)))
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--control", choices=sorted(CONTROLS), default="mask")
@@ -106,7 +100,7 @@ def main(argv=None) -> None:
     print(f"| samples | IoU of the {args.control} with the control | read as their label |")
     print("|---|---:|---:|")
     for name, x in rows.items():
-        agree = iou(control_of(np.clip(x, -1, 1)), controls)
+        agree = fd.controls.agreement(x, controls, args.control)
         accuracy = float(np.mean(classifier.predict_proba(np.clip(x, -1, 1)).argmax(1) == labels))
         print(f"| {name} | {agree:.3f} | {accuracy:.1%} |")
 

@@ -827,15 +827,10 @@ def _controlnet_data(extra: dict):
 
 
 def _control_iou(samples: np.ndarray, controls: np.ndarray, kind: str) -> float | None:
-    """Mean IoU between the controls and the same control extracted from the samples (binary
-    controls only)."""
+    """Mean IoU of the samples' controls with ``controls`` (None for the non-binary lowres)."""
     import ferrodiff as fd
 
-    if kind == "lowres":
-        return None
-    a = fd.controls.make(kind, np.clip(samples, -1, 1)).reshape(len(samples), -1) > 0
-    b = controls.reshape(len(controls), -1) > 0
-    return float(np.mean((a & b).sum(1) / np.maximum((a | b).sum(1), 1)))
+    return None if kind == "lowres" else fd.controls.agreement(samples, controls, kind)
 
 
 def train_controlnet_command(args) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["KINDS", "edges", "lowres", "make", "mask"]
+__all__ = ["KINDS", "agreement", "edges", "lowres", "make", "mask"]
 
 KINDS = ("mask", "edges", "lowres")
 
@@ -70,3 +70,14 @@ def make(kind: str, x) -> np.ndarray:
     if kind == "lowres":
         return lowres(x)
     raise ValueError(f"unknown control {kind!r}: choose one of {', '.join(KINDS)}")
+
+
+def agreement(samples, controls, kind: str) -> float:
+    """Mean IoU between binary ``controls`` ({-1, 1}) and the same control of ``kind`` extracted
+    from ``samples`` (clipped to [-1, 1])."""
+    if kind == "lowres":
+        raise ValueError("agreement is an IoU of binary controls (mask, edges), not of lowres")
+    n = len(samples)
+    a = make(kind, np.clip(samples, -1, 1)).reshape(n, -1) > 0
+    b = np.asarray(controls).reshape(n, -1) > 0
+    return float(np.mean((a & b).sum(1) / np.maximum((a | b).sum(1), 1)))
